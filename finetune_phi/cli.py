@@ -1,0 +1,160 @@
+"""`finetune-phi`: one command with a subcommand per stage of the loop.
+
+Heavy libraries (torch, transformers, trl, mlflow, promptflow) are imported inside each command,
+so `--help` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _offline_env():
+    # Respect the user's settings; without a hub these keep transformers/datasets from resolving hosts.
+    if os.environ.get("FINETUNE_PHI_OFFLINE", "") == "1":
+        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ.setdefault(var, "1")
+
+
+def cmd_data(args):
+    from .data import prepare
+
+    result = prepare(args.source, args.out, split=args.split, test_split=args.test_split, test_size=args.test_size,
+                     seed=args.seed, skip_invalid=args.skip_invalid, sample_size=args.sample_size)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} invalid rows, first: {result.skipped[0]}", file=sys.stderr)
+    print(f"wrote {result.out}/train.jsonl ({result.train} rows), test.jsonl ({result.test}), eval.jsonl ({result.eval})")
+
+
+def cmd_tiny(args):
+    from .models import tiny_path
+
+    print(tiny_path(args.tokenizer))
+
+
+def cmd_train(args):
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(base_model=args.base_model, tokenizer=args.tokenizer,
+                      train_file=args.train_file or os.path.join(args.data, "train.jsonl"),
+                      eval_file=args.eval_file or os.path.join(args.data, "test.jsonl"), out=args.out,
+                      lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      max_length=args.max_length, save_steps=args.save_steps, seed=args.seed, resume=args.resume,
+                      register=not args.no_register)
+    r = train(cfg)
+    print(f"\nheld-out loss: base {r.base_eval_loss:.4f} -> fine-tuned {r.eval_loss:.4f} "
+          f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s")
+    print(f"model folder: {r.out}")
+    if r.registered_version:
+        print(f"registered:   models:/{cfg.registered_model or 'finetune-phi'}/{r.registered_version} (MLflow run {r.run_id})")
+
+
+def cmd_serve(args):
+    from .serve import Limits, parse_pairs, parse_traffic, serve
+
+    deployments = parse_pairs(args.deployment or ["default=tiny"], "deployment")
+    traffic = parse_traffic(args.traffic or [], list(deployments))
+    limits = Limits(args.max_concurrent_requests, args.max_queue_wait_ms, args.request_timeout_ms)
+    serve(deployments, traffic, args.host, args.port, limits)
+
+
+def cmd_connect(args):
+    from .connection import connect, resolve_key
+
+    key, source = resolve_key(args.api_key_env)
+    connect(args.endpoint_url, key, args.name)
+    print(f"connection {args.name}: endpoint_url={args.endpoint_url}, api_key from {source} (stored as a secret)")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(args.workdir, port=args.port, tokenizer=args.tokenizer, epochs=args.epochs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="finetune-phi", description="Fine-tune Phi-3 on UltraChat, serve it, chat and evaluate with Prompt flow.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    d = sub.add_parser("data", help="make train/test/eval jsonl from UltraChat", formatter_class=fmt)
+    d.add_argument("--source", default="sample",
+                   help="'ultrachat' (HuggingFaceH4/ultrachat_200k from the hub), 'sample' (offline generated), "
+                        "or a path to an UltraChat-format .jsonl/.json/.parquet")
+    d.add_argument("--split", default="train_sft[:1%]", help="hub split to load (datasets slicing syntax)")
+    d.add_argument("--test-split", default=None, help="hub split used as the test set instead of splitting --split, e.g. 'test_sft[:1%%]'")
+    d.add_argument("--test-size", type=float, default=0.2, help="fraction of conversations held out for test")
+    d.add_argument("--seed", type=int, default=0, help="seed of the split (and of the sample)")
+    d.add_argument("--sample-size", type=int, default=600, help="conversations in the generated sample")
+    d.add_argument("--skip-invalid", action="store_true", help="skip bad rows (and count them) instead of stopping")
+    d.add_argument("--out", default="data", help="output folder")
+    d.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("tiny", help="build (once) the tiny offline Phi-3 and print its folder", formatter_class=fmt)
+    t.add_argument("--tokenizer", default=None, help="build around this real Phi-3 tokenizer folder")
+    t.set_defaults(func=cmd_tiny)
+
+    tr = sub.add_parser("train", help="fine-tune with TRL SFT, log to MLflow and register", formatter_class=fmt)
+    tr.add_argument("--base-model", default="tiny",
+                    help="'tiny', a hub id such as microsoft/Phi-3-mini-4k-instruct, a folder, or models:/NAME/VERSION")
+    tr.add_argument("--tokenizer", default=None, help="with --base-model tiny: use this real Phi-3 tokenizer folder")
+    tr.add_argument("--data", default="data", help="folder with train.jsonl and test.jsonl")
+    tr.add_argument("--train-file", default=None, help="overrides DATA/train.jsonl")
+    tr.add_argument("--eval-file", default=None, help="overrides DATA/test.jsonl")
+    tr.add_argument("--out", default="models/ft", help="output model folder (checkpoints in OUT/checkpoints)")
+    tr.add_argument("--lora", action="store_true", help="train a LoRA adapter, save the merged model")
+    tr.add_argument("--epochs", type=float, default=None, help="default: 12 for tiny, 1 otherwise")
+    tr.add_argument("--lr", type=float, default=None, help="default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
+    tr.add_argument("--batch-size", type=int, default=None, help="per device; default 16 tiny, 4 otherwise")
+    tr.add_argument("--max-length", type=int, default=None, help="tokens per conversation; default 256 tiny, 2048 otherwise")
+    tr.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    tr.add_argument("--no-register", action="store_true", help="do not register a model version")
+    tr.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("serve", help="run the scoring endpoint locally", formatter_class=fmt)
+    s.add_argument("--deployment", action="append", metavar="NAME=MODEL",
+                   help="a deployment: MODEL is tiny, a folder or models:/NAME/VERSION (repeat; default default=tiny)")
+    s.add_argument("--traffic", action="append", metavar="NAME=PCT",
+                   help="traffic split in percent, summing to 100 (default: all to the first deployment)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5000)
+    s.add_argument("--max-concurrent-requests", type=int, default=8, help="in flight at once; more get 429")
+    s.add_argument("--max-queue-wait-ms", type=int, default=5000, help="longest wait for the model; then 408")
+    s.add_argument("--request-timeout-ms", type=int, default=60000, help="longest request; then 503")
+    s.set_defaults(func=cmd_serve)
+
+    c = sub.add_parser("connect", help="create/update the flows' Prompt flow connection", formatter_class=fmt)
+    c.add_argument("--endpoint-url", default="http://127.0.0.1:5000/score", help="scoring URI of the endpoint")
+    c.add_argument("--api-key-env", default=None,
+                   help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)")
+    c.add_argument("--name", default="finetune_phi_endpoint", help="connection name")
+    c.set_defaults(func=cmd_connect)
+
+    m = sub.add_parser("demo", help="the whole loop offline on the tiny model", formatter_class=fmt)
+    m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
+    m.add_argument("--port", type=int, default=0, help="endpoint port (0: a free one)")
+    m.add_argument("--tokenizer", default=None, help="build the tiny model around this real Phi-3 tokenizer folder")
+    m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
+    m.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _offline_env()
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError) as e:  # the user's input: say what is wrong, no stack trace
+        print(f"finetune-phi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

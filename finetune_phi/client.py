@@ -1,0 +1,78 @@
+"""A small client for the scoring endpoint (local server or Azure ML managed online endpoint).
+
+Standard library only, so the chat flow's tool imports it in milliseconds.
+"""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+
+class EndpointError(RuntimeError):
+    """The endpoint could not be reached or refused the request; the message names URL and status."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def scoring_url(endpoint_url: str) -> str:
+    """Accept the scoring URI (…/score, as Azure ML shows it) or the endpoint's base URL."""
+    url = endpoint_url.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise EndpointError(f"endpoint_url {endpoint_url!r} must start with http:// or https://")
+    return url if url.endswith("/score") else url + "/score"
+
+
+def history_to_messages(chat_history: list | None, question: str) -> list[dict]:
+    """Prompt flow's chat_history ([{"inputs": {"question"}, "outputs": {"answer"}}]) + question -> messages."""
+    messages = []
+    for i, turn in enumerate(chat_history or []):
+        try:
+            q, a = turn["inputs"]["question"], turn["outputs"]["answer"]
+        except (KeyError, TypeError):
+            raise EndpointError(f"chat_history[{i}] must look like "
+                                '{"inputs": {"question": ...}, "outputs": {"answer": ...}}') from None
+        messages += [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
+    messages.append({"role": "user", "content": question})
+    return messages
+
+
+def score(endpoint_url: str, api_key: str, payload: dict, deployment: str | None = None, timeout: float = 120):
+    """POST a /score payload and return the decoded JSON answer."""
+    url = scoring_url(endpoint_url)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
+    if deployment:
+        headers["azureml-model-deployment"] = deployment
+    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:500]
+        try:
+            detail = json.loads(detail)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            pass
+        raise EndpointError(f"POST {url} failed with HTTP {e.code} {e.reason}: {detail}", e.code) from None
+    except urllib.error.URLError as e:
+        raise EndpointError(f"cannot reach endpoint {url}: {e.reason}. Is it running? "
+                            "(start one with `finetune-phi serve`)") from None
+    except TimeoutError:
+        raise EndpointError(f"no answer from {url} within {timeout:.0f} s") from None
+    except json.JSONDecodeError:
+        raise EndpointError(f"{url} answered with something that is not JSON") from None
+
+
+def chat(endpoint_url: str, api_key: str, question: str, chat_history: list | None = None,
+         deployment: str | None = None, parameters: dict | None = None, timeout: float = 120) -> str:
+    """One assistant reply through the chat-completion shape of /score."""
+    if not isinstance(question, str) or not question.strip():
+        raise EndpointError("question is empty")
+    payload = {"input_data": {"input_string": history_to_messages(chat_history, question),
+                              "parameters": parameters or {}}}
+    answer = score(endpoint_url, api_key, payload, deployment, timeout)
+    if not isinstance(answer, dict) or "output" not in answer:
+        raise EndpointError(f"{scoring_url(endpoint_url)} answered {str(answer)[:200]!r}, expected {{'output': ...}}")
+    return answer["output"]

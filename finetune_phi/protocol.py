@@ -1,0 +1,69 @@
+"""The /score request protocol, shared by the local server and the Azure ML scoring script.
+
+Two request shapes (see DESIGN.md):
+  text generation (MLflow):  {"input_data": ["<prompt>", ...], "params": {...}}  -> ["<text>", ...]
+  chat completion:           {"input_data": {"input_string": [messages], "parameters": {...}}}
+                             -> {"output": "<assistant text>"}
+"""
+from __future__ import annotations
+
+import threading
+
+from .generation import GenerationParams, Generator, ParamError
+
+MAX_INPUTS = 16
+
+
+class RequestError(Exception):
+    """A request the endpoint refuses; carries the HTTP status and a stable error code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def body(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def parse_score_request(payload: object) -> tuple[str, object, GenerationParams]:
+    """Validate a /score body; returns (shape, inputs, params) with shape 'text' or 'chat'."""
+    if not isinstance(payload, dict) or "input_data" not in payload:
+        raise RequestError(400, "invalid_request", "body must be a JSON object with 'input_data'")
+    data = payload["input_data"]
+    try:
+        if isinstance(data, list):
+            if not data or len(data) > MAX_INPUTS or not all(isinstance(p, str) and p for p in data):
+                raise RequestError(400, "invalid_request",
+                                   f"'input_data' must be a list of 1 to {MAX_INPUTS} non-empty prompt strings")
+            return "text", data, GenerationParams.parse(payload.get("params"))
+        if isinstance(data, dict) and "input_string" in data:
+            messages = check_messages(data["input_string"], "input_data.input_string")
+            return "chat", messages, GenerationParams.parse(data.get("parameters"))
+    except ParamError as e:
+        raise RequestError(400, "invalid_parameter", str(e)) from None
+    raise RequestError(400, "invalid_request",
+                       "'input_data' must be a list of prompts or an object with 'input_string' (chat messages)")
+
+
+def check_messages(messages: object, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "invalid_request", f"'{where}' must be a non-empty list of messages")
+    for i, m in enumerate(messages):
+        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)):
+            raise RequestError(400, "invalid_request",
+                               f"'{where}[{i}]' must be {{'role': system|user|assistant, 'content': str}}")
+    if messages[-1]["role"] != "user":
+        raise RequestError(400, "invalid_request", f"the last message of '{where}' must come from the user")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def run_score(generator: Generator, shape: str, inputs, params: GenerationParams,
+              cancel: threading.Event | None = None):
+    """Generate for a parsed request and build its response body."""
+    try:
+        if shape == "chat":
+            return {"output": generator.chat(inputs, params, cancel)}
+        return [generator.generate(prompt, params, cancel) for prompt in inputs]
+    except ParamError as e:  # e.g. the prompt does not fit the context
+        raise RequestError(400, "context_length_exceeded" if "context" in str(e) else "invalid_parameter", str(e)) from None

@@ -1,0 +1,97 @@
+"""MLflow tracking and the model registry: a local SQLite store by default.
+
+MLFLOW_TRACKING_URI overrides the store (an Azure ML workspace's URI, a server); otherwise runs go
+to sqlite:///mlflow.db and artifacts to ./mlruns in the working directory.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REGISTERED_MODEL = os.environ.get("FINETUNE_PHI_MODEL_NAME", "finetune-phi")
+EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune-phi")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def setup(experiment: str = EXPERIMENT):
+    """Point MLflow at the store and the experiment (created with an explicit artifact folder)."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            # without this, artifacts land in ./mlruns of whichever folder a later run starts from
+            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+        mlflow.create_experiment(experiment, artifact_location=location)
+    mlflow.set_experiment(experiment)
+    return mlflow
+
+
+def log_model(model_dir: str | Path, registered_name: str = REGISTERED_MODEL):
+    """Log a saved HF folder as an MLflow transformers model and register a new version of it."""
+    mlflow = setup()
+    import transformers
+
+    from . import __version__
+
+    pipe = {"model": transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+            "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir)}
+    params = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "return_full_text": True}
+    signature = mlflow.models.infer_signature(["Hello"], ["Hello there"], params=params)
+    info = mlflow.transformers.log_model(
+        transformers_model=pipe, name="model", task="text-generation", signature=signature,
+        registered_model_name=registered_name,
+        # the default requirements import torchvision, which we do not install
+        pip_requirements=[f"torch=={_version('torch')}", f"transformers=={transformers.__version__}",
+                          f"finetune-phi=={__version__}"])
+    return info
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
+
+
+def download_model(uri: str) -> Path:
+    """A registered model (models:/NAME/VERSION or models:/NAME@ALIAS) as a local HF folder.
+
+    Downloads are cached per tracking store, name and version; an alias is resolved first, so
+    moving it (e.g. @champion) is seen at the next load.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    mlflow = setup()
+    from .models import cache_dir
+
+    client = mlflow.MlflowClient()
+    name, _, ref = uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    elif ref.isdigit():
+        version = client.get_model_version(name, ref).version  # raises if it does not exist
+    else:
+        raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:10]
+    target = cache_dir() / "registry" / store / name / str(version)
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        folder = Path(tmp) / "hf"
+        shutil.copytree(src / "model", folder)  # the transformers flavour keeps weights here ...
+        for f in (src / "components" / "tokenizer").iterdir():  # ... and the tokenizer here
+            shutil.copy2(f, folder / f.name)
+        if not target.exists():
+            folder.rename(target)
+    return target

@@ -1,0 +1,188 @@
+"""Supervised fine-tuning of a Phi-3-family model on UltraChat conversations with TRL's SFTTrainer.
+
+Conversations go through the model's chat template and the loss covers assistant tokens only.
+Every run is an MLflow run (params, loss curves, base and final held-out loss, the model) and
+registers a new version of the registered model. `--resume` continues from the latest checkpoint
+(and the same MLflow run) after a crash.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = "tiny"  # tiny | hub id | folder | models:/NAME/VERSION
+    tokenizer: str | None = None  # for tiny: build around this real Phi-3 tokenizer folder
+    train_file: str = "data/train.jsonl"
+    eval_file: str = "data/test.jsonl"
+    out: str = "models/ft"
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    # None = a default that suits the base: the tiny model needs far larger steps than a real one
+    epochs: float | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    grad_accum: int = 1
+    max_length: int | None = None
+    warmup: float = 0.1  # a ratio of all steps when below 1 (TRL's warmup_steps semantics)
+    weight_decay: float = 0.0
+    save_steps: int = 50
+    save_total_limit: int = 2
+    logging_steps: int = 5
+    seed: int = 0
+    resume: bool = False
+    register: bool = True
+    registered_model: str | None = None
+    extra: dict = field(default_factory=dict)  # passed through to SFTConfig
+
+    def resolved(self) -> "TrainConfig":
+        """Fill in the base-dependent defaults (the tutorial's for real models)."""
+        tiny = self.base_model == "tiny"
+        defaults = dict(epochs=12 if tiny else 1, lr=(3e-3 if not self.lora else 1e-2) if tiny else 5e-6 if not self.lora else 2e-4,
+                        batch_size=16 if tiny else 4, max_length=256 if tiny else 2048)
+        return TrainConfig(**{**asdict(self), **{k: v for k, v in defaults.items() if getattr(self, k) is None}})
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    base_eval_loss: float | None
+    eval_loss: float
+    steps: int
+    seconds: float
+    run_id: str | None
+    registered_version: str | None
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.eval_loss, 50))
+
+
+def load_conversations(path: str):
+    """A datasets.Dataset of {"messages": [...]} from an UltraChat jsonl, validated line by line.
+
+    The `prompt` column must go: TRL would take a row with `prompt` for a prompt-completion pair.
+    """
+    import datasets
+
+    from .data import iter_file, load_valid
+
+    rows, _ = load_valid(iter_file(path))
+    return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
+
+
+def use_assistant_only_template(tok) -> bool:
+    """Give the tokenizer a template with {% generation %} markers; False if we cannot."""
+    from .models import PHI3_TRAINING_TEMPLATE
+
+    vocab = tok.get_vocab()
+    if all(t in vocab for t in ("<|user|>", "<|assistant|>", "<|end|>")):
+        tok.chat_template = PHI3_TRAINING_TEMPLATE
+        return True
+    return "{% generation %}" in (tok.chat_template or "")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig, SFTTrainer
+
+    from . import models, registry
+
+    cfg = cfg.resolved()
+    start = time.time()
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    on_gpu = torch.cuda.is_available()
+    base_path = models.resolve(cfg.base_model, cfg.tokenizer)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    stock_template = tok.chat_template
+    assistant_only = use_assistant_only_template(tok)
+    if not assistant_only:
+        print(f"warning: {cfg.base_model}: chat template has no assistant markers; training on whole conversations")
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
+
+    train_ds = load_conversations(cfg.train_file)
+    eval_ds = load_conversations(cfg.eval_file)
+
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+
+    args = SFTConfig(
+        output_dir=str(ckpt_dir),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        max_length=cfg.max_length,
+        assistant_only_loss=assistant_only,
+        eval_strategy="epoch",
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        logging_steps=cfg.logging_steps,
+        seed=cfg.seed,
+        bf16=on_gpu,  # SFTConfig defaults to bf16 and checkpointing, which fail on CPU
+        gradient_checkpointing=on_gpu,
+        report_to=["mlflow"],
+        dataloader_num_workers=0,
+        **cfg.extra,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                         processing_class=tok, peft_config=peft_config)
+
+    mlflow = registry.setup()
+    last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume and ckpt_dir.is_dir() else None
+    if cfg.resume and last is None:
+        print(f"--resume: no checkpoint in {ckpt_dir}; starting from the base model")
+    run_file = ckpt_dir / "mlflow_run_id"
+    run_id = run_file.read_text().strip() if last and run_file.exists() else None
+    base_loss = None
+    with mlflow.start_run(run_id=run_id) as run:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        run_file.write_text(run.info.run_id)
+        if run_id is None:
+            mlflow.log_params({f"finetune_phi.{k}": v for k, v in asdict(cfg).items() if k != "extra"})
+            base_loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+            mlflow.log_metric("base_eval_loss", base_loss)
+        else:
+            base_loss = mlflow.get_run(run_id).data.metrics.get("base_eval_loss")
+        trainer.train(resume_from_checkpoint=last)
+        final = trainer.evaluate()
+        eval_loss = final["eval_loss"]
+        mlflow.log_metrics({"final_eval_loss": eval_loss, "final_eval_perplexity": math.exp(min(eval_loss, 50))})
+
+        model = trainer.model
+        if cfg.lora:
+            model.save_pretrained(out / "adapter")
+            model = model.merge_and_unload()  # a plain Phi3ForCausalLM the endpoint serves
+        model.generation_config.eos_token_id = models.stop_token_ids(tok)
+        model.save_pretrained(out)
+        tok.chat_template = stock_template  # the training markers were for the loss mask only
+        tok.save_pretrained(out)
+        steps = trainer.state.global_step
+        summary = {"base_model": cfg.base_model, "base_eval_loss": base_loss, "eval_loss": eval_loss,
+                   "steps": steps, "mlflow_run_id": run.info.run_id}
+        version = None
+        if cfg.register:
+            info = registry.log_model(out, cfg.registered_model or registry.REGISTERED_MODEL)
+            version = str(info.registered_model_version)
+            summary["registered_model"] = f"models:/{cfg.registered_model or registry.REGISTERED_MODEL}/{version}"
+        (out / "finetune_phi.json").write_text(json.dumps(summary, indent=2))
+    return TrainResult(out, base_loss, eval_loss, steps, time.time() - start, run.info.run_id, version)
