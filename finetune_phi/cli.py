@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("demo", help="the whole loop offline on the tiny model", formatter_class=fmt)
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
-    m.add_argument("--port", type=int, default=0, help="endpoint port (0: a free one)")
+    m.add_argument("--port", type=int, default=5000, help="endpoint port (a free one if taken)")
     m.add_argument("--tokenizer", default=None, help="build the tiny model around this real Phi-3 tokenizer folder")
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)

@@ -4,7 +4,6 @@ Several deployments (name -> model) share one endpoint; the `azureml-model-deplo
 one, otherwise traffic weights choose. Request limits use Azure ML's names. Models load in the
 background: /health answers at once, /ready turns 200 when every deployment is loaded.
 """
-from __future__ import annotations
 
 import asyncio
 import json

@@ -139,7 +139,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         logging_steps=cfg.logging_steps,
         seed=cfg.seed,
         bf16=on_gpu,  # SFTConfig defaults to bf16 and checkpointing, which fail on CPU
-        gradient_checkpointing=on_gpu,
+        activation_checkpointing=on_gpu,
+        dataloader_pin_memory=on_gpu,
         report_to=["mlflow"],
         dataloader_num_workers=0,
         **cfg.extra,

@@ -1,0 +1,133 @@
+"""`finetune-phi demo`: the whole loop offline on the tiny model, each step printed as it runs.
+
+sample data -> tiny base -> fine-tune (MLflow run + registered version) -> endpoint serving the base
+and the fine-tuned model -> Prompt flow connection -> one chat turn per deployment through the chat
+flow (the real `pf` CLI) -> held-out loss of base vs fine-tuned, and the commands to do it yourself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_FLOW = REPO / "flows" / "chat"
+QUESTION = "What is the capital of France?"
+
+
+def _step(i: int, n: int, text: str):
+    print(f"\n[{i}/{n}] {text}", flush=True)
+
+
+def free_port(preferred: int = 5000) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+def wait_ready(url: str, api_key: str, server: subprocess.Popen, log: Path, timeout: float = 300):
+    """Poll /ready until 200; fail early (with the log's tail) if the server process exits."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the endpoint exited with code {server.returncode}; its log {log} ends:\n"
+                               + "\n".join(log.read_text().splitlines()[-15:]))
+        try:
+            req = urllib.request.Request(url + "/ready", headers={"Authorization": f"Bearer {api_key}"})
+            with urllib.request.urlopen(req, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the endpoint was not ready within {timeout:.0f} s; see {log}")
+
+
+def pf_chat(question: str, deployment: str) -> str:
+    """One chat turn through the chat flow with the real `pf flow test`."""
+    pf = Path(sys.executable).with_name("pf")
+    cmd = [str(pf), "flow", "test", "--flow", str(CHAT_FLOW), "--inputs", f"question={question}",
+           f"deployment={deployment}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError(f"pf flow test failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    out = done.stdout
+    return json.loads(out[out.rindex("{", 0, out.rindex('"answer"')):out.rindex("}") + 1])["answer"]
+
+
+def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = None, epochs: float | None = None):
+    from . import connection, data, keys, models, train
+
+    t0 = time.time()
+    n = 7
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(var, "1")  # the demo never needs the hub
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
+    tok_flag = f" --tokenizer {shlex.quote(tokenizer)}" if tokenizer else ""
+
+    _step(1, n, f"data: generating the offline UltraChat-format sample into {work / 'data'}")
+    prepared = data.prepare("sample", work / "data")
+    print(f"      train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows")
+
+    _step(2, n, "base model: building the tiny Phi-3 (cached after the first time)")
+    base = models.tiny_path(tokenizer)
+    print(f"      {base}")
+
+    _step(3, n, "fine-tuning with TRL SFT (assistant-only loss), tracked in MLflow")
+    result = train.train(train.TrainConfig(base_model="tiny", tokenizer=tokenizer, train_file=str(work / "data/train.jsonl"),
+                                           eval_file=str(work / "data/test.jsonl"), out=str(work / "models/ft"),
+                                           epochs=epochs))
+    registered = f"models:/finetune-phi/{result.registered_version}"
+    print(f"      {result.steps} steps in {result.seconds:.0f} s; registered {registered}")
+
+    _step(4, n, "endpoint: serving deployments base (tiny) and ft (the registered model)")
+    port = free_port(port)
+    url = f"http://127.0.0.1:{port}"
+    api_key, key_source = keys.get_or_create_key()
+    serve_args = ["serve", "--deployment", f"base={base}", "--deployment", f"ft={registered}",
+                  "--traffic", "base=50", "--traffic", "ft=50", "--port", str(port)]
+    log = work / "serve.log"
+    with log.open("w") as log_file:
+        server = subprocess.Popen([sys.executable, "-m", "finetune_phi.cli", *serve_args],
+                                  stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(url, api_key, server, log)
+        print(f"      ready at {url}/score (key from {key_source}; log {log})")
+
+        _step(5, n, f"connection: {connection.CONNECTION_NAME} -> {url}/score")
+        connection.connect(f"{url}/score", api_key)
+
+        _step(6, n, f"chat flow: one turn per deployment with `pf flow test` - {QUESTION!r}")
+        for deployment in ("base", "ft"):
+            print(f"      {deployment:>4}: {pf_chat(QUESTION, deployment)!r}")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    _step(7, n, "result")
+    print(f"      held-out loss (assistant tokens, {prepared.test} test conversations):")
+    print(f"        base        {result.base_eval_loss:.4f}")
+    print(f"        fine-tuned  {result.eval_loss:.4f}   ({result.eval_loss / result.base_eval_loss:.1%} of base)")
+    print(f"      MLflow run {result.run_id} in {os.environ['MLFLOW_TRACKING_URI']}")
+    print(f"\nDemo finished in {time.time() - t0:.0f} s. To do it yourself:")
+    env = f"MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}"
+    print(f"  finetune-phi data --source sample --out {work / 'data'}")
+    print(f"  {env} finetune-phi train --base-model tiny{tok_flag} --data {work / 'data'} --out {work / 'models/ft'}")
+    print(f"  {env} finetune-phi {shlex.join(serve_args)} &")
+    print(f"  finetune-phi connect --endpoint-url {url}/score")
+    print(f"  pf flow test --flow {CHAT_FLOW} --inputs question={shlex.quote(QUESTION)} deployment=ft")
+    print(f"  pf flow serve --source {CHAT_FLOW} --port 8080 --host 127.0.0.1 --skip-open-browser   # chat at POST /score")
+    return result
