@@ -1,0 +1,47 @@
+"""The README's two commands, from a fresh copy of the repository (what a clone contains)."""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Two commands.*?```bash\n(.*?)```", text, re.S).group(1)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def fresh_copy(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dest / f)
+    return dest
+
+
+def test_readme_names_the_two_make_targets():
+    assert readme_commands() == ["make demo", "make test"]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "make test" in ci
+
+
+def test_make_demo_runs_the_whole_loop_from_a_fresh_copy(tmp_path, pf_home):
+    clone = fresh_copy(tmp_path / "clone")
+    venv = Path(sys.prefix)
+    # reuse this environment instead of installing a second one: `-o` tells make it is up to date
+    done = subprocess.run(["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed"], cwd=clone,
+                          capture_output=True, text=True, timeout=900)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
+    for step in range(1, 8):
+        assert f"[{step}/7]" in out
+    base = float(re.search(r"base\s+([\d.]+)\n", out).group(1))
+    tuned = float(re.search(r"fine-tuned\s+([\d.]+)", out).group(1))
+    assert tuned < 0.25 * base
+    assert re.search(r"ft: 'The capital of", out)  # the fine-tuned deployment answered through the chat flow
+    assert "pf flow serve --source" in out and (clone / "demo" / "mlflow.db").exists()
