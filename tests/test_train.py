@@ -89,3 +89,19 @@ def test_real_ultrachat_rows_train_with_the_real_tokenizer(tmp_path):
                                train_file=str(tmp_path / "data" / "train.jsonl"),
                                eval_file=str(tmp_path / "data" / "test.jsonl"), out=str(tmp_path / "ft"), register=False))
     assert result.eval_loss < result.base_eval_loss - 0.5
+
+
+def test_tutorial_entry_point_trains_with_the_default_local_store(sample_data, tiny_model, tmp_path):
+    """training/fine_tune.py (the Azure job's entry) with no MLFLOW_TRACKING_URI: SQLite in the working dir."""
+    from conftest import REPO
+
+    # mlflow.set_tracking_uri/set_registry_uri in this process export MLFLOW_* to children: drop them all
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run([str(BIN / "python"), str(REPO / "training" / "fine_tune.py"),
+                           "--train-file", str(sample_data / "train.jsonl"), "--eval-file", str(sample_data / "test.jsonl"),
+                           "--model_output_dir", "outputs/model", "--epochs", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "outputs" / "model" / "config.json").exists()
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+    assert "registered:   models:/finetune-phi/1" in done.stdout
