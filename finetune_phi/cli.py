@@ -67,6 +67,13 @@ def cmd_connect(args):
     print(f"connection {args.name}: endpoint_url={args.endpoint_url}, api_key from {source} (stored as a secret)")
 
 
+def cmd_compare(args):
+    from .compare import compare
+
+    compare(args.base, args.candidate, args.data, args.name, args.base_model, args.candidate_model, args.test_file,
+            args.base_connection, args.candidate_connection, args.reports)
+
+
 def cmd_demo(args):
     from .demo import run_demo
 
@@ -133,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)")
     c.add_argument("--name", default="finetune_phi_endpoint", help="connection name")
     c.set_defaults(func=cmd_connect)
+
+    k = sub.add_parser("compare", help="base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report",
+                       formatter_class=fmt)
+    k.add_argument("--base", required=True, help="deployment name answering as the base (e.g. base)")
+    k.add_argument("--candidate", required=True, help="deployment name answering as the fine-tuned model (e.g. ft)")
+    k.add_argument("--data", default="data/eval.jsonl", help="eval rows (question, chat_history, ground_truth)")
+    k.add_argument("--name", default=None, help="prefix of the pf run names and the report folder (default: timestamped)")
+    k.add_argument("--base-model", default=None, help="model of the base deployment, to report held-out loss too")
+    k.add_argument("--candidate-model", default=None, help="model of the candidate deployment, for held-out loss")
+    k.add_argument("--test-file", default=None, help="UltraChat rows for the loss (default: test.jsonl beside --data)")
+    k.add_argument("--base-connection", default=None, help="pf connection for the base (default finetune_phi_endpoint)")
+    k.add_argument("--candidate-connection", default=None, help="pf connection for the candidate")
+    k.add_argument("--reports", default="reports", help="folder for the report")
+    k.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("demo", help="the whole loop offline on the tiny model", formatter_class=fmt)
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")

@@ -74,6 +74,8 @@ def load_conversations(path: str):
 
     from .data import iter_file, load_valid
 
+    datasets.disable_progress_bars()  # TRL's per-step map() bars drown the training progress bar
+
     rows, _ = load_valid(iter_file(path))
     return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
 
@@ -89,18 +91,18 @@ def use_assistant_only_template(tok) -> bool:
     return "{% generation %}" in (tok.chat_template or "")
 
 
-def train(cfg: TrainConfig) -> TrainResult:
+def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]):
+    """(trainer, tokenizer, stock chat template) for a resolved config: the one place SFT is set up.
+
+    Training and loss-only evaluation both come through here, so a held-out loss measured later
+    (`finetune-phi compare`) is computed exactly as the training run computed it.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
 
-    from . import models, registry
+    from . import models
 
-    cfg = cfg.resolved()
-    start = time.time()
-    out = Path(cfg.out)
-    ckpt_dir = out / "checkpoints"
     on_gpu = torch.cuda.is_available()
     base_path = models.resolve(cfg.base_model, cfg.tokenizer)
     tok = AutoTokenizer.from_pretrained(base_path)
@@ -110,9 +112,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         print(f"warning: {cfg.base_model}: chat template has no assistant markers; training on whole conversations")
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if on_gpu else torch.float32)
 
-    train_ds = load_conversations(cfg.train_file)
-    eval_ds = load_conversations(cfg.eval_file)
-
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
@@ -121,7 +120,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  target_modules="all-linear", task_type="CAUSAL_LM")
 
     args = SFTConfig(
-        output_dir=str(ckpt_dir),
+        output_dir=str(output_dir),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.lr,
         lr_scheduler_type="cosine",
@@ -141,12 +140,40 @@ def train(cfg: TrainConfig) -> TrainResult:
         bf16=on_gpu,  # SFTConfig defaults to bf16 and checkpointing, which fail on CPU
         activation_checkpointing=on_gpu,
         dataloader_pin_memory=on_gpu,
-        report_to=["mlflow"],
+        report_to=report_to,
         dataloader_num_workers=0,
         **cfg.extra,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tok, peft_config=peft_config)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=load_conversations(cfg.train_file),
+                         eval_dataset=load_conversations(cfg.eval_file), processing_class=tok, peft_config=peft_config)
+    return trainer, tok, stock_template
+
+
+def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batch_size: int = 16) -> float:
+    """Assistant-token loss of a model (any spec) on an UltraChat jsonl, as training measures it.
+
+    The Trainer averages per-batch means, so the figure depends a little on batch size: compare
+    models at the same one (16, the tiny model's training batch, by default).
+    """
+    import tempfile
+
+    cfg = TrainConfig(base_model=model, train_file=eval_file, eval_file=eval_file, max_length=max_length,
+                      batch_size=batch_size).resolved()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer, _, _ = build_trainer(cfg, tmp, report_to=[])
+        return trainer.evaluate()["eval_loss"]
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from . import models, registry
+
+    cfg = cfg.resolved()
+    start = time.time()
+    out = Path(cfg.out)
+    ckpt_dir = out / "checkpoints"
+    trainer, tok, stock_template = build_trainer(cfg, ckpt_dir, report_to=["mlflow"])
 
     mlflow = registry.setup()
     last = get_last_checkpoint(str(ckpt_dir)) if cfg.resume and ckpt_dir.is_dir() else None

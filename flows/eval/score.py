@@ -6,5 +6,8 @@ from finetune_phi.metrics import score as score_answer
 
 @tool
 def score(answer: str, ground_truth: str) -> dict:
-    # pf passes no answer when the chat line it comes from failed; count it, score it 0
-    return score_answer(answer, ground_truth) | {"failed": answer is None or answer == ""}
+    # A line that cannot be scored is marked failed rather than raised: pf leaves failed lines out of
+    # the aggregation node, which would then undercount them.
+    if not ground_truth or not ground_truth.strip():
+        return score_answer("", "") | {"failed": True}
+    return score_answer(answer, ground_truth) | {"failed": False}

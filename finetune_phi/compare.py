@@ -1,0 +1,219 @@
+"""`finetune-phi compare`: base vs fine-tuned on the same held-out rows, the Prompt flow way.
+
+For each side it runs the chat flow over eval.jsonl against one deployment (a named `pf` run), then
+the eval flow over that run, exactly as a user would with `pf run create`. Both sides answer the
+same rows, so per-line differences are paired: the table gives the mean delta of each metric with
+a 95% paired-bootstrap interval. A line whose chat call failed scores 0 on every metric (the user
+got no answer) and is counted. The report (Markdown, an offline HTML page, a PNG chart and the
+per-line CSV, worst regressions first) goes to reports/<name>/.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .metrics import METRICS
+
+REPO = Path(__file__).resolve().parents[1]
+CHAT_FLOW = REPO / "flows" / "chat"
+EVAL_FLOW = REPO / "flows" / "eval"
+
+
+@dataclass
+class Side:
+    label: str  # what the table calls it: the deployment name
+    chat_run: str
+    eval_run: str
+    lines: list[dict | None]  # per data line: metric scores, or None where the chat call failed
+    answers: list[str | None]
+    seconds: float
+    metrics: dict  # what the eval run logged
+
+
+def run_side(pf, data: Path, deployment: str, name: str, connection: str | None) -> tuple[str, str, float]:
+    """The chat run and the eval run over it; returns their names and the chat run's wall time."""
+    chat_run, eval_run = f"{name}_chat_{deployment}", f"{name}_eval_{deployment}"
+    t = time.time()
+    print(f"  pf run {chat_run}: chat flow over {data} with deployment={deployment}", flush=True)
+    pf.run(flow=str(CHAT_FLOW), data=str(data), name=chat_run, stream=False,
+           column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
+                           "deployment": deployment},
+           connections={"chat": {"connection": connection}} if connection else None)
+    seconds = time.time() - t
+    print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
+    pf.run(flow=str(EVAL_FLOW), data=str(data), run=chat_run, name=eval_run, stream=False,
+           column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
+                           "answer": "${run.outputs.answer}"})
+    return chat_run, eval_run, seconds
+
+
+def collect(pf, label: str, chat_run: str, eval_run: str, n_rows: int, seconds: float) -> Side:
+    """Per-line scores from the eval run; lines it lacks are the chat run's failures."""
+    details = pf.get_details(eval_run, all_results=True)
+    lines: list[dict | None] = [None] * n_rows
+    answers: list[str | None] = [None] * n_rows
+    for _, row in details.iterrows():
+        i = int(row["inputs.line_number"])
+        if row.get("outputs.failed") in (False, 0):  # pf writes "(Failed)" for a line that raised
+            lines[i] = {m: float(row[f"outputs.{m}"]) for m in METRICS}
+            answers[i] = row["inputs.answer"]
+    return Side(label, chat_run, eval_run, lines, answers, seconds, pf.get_metrics(eval_run))
+
+
+def paired_bootstrap(deltas, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-line deltas and its percentile bootstrap interval (resampling lines, not sides)."""
+    import numpy as np
+
+    d = np.asarray(deltas, dtype=float)
+    if d.size == 0:
+        return 0.0, 0.0, 0.0
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    alpha = (1 - level) / 2
+    return float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
+
+
+def table(base: Side, cand: Side) -> list[dict]:
+    """One row per metric: base mean, candidate mean, paired delta and its 95% interval (failed = 0)."""
+    zero = {m: 0.0 for m in METRICS}
+    rows = []
+    for m in METRICS:
+        b = [(line or zero)[m] for line in base.lines]
+        c = [(line or zero)[m] for line in cand.lines]
+        delta, lo, hi = paired_bootstrap([y - x for x, y in zip(b, c)])
+        rows.append({"metric": m, "base": sum(b) / len(b), "candidate": sum(c) / len(c), "delta": delta,
+                     "ci_low": lo, "ci_high": hi})
+    return rows
+
+
+def per_line_frame(rows: list[dict], base: Side, cand: Side):
+    """question, ground truth, both answers and scores per line; worst regressions (F1, then ROUGE-L) first."""
+    import pandas as pd
+
+    records = []
+    for i, row in enumerate(rows):
+        rec = {"line": i, "question": row["question"], "ground_truth": row["ground_truth"],
+               f"answer_{base.label}": base.answers[i], f"answer_{cand.label}": cand.answers[i]}
+        for m in METRICS:
+            b = (base.lines[i] or {}).get(m, 0.0)
+            c = (cand.lines[i] or {}).get(m, 0.0)
+            rec |= {f"{m}_{base.label}": b, f"{m}_{cand.label}": c, f"{m}_delta": c - b}
+        records.append(rec)
+    return pd.DataFrame(records).sort_values(["f1_score_delta", "rouge_l_delta", "line"]).reset_index(drop=True)
+
+
+def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None) -> str:
+    head = f"{'metric':<16}{base.label:>10}{cand.label:>12}{'delta':>10}   95% CI (paired bootstrap)"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['metric']:<16}{r['base']:>10.3f}{r['candidate']:>12.3f}{r['delta']:>+10.3f}"
+                     f"   [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+    if losses:
+        lines.append(f"{'held-out loss':<16}{losses['base']:>10.3f}{losses['candidate']:>12.3f}"
+                     f"{losses['candidate'] - losses['base']:>+10.3f}")
+    n = len(base.lines)
+    lines.append(f"lines: {n}; failed (no answer, scored 0): {base.label} {base.lines.count(None)}, "
+                 f"{cand.label} {cand.lines.count(None)}")
+    return "\n".join(lines)
+
+
+def chart(rows: list[dict], base: Side, cand: Side, path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r["metric"] != "answer_length"]  # the [0, 1] metrics share one axis
+    names = [r["metric"] for r in shown]
+    x = range(len(shown))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar([i - 0.2 for i in x], [r["base"] for r in shown], 0.4, label=base.label, color="#999999")
+    ax1.bar([i + 0.2 for i in x], [r["candidate"] for r in shown], 0.4, label=cand.label, color="#2b6cb0")
+    ax1.set_xticks(list(x), names, rotation=20)
+    ax1.set_ylim(0, 1)
+    ax1.set_title("mean score per metric")
+    ax1.legend()
+    deltas = [r["delta"] for r in shown]
+    err = [[r["delta"] - r["ci_low"] for r in shown], [r["ci_high"] - r["delta"] for r in shown]]
+    ax2.bar(list(x), deltas, 0.6, yerr=err, capsize=4, color=["#2f855a" if d >= 0 else "#c53030" for d in deltas])
+    ax2.axhline(0, color="black", linewidth=0.8)
+    ax2.set_xticks(list(x), names, rotation=20)
+    ax2.set_title(f"{cand.label} - {base.label} (95% paired bootstrap CI)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out: Path, name: str, rows: list[dict], base: Side, cand: Side, losses: dict | None, frame) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_table(rows, base, cand, losses)
+    paths = {"md": out / "compare.md", "html": out / "compare.html", "png": out / "compare.png", "csv": out / "lines.csv"}
+    frame.to_csv(paths["csv"], index=False)
+    chart(rows, base, cand, paths["png"])
+    runs = (f"chat runs `{base.chat_run}`, `{cand.chat_run}`; eval runs `{base.eval_run}`, `{cand.eval_run}` "
+            f"(`pf run show-details --name ...`)")
+    paths["md"].write_text(f"# {name}: {cand.label} vs {base.label}\n\n```\n{text}\n```\n\n{runs}\n\n"
+                           f"![metrics](compare.png)\n\nPer-line scores: `lines.csv` (worst regressions first).\n")
+    worst = frame.head(10)
+    cols = ["question", "ground_truth", f"answer_{base.label}", f"answer_{cand.label}", "f1_score_delta"]
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for _, r in worst.iterrows())
+    png = base64.b64encode(paths["png"].read_bytes()).decode()
+    # everything inline (no scripts, no CDN): the page works offline, unlike `pf run visualize`
+    paths["html"].write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(name)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1100px}}pre{{background:#f4f4f4;padding:1em}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top;font-size:13px}}</style>
+</head><body><h1>{html.escape(name)}: {html.escape(cand.label)} vs {html.escape(base.label)}</h1>
+<pre>{html.escape(text)}</pre><p>{html.escape(runs)}</p>
+<img alt="metrics chart" src="data:image/png;base64,{png}">
+<h2>Worst regressions (by token F1)</h2><table><tr>{''.join(f'<th>{html.escape(c)}</th>' for c in cols)}</tr>{cells}</table>
+</body></html>
+""")
+    return paths
+
+
+def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", name: str | None = None,
+            base_model: str | None = None, candidate_model: str | None = None, test_file: str | None = None,
+            base_connection: str | None = None, candidate_connection: str | None = None,
+            reports: str | Path = "reports") -> dict:
+    from promptflow.client import PFClient
+
+    from .data import read_jsonl
+
+    data = Path(data).resolve()
+    rows = read_jsonl(data)
+    for i, row in enumerate(rows, start=1):
+        if not {"question", "ground_truth"} <= set(row):
+            raise ValueError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
+    name = name or f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
+    pf = PFClient()
+    sides = []
+    for label, connection in ((base, base_connection), (candidate, candidate_connection)):
+        chat_run, eval_run, seconds = run_side(pf, data, label, name, connection)
+        side = collect(pf, label, chat_run, eval_run, len(rows), seconds)
+        print(f"  {label}: {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s), "
+              f"{side.lines.count(None)} failed", flush=True)
+        sides.append(side)
+    base_side, cand_side = sides
+
+    losses = None
+    if base_model and candidate_model:
+        from .train import heldout_loss
+
+        test_file = test_file or str(data.with_name("test.jsonl"))
+        print(f"  held-out loss on {test_file}", flush=True)
+        losses = {"base": heldout_loss(base_model, test_file), "candidate": heldout_loss(candidate_model, test_file)}
+
+    result_rows = table(base_side, cand_side)
+    frame = per_line_frame(rows, base_side, cand_side)
+    paths = write_report(Path(reports) / name, name, result_rows, base_side, cand_side, losses, frame)
+    print("\n" + format_table(result_rows, base_side, cand_side, losses))
+    print(f"\nreport: {paths['md']}  {paths['html']}  {paths['png']}  {paths['csv']}")
+    summary = {"name": name, "rows": result_rows, "losses": losses, "paths": {k: str(v) for k, v in paths.items()},
+               "runs": {s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds,
+                                  "failed": s.lines.count(None)} for s in sides}}
+    (Path(reports) / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
