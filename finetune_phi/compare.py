@@ -178,7 +178,9 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertic
 def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", name: str | None = None,
             base_model: str | None = None, candidate_model: str | None = None, test_file: str | None = None,
             base_connection: str | None = None, candidate_connection: str | None = None,
-            reports: str | Path = "reports") -> dict:
+            reports: str | Path = "reports", losses: dict | None = None) -> dict:
+    """Run both sides, print the table, write the report. `losses` ({"base", "candidate"}) may be
+    passed when already known (the demo has them from training) instead of giving the models."""
     from promptflow.client import PFClient
 
     from .data import read_jsonl
@@ -199,8 +201,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
         sides.append(side)
     base_side, cand_side = sides
 
-    losses = None
-    if base_model and candidate_model:
+    if losses is None and base_model and candidate_model:
         from .train import heldout_loss
 
         test_file = test_file or str(data.with_name("test.jsonl"))

@@ -2,7 +2,8 @@
 
 sample data -> tiny base -> fine-tune (MLflow run + registered version) -> endpoint serving the base
 and the fine-tuned model -> Prompt flow connection -> one chat turn per deployment through the chat
-flow (the real `pf` CLI) -> held-out loss of base vs fine-tuned, and the commands to do it yourself.
+flow (the real `pf` CLI) -> chat + eval flow batch runs over the held-out split for both deployments
+-> held-out loss and answer metrics of base vs fine-tuned, and the commands to do it yourself.
 """
 from __future__ import annotations
 
@@ -67,10 +68,10 @@ def pf_chat(question: str, deployment: str) -> str:
 
 
 def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = None, epochs: float | None = None):
-    from . import connection, data, keys, models, train
+    from . import compare, connection, data, keys, models, train
 
     t0 = time.time()
-    n = 7
+    n = 8
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -113,14 +114,23 @@ def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = No
         _step(6, n, f"chat flow: one turn per deployment with `pf flow test` - {QUESTION!r}")
         for deployment in ("base", "ft"):
             print(f"      {deployment:>4}: {pf_chat(QUESTION, deployment)!r}")
+
+        _step(7, n, f"comparison: chat + eval flow batch runs over {prepared.eval} held-out rows per deployment")
+        name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
+        summary = compare.compare("base", "ft", work / "data" / "eval.jsonl", name=name, reports=work / "reports",
+                                  losses={"base": result.base_eval_loss, "candidate": result.eval_loss})
     finally:
         server.terminate()
         server.wait(timeout=30)
 
-    _step(7, n, "result")
+    _step(8, n, "result")
     print(f"      held-out loss (assistant tokens, {prepared.test} test conversations):")
     print(f"        base        {result.base_eval_loss:.4f}")
     print(f"        fine-tuned  {result.eval_loss:.4f}   ({result.eval_loss / result.base_eval_loss:.1%} of base)")
+    f1 = next(r for r in summary["rows"] if r["metric"] == "f1_score")
+    print(f"      token F1 on held-out answers: base {f1['base']:.3f} -> fine-tuned {f1['candidate']:.3f} "
+          f"(delta {f1['delta']:+.3f}, 95% CI [{f1['ci_low']:+.3f}, {f1['ci_high']:+.3f}])")
+    print(f"      report: {summary['paths']['html']}")
     print(f"      MLflow run {result.run_id} in {os.environ['MLFLOW_TRACKING_URI']}")
     print(f"\nDemo finished in {time.time() - t0:.0f} s. To do it yourself:")
     env = f"MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}"
@@ -129,5 +139,8 @@ def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = No
     print(f"  {env} finetune-phi {shlex.join(serve_args)} &")
     print(f"  finetune-phi connect --endpoint-url {url}/score")
     print(f"  pf flow test --flow {CHAT_FLOW} --inputs question={shlex.quote(QUESTION)} deployment=ft")
+    print(f"  finetune-phi compare --base base --candidate ft --data {work / 'data/eval.jsonl'} "
+          f"--base-model {base} --candidate-model {work / 'models/ft'}")
+    print(f"  pf run show-metrics --name {summary['runs']['ft']['eval']}")
     print(f"  pf flow serve --source {CHAT_FLOW} --port 8080 --host 127.0.0.1 --skip-open-browser   # chat at POST /score")
     return result

@@ -40,8 +40,8 @@ def test_make_demo_runs_the_whole_loop_from_a_fresh_copy(tmp_path, pf_home):
                           capture_output=True, text=True, timeout=900, env=env)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
-    for step in range(1, 8):
-        assert f"[{step}/7]" in out
+    for step in range(1, 9):
+        assert f"[{step}/8]" in out
     base = float(re.search(r"base\s+([\d.]+)\n", out).group(1))
     tuned = float(re.search(r"fine-tuned\s+([\d.]+)", out).group(1))
     assert tuned < 0.25 * base
