@@ -144,3 +144,13 @@ def endpoint(trained, tiny_model, test_root):
                      "--traffic", "base=70", "--traffic", "ft=30"], test_root / "serve.log")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def connected(endpoint, pf_home):
+    """The flows' connection `finetune_phi_endpoint` pointing at the test endpoint, made by the real CLI."""
+    done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", endpoint.url + "/score"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert endpoint.key not in done.stdout + done.stderr
+    return endpoint

@@ -27,14 +27,6 @@ def answer_of(done) -> str:
     return json.loads(out[out.rindex("{", 0, out.rindex('"answer"')):out.rindex("}") + 1])["answer"]
 
 
-@pytest.fixture(scope="module")
-def connected(endpoint, pf_home):
-    done = finetune_phi("connect", "--endpoint-url", endpoint.url + "/score")
-    assert done.returncode == 0, done.stderr
-    assert endpoint.key not in done.stdout + done.stderr
-    return endpoint
-
-
 def test_connection_keeps_the_key_secret(connected, pf_home):
     shown = subprocess.run([str(BIN / "pf"), "connection", "show", "--name", "finetune_phi_endpoint"],
                            capture_output=True, text=True, timeout=120)

@@ -1,0 +1,143 @@
+"""Evaluation: metric values, the eval flow through real `pf` batch runs, the comparison and its report."""
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO
+from finetune_phi import compare, metrics
+from finetune_phi.data import read_jsonl
+
+
+@pytest.mark.parametrize("answer, truth, metric, expected", [
+    ("The capital of France is Paris.", "Paris is the capital of France", "f1_score", 1.0),  # order, articles, punctuation
+    ("Paris", "The capital is Paris", "f1_score", 0.5),  # P = 1, R = 1/3
+    ("the cat is on the mat", "the cat sat on the mat", "rouge_l", 5 / 6),  # LCS of 5 in 6 tokens each
+    ("東京 は 首都", "東京 は 首都 です", "rouge_l", 6 / 7),  # P = 1, R = 3/4: non-ASCII words count
+    ("naïve café", "Naïve café!", "exact_match", 1.0),
+    ("naïve café", "naive cafe", "exact_match", 0.0),
+    ("The opposite of hot is cold.", "The opposite of hot is cold.", "bleu", 1.0),
+    ("The opposite of hot is cold.", "The opposite of hot is cold.", "chrf", 1.0),
+    ("one two three", "x", "answer_length", 3),
+])
+def test_metric_values_on_hand_worked_examples(answer, truth, metric, expected):
+    assert metrics.score(answer, truth)[metric] == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("empty", ["", "   ", None])
+def test_empty_answer_scores_zero(empty):
+    assert metrics.score(empty, "Paris") == {m: 0 for m in metrics.METRICS}
+
+
+def test_partial_overlap_scores_between_zero_and_one():
+    s = metrics.score("The capital of Peru is Quito.", "The capital of Peru is Lima.")
+    assert 0 < s["bleu"] < s["rouge_l"] < 1 and 0 < s["chrf"] < 1 and s["exact_match"] == 0
+
+
+def test_aggregate_means_and_counts():
+    a, b = metrics.score("Paris", "The capital is Paris"), metrics.score("x y", "x y")
+    summary = metrics.aggregate([a, b, {**a, "failed": True}, None])
+    assert summary["lines_scored"] == 2 and summary["lines_failed"] == 2
+    assert summary["f1_score"] == pytest.approx((0.5 + 1.0) / 2)
+
+
+def test_eval_flow_batch_run_logs_means_and_counts(tmp_path, pf_home):
+    rows = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
+            {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
+            {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
+            {"question": "q4", "ground_truth": "", "answer": "no reference to score against"}]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    name = f"eval_test_{tmp_path.name}"
+    done = subprocess.run([str(BIN / "pf"), "run", "create", "--flow", str(REPO / "flows" / "eval"), "--data", str(data),
+                           "--name", name, "--column-mapping", "question=${data.question}",
+                           "ground_truth=${data.ground_truth}", "answer=${data.answer}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    shown = subprocess.run([str(BIN / "pf"), "run", "show-metrics", "--name", name], capture_output=True, text=True, timeout=120)
+    logged = json.loads(shown.stdout[shown.stdout.index("{"):])
+    expected = metrics.aggregate([metrics.score(r["answer"], r["ground_truth"]) for r in rows[:3]] + [None])
+    assert logged["lines_scored"] == 3 and logged["lines_failed"] == 1
+    for m in metrics.METRICS:
+        assert logged[m] == pytest.approx(expected[m])
+
+
+def side(label, scores, failed=()):
+    lines = [None if i in failed else {m: s for m in metrics.METRICS} for i, s in enumerate(scores)]
+    return compare.Side(label, f"{label}_chat", f"{label}_eval", lines,
+                        [None if i in failed else f"answer {i}" for i in range(len(scores))], 1.0, {})
+
+
+def test_paired_bootstrap_on_known_deltas():
+    assert compare.paired_bootstrap([0.25] * 40) == pytest.approx((0.25, 0.25, 0.25))
+    mean, lo, hi = compare.paired_bootstrap([1.0, -1.0] * 50)  # mean 0, standard error 0.1
+    assert mean == 0 and lo == pytest.approx(-0.196, abs=0.03) and hi == pytest.approx(0.196, abs=0.03)
+
+
+def test_pairing_finds_a_small_consistent_gain_that_noise_between_lines_would_hide():
+    base_scores = [i / 39 for i in range(40)]  # lines differ a lot in difficulty
+    base, cand = side("base", base_scores), side("ft", [s + 0.05 for s in base_scores])
+    row = next(r for r in compare.table(base, cand) if r["metric"] == "f1_score")
+    assert row["delta"] == pytest.approx(0.05) and row["ci_low"] == pytest.approx(0.05) and row["ci_high"] == pytest.approx(0.05)
+    assert row["base"] == pytest.approx(0.5) and row["candidate"] == pytest.approx(0.55)
+
+
+def test_failed_lines_score_zero_and_are_counted():
+    base, cand = side("base", [0.2] * 4), side("ft", [0.8] * 4, failed={3})
+    row = next(r for r in compare.table(base, cand) if r["metric"] == "rouge_l")
+    assert row["candidate"] == pytest.approx(0.6) and row["delta"] == pytest.approx(0.4)
+    assert "ft 1" in compare.format_table(compare.table(base, cand), base, cand, None)
+
+
+def test_report_files_work_offline_and_list_worst_regressions_first(tmp_path):
+    rows = [{"question": f"q{i}", "ground_truth": f"t{i}"} for i in range(4)]
+    base, cand = side("base", [0.5, 0.5, 0.9, 0.1]), side("ft", [0.6, 0.2, 0.9, 0.8])
+    table = compare.table(base, cand)
+    paths = compare.write_report(tmp_path, "unit", table, base, cand, {"base": 3.0, "candidate": 1.0},
+                                 compare.per_line_frame(rows, base, cand))
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = paths["html"].read_text()
+    assert "<script" not in page and not re.search(r"""(src|href)=["']?(https?:)?//""", page)
+    assert 'src="data:image/png;base64,' in page and "held-out loss" in page
+    assert "f1_score" in paths["md"].read_text()
+    import pandas as pd
+
+    frame = pd.read_csv(paths["csv"])
+    assert list(frame["line"]) == [1, 2, 0, 3]  # F1 deltas -0.3, 0, +0.1, +0.7
+    assert {"question", "ground_truth", "answer_base", "answer_ft", "f1_score_delta"} <= set(frame.columns)
+
+
+def test_pf_run_create_commands_as_a_user_types_them(connected, sample_data, tmp_path):
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(sample_data / "eval.jsonl")[:5]))
+    name = tmp_path.name
+    pf = str(BIN / "pf")
+    chat = subprocess.run([pf, "run", "create", "--flow", str(REPO / "flows" / "chat"), "--data", str(data),
+                           "--name", f"chat_ft_{name}", "--column-mapping", "question=${data.question}",
+                           "chat_history=${data.chat_history}", "deployment=ft"], capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stdout[-2000:]
+    ev = subprocess.run([pf, "run", "create", "--flow", str(REPO / "flows" / "eval"), "--data", str(data),
+                         "--run", f"chat_ft_{name}", "--name", f"eval_ft_{name}", "--column-mapping",
+                         "question=${data.question}", "ground_truth=${data.ground_truth}", "answer=${run.outputs.answer}"],
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stdout[-2000:]
+    shown = subprocess.run([pf, "run", "show-metrics", "--name", f"eval_ft_{name}"], capture_output=True, text=True, timeout=120)
+    logged = json.loads(shown.stdout[shown.stdout.index("{"):])
+    assert logged["lines_scored"] == 5 and logged["f1_score"] > 0.3  # the fine-tuned model answers in shape
+
+
+def test_compare_counts_a_failing_line_and_goes_on(connected, trained, sample_data, tmp_path):
+    rows = read_jsonl(sample_data / "eval.jsonl")[:6]
+    rows[2] = dict(rows[2], question="word " * 5000)  # longer than the model's context: the endpoint says 400
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = compare.compare("base", "ft", data, name=f"cmp_{tmp_path.name}", reports=tmp_path / "reports",
+                              base_model="tiny", candidate_model=str(trained.out),
+                              test_file=str(sample_data / "test.jsonl"))
+    assert summary["runs"]["base"]["failed"] == 1 and summary["runs"]["ft"]["failed"] == 1
+    f1 = next(r for r in summary["rows"] if r["metric"] == "f1_score")
+    assert f1["candidate"] > f1["base"]
+    assert summary["losses"]["candidate"] < summary["losses"]["base"]
+    assert all(Path(p).exists() and Path(p).is_relative_to(tmp_path / "reports") for p in summary["paths"].values())
