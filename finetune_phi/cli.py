@@ -33,7 +33,38 @@ def cmd_tiny(args):
     print(tiny_path(args.tokenizer))
 
 
+def _train_flags(args) -> list[str]:
+    """The training flags the user set, to pass on to the same entry point in an Azure ML job."""
+    flags = []
+    for name in ("base_model", "epochs", "lr", "batch_size", "max_length", "save_steps", "seed"):
+        value = getattr(args, name)
+        if value is not None:
+            flags += [f"--{name.replace('_', '-')}", str(value)]
+    return flags + (["--lora"] if args.lora else []) + (["--no-register"] if args.no_register else [])
+
+
+def _azure_settings(args):
+    from .azureml.settings import AzureSettings
+
+    return AzureSettings.load(subscription_id=args.subscription_id, resource_group=args.resource_group,
+                              workspace=args.workspace, location=args.location, identity=getattr(args, "identity", None))
+
+
 def cmd_train(args):
+    if args.target == "azure":
+        from pathlib import Path
+
+        from .azureml import ops
+
+        if args.tokenizer or args.resume:
+            raise ValueError("--tokenizer and --resume are local options; an Azure job starts from --base-model")
+        ops.train(_azure_settings(args), args.train_file or os.path.join(args.data, "train.jsonl"),
+                  args.eval_file or os.path.join(args.data, "test.jsonl"), args.compute, args.compute_size,
+                  args.nodes, args.gpus_per_node, _train_flags(args), args.image, args.experiment,
+                  args.dry_run, Path(args.dry_run_dir), stream=not args.no_stream)
+        return
+    if args.dry_run:
+        raise ValueError("--dry-run applies to --target azure")
     from .train import TrainConfig, train
 
     cfg = TrainConfig(base_model=args.base_model, tokenizer=args.tokenizer,
@@ -62,9 +93,40 @@ def cmd_serve(args):
 def cmd_connect(args):
     from .connection import connect, resolve_key
 
-    key, source = resolve_key(args.api_key_env)
-    connect(args.endpoint_url, key, args.name)
-    print(f"connection {args.name}: endpoint_url={args.endpoint_url}, api_key from {source} (stored as a secret)")
+    if args.target == "azure":
+        from .azureml.ops import endpoint_url_and_key
+
+        if not args.endpoint_name:
+            raise ValueError("--target azure needs --endpoint-name")
+        url, key = endpoint_url_and_key(_azure_settings(args), args.endpoint_name)
+        source = f"Azure ML endpoint {args.endpoint_name}"
+    else:
+        url = args.endpoint_url
+        key, source = resolve_key(args.api_key_env)
+    connect(url, key, args.name)
+    print(f"connection {args.name}: endpoint_url={url}, api_key from {source} (stored as a secret)")
+
+
+def cmd_deploy(args):
+    from pathlib import Path
+
+    from .azureml import ops
+    from .serve import parse_weights
+
+    traffic = parse_weights(args.traffic) if args.traffic else {args.deployment_name: 100}
+    if args.deployment_name not in traffic:
+        traffic[args.deployment_name] = 0  # created and reachable by header, no traffic yet
+    ops.deploy(_azure_settings(args), args.endpoint_name, args.deployment_name, args.model, traffic,
+               args.instance_type, args.instance_count, args.max_concurrent_requests, args.request_timeout_ms,
+               args.max_queue_wait_ms, args.image, args.dry_run, Path(args.dry_run_dir))
+
+
+def cmd_delete(args):
+    from .azureml import ops
+
+    if not (args.yes or args.dry_run):
+        raise ValueError("deleting stops the endpoint for its callers; add --yes to confirm (or --dry-run)")
+    ops.delete(_azure_settings(args), args.endpoint_name, args.deployment_name, args.dry_run)
 
 
 def cmd_compare(args):
@@ -78,6 +140,16 @@ def cmd_demo(args):
     from .demo import run_demo
 
     run_demo(args.workdir, port=args.port, tokenizer=args.tokenizer, epochs=args.epochs)
+
+
+def _add_azure_flags(p, identity: bool = False):
+    from .azureml.settings import SETTINGS
+
+    g = p.add_argument_group("Azure ML (flags override environment variables and .env)")
+    for name, (flag, env, what) in SETTINGS.items():
+        if name != "identity" or identity:
+            g.add_argument(flag, dest=name, default=None, help=f"{what} (env {env})")
+    return g
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     tr.add_argument("--no-register", action="store_true", help="do not register a model version")
+    tr.add_argument("--target", choices=["local", "azure"], default="local", help="where the training runs")
+    az = _add_azure_flags(tr)
+    az.add_argument("--compute", default="finetune-phi-gpu", help="AmlCompute cluster (created if missing)")
+    az.add_argument("--compute-size", default="gpu", help="gpu (Standard_NC24ads_A100_v4), cpu (Standard_E16s_v3) or a VM size")
+    az.add_argument("--nodes", type=int, default=1, help="nodes (instance_count) for multi-node training")
+    az.add_argument("--gpus-per-node", type=int, default=1, help="processes per node (PyTorch distribution)")
+    az.add_argument("--image", default=None, help="base image of the training environment")
+    az.add_argument("--experiment", default="finetune-phi", help="Azure ML experiment name")
+    az.add_argument("--no-stream", action="store_true", help="submit and return instead of streaming the job's log")
+    az.add_argument("--dry-run", action="store_true", help="print the YAML of every entity; create nothing")
+    az.add_argument("--dry-run-dir", default="azure-dry-run/train", help="where --dry-run writes the YAML")
     tr.set_defaults(func=cmd_train)
 
     s = sub.add_parser("serve", help="run the scoring endpoint locally", formatter_class=fmt)
@@ -139,7 +222,38 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--api-key-env", default=None,
                    help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)")
     c.add_argument("--name", default="finetune_phi_endpoint", help="connection name")
+    c.add_argument("--target", choices=["local", "azure"], default="local",
+                   help="azure: take the scoring URI and key of --endpoint-name from the workspace")
+    c.add_argument("--endpoint-name", default=None, help="Azure ML online endpoint (with --target azure)")
+    _add_azure_flags(c)
     c.set_defaults(func=cmd_connect)
+
+    dp = sub.add_parser("deploy", help="deploy a model to an Azure ML managed online endpoint", formatter_class=fmt)
+    dp.add_argument("--target", choices=["azure"], default="azure", help="locally, use `finetune-phi serve`")
+    dp.add_argument("--model", required=True, help="job:JOB_NAME (a training job's output), a model folder, or azureml:NAME:VERSION")
+    dp.add_argument("--endpoint-name", default="finetune-phi", help="online endpoint (kept if it exists)")
+    dp.add_argument("--deployment-name", default="ft", help="deployment to create or update")
+    dp.add_argument("--traffic", action="append", metavar="NAME=PCT",
+                    help="traffic after the deployment, e.g. --traffic ft=10 --traffic blue=90 (default: all to it)")
+    dp.add_argument("--instance-type", default="Standard_NC24ads_A100_v4", help="VM size of each instance")
+    dp.add_argument("--instance-count", type=int, default=1)
+    dp.add_argument("--max-concurrent-requests", type=int, default=1, help="max_concurrent_requests_per_instance")
+    dp.add_argument("--request-timeout-ms", type=int, default=90000, help="request_timeout_ms (Azure caps it at 180000)")
+    dp.add_argument("--max-queue-wait-ms", type=int, default=500, help="max_queue_wait_ms")
+    dp.add_argument("--image", default=None, help="base image of the scoring environment")
+    dp.add_argument("--dry-run", action="store_true", help="print the YAML of every entity; create nothing")
+    dp.add_argument("--dry-run-dir", default="azure-dry-run/deploy", help="where --dry-run writes the YAML")
+    _add_azure_flags(dp, identity=True)
+    dp.set_defaults(func=cmd_deploy)
+
+    de = sub.add_parser("delete", help="delete an Azure ML endpoint or one deployment (stops its cost)", formatter_class=fmt)
+    de.add_argument("--target", choices=["azure"], default="azure")
+    de.add_argument("--endpoint-name", default="finetune-phi")
+    de.add_argument("--deployment-name", default=None, help="delete only this deployment (it must have no traffic)")
+    de.add_argument("--yes", action="store_true", help="confirm the deletion")
+    de.add_argument("--dry-run", action="store_true", help="say what would be deleted")
+    _add_azure_flags(de)
+    de.set_defaults(func=cmd_delete)
 
     k = sub.add_parser("compare", help="base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report",
                        formatter_class=fmt)
@@ -174,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # the user's input: say what is wrong, no stack trace
         print(f"finetune-phi {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if type(e).__module__.startswith("azure."):  # auth, permissions, quota: Azure's own message says why
+            print(f"finetune-phi {args.command}: Azure error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

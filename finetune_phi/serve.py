@@ -50,19 +50,26 @@ def parse_pairs(items: list[str], what: str) -> dict[str, str]:
     return pairs
 
 
-def parse_traffic(items: list[str], deployments: list[str]) -> dict[str, int]:
-    """--traffic NAME=PCT ... -> weights summing to 100; none given -> all to the first deployment."""
-    if not items:
-        return {name: (100 if i == 0 else 0) for i, name in enumerate(deployments)}
+def parse_weights(items: list[str]) -> dict[str, int]:
+    """--traffic NAME=PCT ... -> {name: pct}, percentages that add up to 100 (Azure ML's rule too)."""
     traffic = {}
     for name, pct in parse_pairs(items, "traffic").items():
-        if name not in deployments:
-            raise ValueError(f"--traffic {name}={pct}: no deployment named {name!r} (have {deployments})")
         if not pct.isdigit() or not 0 <= int(pct) <= 100:
             raise ValueError(f"--traffic {name}={pct}: percentage must be an integer from 0 to 100")
         traffic[name] = int(pct)
     if sum(traffic.values()) != 100:
         raise ValueError(f"--traffic percentages must add up to 100, got {sum(traffic.values())}")
+    return traffic
+
+
+def parse_traffic(items: list[str], deployments: list[str]) -> dict[str, int]:
+    """Weights for the local endpoint's deployments; none given -> all to the first deployment."""
+    if not items:
+        return {name: (100 if i == 0 else 0) for i, name in enumerate(deployments)}
+    traffic = parse_weights(items)
+    unknown = sorted(set(traffic) - set(deployments))
+    if unknown:
+        raise ValueError(f"--traffic names no deployment {unknown} (have {deployments})")
     return {name: traffic.get(name, 0) for name in deployments}
 
 

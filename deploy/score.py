@@ -1,0 +1,54 @@
+"""Azure ML online-deployment scoring script: the local endpoint's /score protocol, same code.
+
+Azure ML's inference server calls init() once and run(raw_body) per request. Parsing, parameters
+and generation come from finetune_phi (protocol.py, generation.py), exactly as `finetune-phi serve`.
+Authentication, traffic and the azureml-model-deployment header are handled by Azure ML itself.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the deployment's code snapshot is the repo
+
+from finetune_phi.protocol import RequestError, parse_score_request, run_score  # noqa: E402
+
+generator = None
+
+
+def find_model_dir(root: Path) -> Path:
+    """AZUREML_MODEL_DIR holds the registered folder one or two levels down; find its config.json."""
+    for candidate in [root, *sorted(p.parent for p in root.glob("*/config.json")),
+                      *sorted(p.parent for p in root.glob("*/*/config.json"))]:
+        if (candidate / "config.json").exists():
+            return candidate
+    raise FileNotFoundError(f"no Hugging Face model folder (config.json) under {root}")
+
+
+def init():
+    global generator
+    from finetune_phi import models
+    from finetune_phi.generation import Generator
+
+    model_dir = find_model_dir(Path(os.environ["AZUREML_MODEL_DIR"]))
+    generator = Generator(*models.load(str(model_dir)))
+
+
+def handle(raw_data) -> tuple[int, object]:
+    """(HTTP status, JSON body) for one request body."""
+    try:
+        try:
+            payload = json.loads(raw_data) if isinstance(raw_data, (str, bytes)) else raw_data
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        shape, inputs, params = parse_score_request(payload)
+        return 200, run_score(generator, shape, inputs, params)
+    except RequestError as e:
+        return e.status, e.body()
+
+
+def run(raw_data):
+    from azureml_inference_server_http.api.aml_response import AMLResponse  # the inference server provides it
+
+    status, body = handle(raw_data)
+    return body if status == 200 else AMLResponse(json.dumps(body), status, json_str=True)

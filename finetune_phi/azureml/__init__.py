@@ -1,0 +1,1 @@
+"""Azure ML target: settings, entities and the operations that submit them."""

@@ -1,0 +1,183 @@
+"""The azure-ai-ml entities finetune-phi creates, built in one place.
+
+`--dry-run` dumps exactly these objects as YAML and the real run submits the same objects, so what
+a user reviews is what Azure receives. The job runs `training/fine_tune.py`, the very entry the
+local `finetune-phi train` uses; the deployment serves `deploy/score.py`, which speaks the local
+endpoint's /score protocol through the same code (finetune_phi.protocol).
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+from pathlib import Path
+
+# azure-ai-ml warns "experimental class" for schemas it uses internally on every dump: noise to a user
+logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+
+REPO = Path(__file__).resolve().parents[2]
+COMPUTE_PRESETS = {"gpu": "Standard_NC24ads_A100_v4", "cpu": "Standard_E16s_v3"}
+TRAIN_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
+SERVE_IMAGE_CPU = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
+MODEL_NAME = "finetune-phi"
+
+
+def compute_size(size: str) -> str:
+    """A preset name (gpu, cpu) or any VM size."""
+    return COMPUTE_PRESETS.get(size, size)
+
+
+def training_environment(image: str = TRAIN_IMAGE):
+    from azure.ai.ml.entities import Environment
+
+    return Environment(name="finetune-phi-train", image=image, conda_file=str(REPO / "conda.yml"),
+                       description="finetune-phi training: torch, transformers, trl, peft, mlflow (conda.yml)")
+
+
+def serving_image(instance_type: str) -> str:
+    """A CUDA base image for GPU VM sizes (NC/ND/NV families), the minimal CPU inference image otherwise."""
+    family = instance_type.removeprefix("Standard_").upper()
+    return TRAIN_IMAGE if family.startswith(("NC", "ND", "NV")) else SERVE_IMAGE_CPU
+
+
+def serving_environment(image: str):
+    from azure.ai.ml.entities import Environment
+
+    return Environment(name="finetune-phi-serve", image=image, conda_file=str(REPO / "deploy" / "conda.yml"),
+                       description="finetune-phi scoring: torch, transformers, azureml-inference-server-http")
+
+
+def compute(name: str, size: str = "gpu", max_nodes: int = 1, min_nodes: int = 0, idle_seconds: int = 1800,
+            location: str | None = None):
+    from azure.ai.ml.entities import AmlCompute
+
+    if max_nodes < 1 or min_nodes < 0 or min_nodes > max_nodes:
+        raise ValueError(f"compute {name}: need 0 <= min nodes ({min_nodes}) <= max nodes ({max_nodes}), max >= 1")
+    # min 0 + idle scale-down: an A100 node costs dollars an hour, so nothing runs while idle
+    return AmlCompute(name=name, size=compute_size(size), min_instances=min_nodes, max_instances=max_nodes,
+                      idle_time_before_scale_down=idle_seconds, tier="dedicated", location=location)
+
+
+def data_input(path: str):
+    """A uri_file input: a local file (uploaded at submit) or an azureml:/https:/abfss: URI as given."""
+    from azure.ai.ml import Input
+
+    if "://" in path or path.startswith("azureml:"):
+        return Input(type="uri_file", path=path)
+    local = Path(path)
+    if not local.is_file():
+        raise FileNotFoundError(f"{path}: no such data file (make it with `finetune-phi data`)")
+    return Input(type="uri_file", path=str(local.resolve()))
+
+
+def training_job(train_file: str, eval_file: str, compute_name: str, environment, nodes: int = 1,
+                 gpus_per_node: int = 1, train_args: list[str] | None = None, experiment: str = "finetune-phi",
+                 display_name: str | None = None, env_vars: dict | None = None):
+    """A command job running training/fine_tune.py; several processes -> PyTorch distribution (DDP via torchrun)."""
+    from azure.ai.ml import Output, PyTorchDistribution
+    from azure.ai.ml.entities import CommandJob, JobResourceConfiguration
+
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be at least 1")
+    command = ("python training/fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
+               "--model_output_dir ${{outputs.model}}")
+    if train_args:
+        command += " " + shlex.join(train_args)
+    distributed = nodes * gpus_per_node > 1
+    return CommandJob(
+        code=str(REPO),  # the repo snapshot (minus .gitignore'd paths): the same code as local runs
+        command=command,
+        inputs={"train_file": data_input(train_file), "eval_file": data_input(eval_file)},
+        outputs={"model": Output(type="uri_folder")},
+        environment=environment,
+        compute=compute_name,
+        resources=JobResourceConfiguration(instance_count=nodes),
+        distribution=PyTorchDistribution(process_count_per_instance=gpus_per_node) if distributed else None,
+        experiment_name=experiment,
+        display_name=display_name or "finetune-phi-sft",
+        environment_variables={"MLFLOW_EXPERIMENT_NAME": experiment, "TOKENIZERS_PARALLELISM": "false",
+                               **(env_vars or {})},
+    )
+
+
+def model_asset(source: str, name: str = MODEL_NAME):
+    """The model to serve: a finished job's output (job:NAME), a local folder, or an azureml:/azureml:// path."""
+    from azure.ai.ml.constants import AssetTypes
+    from azure.ai.ml.entities import Model
+
+    if source.startswith("job:"):
+        path = f"azureml://jobs/{source.removeprefix('job:')}/outputs/model"
+    elif "://" in source or source.startswith("azureml:"):
+        path = source
+    else:
+        local = Path(source)
+        if not (local / "config.json").exists():
+            raise FileNotFoundError(f"{source}: not a Hugging Face model folder (no config.json)")
+        path = str(local.resolve())
+    return Model(name=name, path=path, type=AssetTypes.CUSTOM_MODEL,
+                 description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)")
+
+
+def endpoint(name: str, identity: str | None = None, traffic: dict[str, int] | None = None):
+    from azure.ai.ml.entities import IdentityConfiguration, ManagedIdentityConfiguration, ManagedOnlineEndpoint
+
+    ident = None
+    if identity:
+        ident = IdentityConfiguration(type="user_assigned",
+                                      user_assigned_identities=[ManagedIdentityConfiguration(resource_id=identity)])
+    return ManagedOnlineEndpoint(name=name, auth_mode="key", identity=ident, traffic=traffic or {},
+                                 description="finetune-phi scoring endpoint (/score, Bearer key)")
+
+
+def deployment(name: str, endpoint_name: str, model, environment, instance_type: str = "Standard_NC24ads_A100_v4",
+               instance_count: int = 1, max_concurrent_requests_per_instance: int = 1, request_timeout_ms: int = 90_000,
+               max_queue_wait_ms: int = 500, env_vars: dict | None = None):
+    from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
+
+    if instance_count < 1:
+        raise ValueError(f"--instance-count must be at least 1, got {instance_count}")
+    # loading a multi-GB model takes minutes: give the probes room before they restart the container
+    liveness = ProbeSettings(initial_delay=600, period=30, timeout=10, failure_threshold=30, success_threshold=1)
+    readiness = ProbeSettings(initial_delay=30, period=10, timeout=10, failure_threshold=60, success_threshold=1)
+    return ManagedOnlineDeployment(
+        name=name, endpoint_name=endpoint_name, model=model, environment=environment,
+        code_configuration=CodeConfiguration(code=str(REPO), scoring_script="deploy/score.py"),
+        instance_type=instance_type, instance_count=instance_count,
+        request_settings=OnlineRequestSettings(max_concurrent_requests_per_instance=max_concurrent_requests_per_instance,
+                                               request_timeout_ms=request_timeout_ms, max_queue_wait_ms=max_queue_wait_ms),
+        liveness_probe=liveness, readiness_probe=readiness,
+        environment_variables={"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})},
+    )
+
+
+def dump_all(entities: dict[str, object], folder: Path) -> dict[str, Path]:
+    """Write each entity as the YAML azure-ai-ml's own schema produces (and its load_* functions read)."""
+    import copy
+    import json
+
+    import yaml
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, entity in entities.items():
+        # a copy: azure-ai-ml's identity schema rewrites the entity while serialising it (and then fails
+        # on a second pass), and the entity itself must stay as the real run would submit it
+        doc = _drop_nulls(json.loads(json.dumps(copy.deepcopy(entity)._to_dict())))
+        for key, item in (getattr(entity, "inputs", None) or {}).items():
+            path = getattr(item, "path", None)
+            if isinstance(path, str) and Path(path).is_absolute():
+                # the schema writes a local input as an asset reference ("azureml:/abs/path"), which
+                # load_job would then read as one; keep the local path that submit uploads
+                doc["inputs"][key]["path"] = path
+        paths[name] = folder / f"{name}.yml"
+        paths[name].write_text(yaml.safe_dump(doc, sort_keys=False))
+    return paths
+
+
+def _drop_nulls(value):
+    """Unset fields come out as null, which the schema then refuses to load (e.g. an identity's
+    principal_id, known only once Azure has created it): leave them out, as a hand-written file would."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value

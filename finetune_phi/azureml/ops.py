@@ -1,0 +1,107 @@
+"""`--target azure`: submit training, deploy, delete and connect through azure-ai-ml.
+
+Each command builds its entities (entities.py) first; `--dry-run` writes and prints their YAML
+and stops there, needing no credentials. Otherwise the same objects are submitted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import entities
+from .settings import AzureSettings
+
+
+def _show(paths: dict[str, Path]):
+    for name, path in paths.items():
+        print(f"--- {name}: {path}")
+        print(path.read_text().rstrip())
+    print(f"\n(dry run: nothing was created; the YAML above loads with azure-ai-ml's load_* functions)")
+
+
+def _get_or_none(getter, name):
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        return getter(name)
+    except ResourceNotFoundError:
+        return None
+
+
+def train(settings: AzureSettings, train_file: str, eval_file: str, compute_name: str, compute_size: str,
+          nodes: int, gpus_per_node: int, train_args: list[str], image: str, experiment: str,
+          dry_run: bool, dry_run_dir: Path, stream: bool = True):
+    env = entities.training_environment(image or entities.TRAIN_IMAGE)
+    cluster = entities.compute(compute_name, compute_size, max_nodes=nodes, location=settings.location)
+    job = entities.training_job(train_file, eval_file, compute_name, env, nodes, gpus_per_node, train_args, experiment)
+    if dry_run:
+        _show(entities.dump_all({"environment": env, "compute": cluster, "job": job}, dry_run_dir))
+        return None
+    ml = settings.ml_client()
+    existing = _get_or_none(ml.compute.get, compute_name)
+    if existing is None:
+        print(f"creating compute {compute_name} ({cluster.size}, 0-{nodes} nodes)...", flush=True)
+        ml.compute.begin_create_or_update(cluster).result()
+    elif existing.max_instances < nodes:
+        raise ValueError(f"compute {compute_name} scales to {existing.max_instances} nodes; the job needs {nodes}")
+    submitted = ml.jobs.create_or_update(job)
+    print(f"submitted job {submitted.name}\nstudio: {submitted.studio_url}")
+    print(f"next: finetune-phi deploy --target azure --model job:{submitted.name}")
+    if stream:
+        ml.jobs.stream(submitted.name)
+    return submitted
+
+
+def deploy(settings: AzureSettings, endpoint_name: str, deployment_name: str, model_source: str, traffic: dict[str, int],
+           instance_type: str, instance_count: int, max_concurrent: int, request_timeout_ms: int, max_queue_wait_ms: int,
+           image: str, dry_run: bool, dry_run_dir: Path):
+    model = entities.model_asset(model_source)
+    env = entities.serving_environment(image or entities.serving_image(instance_type))
+    ep = entities.endpoint(endpoint_name, settings.identity, traffic)
+    dep = entities.deployment(deployment_name, endpoint_name, model, env, instance_type, instance_count,
+                              max_concurrent, request_timeout_ms, max_queue_wait_ms)
+    if dry_run:
+        _show(entities.dump_all({"model": model, "environment": env, "endpoint": ep, "deployment": dep}, dry_run_dir))
+        return None
+    ml = settings.ml_client()
+    registered = ml.models.create_or_update(model)
+    print(f"registered model {registered.name}:{registered.version}", flush=True)
+    dep.model = registered.id
+    current = _get_or_none(ml.online_endpoints.get, endpoint_name)
+    if current is None:
+        print(f"creating endpoint {endpoint_name}...", flush=True)
+        ep.traffic = {}  # traffic moves only once the deployment exists
+        ml.online_endpoints.begin_create_or_update(ep).result()
+        current = ml.online_endpoints.get(endpoint_name)
+    unknown = set(traffic) - set(current.traffic or {}) - {deployment_name}
+    if unknown:
+        raise ValueError(f"--traffic names deployments that endpoint {endpoint_name} does not have: {sorted(unknown)}")
+    print(f"creating deployment {deployment_name} ({instance_count} x {instance_type}); this takes minutes...", flush=True)
+    ml.online_deployments.begin_create_or_update(dep).result()
+    current.traffic = traffic
+    ml.online_endpoints.begin_create_or_update(current).result()
+    print(f"traffic now {traffic}; scoring URI {current.scoring_uri}")
+    print(f"next: finetune-phi connect --target azure --endpoint-name {endpoint_name}")
+    return current
+
+
+def delete(settings: AzureSettings, endpoint_name: str, deployment_name: str | None, dry_run: bool):
+    what = f"deployment {deployment_name} of endpoint {endpoint_name}" if deployment_name else f"endpoint {endpoint_name} and all its deployments"
+    if dry_run:
+        print(f"(dry run) would delete {what}")
+        return
+    ml = settings.ml_client()
+    if deployment_name:
+        ep = ml.online_endpoints.get(endpoint_name)
+        if (ep.traffic or {}).get(deployment_name, 0) > 0:
+            raise ValueError(f"deployment {deployment_name} still takes {ep.traffic[deployment_name]}% of traffic; "
+                             "move it first (finetune-phi deploy ... --traffic)")
+        ml.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint_name).result()
+    else:
+        ml.online_endpoints.begin_delete(name=endpoint_name).result()
+    print(f"deleted {what}")
+
+
+def endpoint_url_and_key(settings: AzureSettings, endpoint_name: str) -> tuple[str, str]:
+    """The endpoint's scoring URI and primary key (the key stays in memory, for the connection's secret)."""
+    ml = settings.ml_client()
+    return ml.online_endpoints.get(endpoint_name).scoring_uri, ml.online_endpoints.get_keys(endpoint_name).primary_key
