@@ -86,7 +86,10 @@ def cmd_serve(args):
 
     deployments = parse_pairs(args.deployment or ["default=tiny"], "deployment")
     traffic = parse_traffic(args.traffic or [], list(deployments))
-    limits = Limits(args.max_concurrent_requests, args.max_queue_wait_ms, args.request_timeout_ms)
+    limits = Limits(max_concurrent_requests_per_instance=args.max_concurrent_requests,
+                    max_queue_wait_ms=args.max_queue_wait_ms, request_timeout_ms=args.request_timeout_ms,
+                    max_body_bytes=args.max_body_bytes, max_new_tokens_cap=args.max_new_tokens_cap,
+                    max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms)
     serve(deployments, traffic, args.host, args.port, limits)
 
 
@@ -212,9 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="traffic split in percent, summing to 100 (default: all to the first deployment)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--max-concurrent-requests", type=int, default=8, help="in flight at once; more get 429")
-    s.add_argument("--max-queue-wait-ms", type=int, default=5000, help="longest wait for the model; then 408")
+    s.add_argument("--max-concurrent-requests", type=int, default=32, help="in flight at once; more get 429")
+    s.add_argument("--max-queue-wait-ms", type=int, default=5000, help="longest wait for a batch slot; then 408")
     s.add_argument("--request-timeout-ms", type=int, default=60000, help="longest request; then 503")
+    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
+    s.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens / max_tokens accepted")
+    s.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (1 = batching off)")
+    s.add_argument("--batch-window-ms", type=float, default=5, help="how long a batch waits for more requests")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("connect", help="create/update the flows' Prompt flow connection", formatter_class=fmt)

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from typing import Iterator
+
+from .generation import GenerationParams  # standard library only at import time
 
 
 class EndpointError(RuntimeError):
@@ -39,16 +42,14 @@ def history_to_messages(chat_history: list | None, question: str) -> list[dict]:
     return messages
 
 
-def score(endpoint_url: str, api_key: str, payload: dict, deployment: str | None = None, timeout: float = 120):
-    """POST a /score payload and return the decoded JSON answer."""
-    url = scoring_url(endpoint_url)
+def _post(url: str, api_key: str, payload: dict, deployment: str | None, timeout: float):
+    """An open HTTP response for a JSON POST; every failure becomes an EndpointError naming URL and status."""
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
     if deployment:
         headers["azureml-model-deployment"] = deployment
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:500]
         try:
@@ -61,8 +62,18 @@ def score(endpoint_url: str, api_key: str, payload: dict, deployment: str | None
                             "(start one with `finetune-phi serve`)") from None
     except TimeoutError:
         raise EndpointError(f"no answer from {url} within {timeout:.0f} s") from None
-    except json.JSONDecodeError:
-        raise EndpointError(f"{url} answered with something that is not JSON") from None
+
+
+def score(endpoint_url: str, api_key: str, payload: dict, deployment: str | None = None, timeout: float = 120):
+    """POST a /score payload and return the decoded JSON answer."""
+    url = scoring_url(endpoint_url)
+    with _post(url, api_key, payload, deployment, timeout) as response:
+        try:
+            return json.loads(response.read())
+        except json.JSONDecodeError:
+            raise EndpointError(f"{url} answered with something that is not JSON") from None
+        except TimeoutError:
+            raise EndpointError(f"no answer from {url} within {timeout:.0f} s") from None
 
 
 def chat(endpoint_url: str, api_key: str, question: str, chat_history: list | None = None,
@@ -76,3 +87,44 @@ def chat(endpoint_url: str, api_key: str, question: str, chat_history: list | No
     if not isinstance(answer, dict) or "output" not in answer:
         raise EndpointError(f"{scoring_url(endpoint_url)} answered {str(answer)[:200]!r}, expected {{'output': ...}}")
     return answer["output"]
+
+
+def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: list | None = None,
+                deployment: str | None = None, parameters: dict | None = None, timeout: float = 120) -> Iterator[str]:
+    """The assistant's reply as pieces of text while the model writes it.
+
+    Uses the endpoint's OpenAI-compatible streaming API (/v1/chat/completions); an endpoint without
+    it (an Azure ML scoring script answers 404) gets one /score call, yielded whole. Connection and
+    HTTP errors are raised here, before the first piece, so callers can report them at once.
+    """
+    if not isinstance(question, str) or not question.strip():
+        raise EndpointError("question is empty")
+    url = scoring_url(endpoint_url).removesuffix("/score") + "/v1/chat/completions"
+    defaults = GenerationParams()  # the same defaults as /score, not OpenAI's temperature 1.0
+    body = {"messages": history_to_messages(chat_history, question), "stream": True,
+            "temperature": defaults.temperature, "max_tokens": defaults.max_new_tokens, **(parameters or {})}
+    if deployment:
+        body["model"] = deployment
+    try:
+        response = _post(url, api_key, body, deployment, timeout)
+    except EndpointError as e:
+        if e.status in (404, 405):
+            return iter([chat(endpoint_url, api_key, question, chat_history, deployment, parameters, timeout)])
+        raise
+    return _sse_text(response, url)
+
+
+def _sse_text(response, url: str) -> Iterator[str]:
+    with response:
+        for line in response:
+            if not line.startswith(b"data: "):
+                continue
+            data = line[6:].strip()
+            if data == b"[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise EndpointError(f"{url} failed while streaming: {event['error'].get('message')}")
+            for choice in event.get("choices", []):
+                if choice.get("delta", {}).get("content"):
+                    yield choice["delta"]["content"]

@@ -7,9 +7,7 @@ Two request shapes (see DESIGN.md):
 """
 from __future__ import annotations
 
-import threading
-
-from .generation import GenerationParams, Generator, ParamError
+from .generation import MAX_NEW_TOKENS_CAP, GenerationParams, Generator, ParamError, Row
 
 MAX_INPUTS = 16
 
@@ -25,7 +23,7 @@ class RequestError(Exception):
         return {"error": {"code": self.code, "message": self.message}}
 
 
-def parse_score_request(payload: object) -> tuple[str, object, GenerationParams]:
+def parse_score_request(payload: object, cap: int = MAX_NEW_TOKENS_CAP) -> tuple[str, object, GenerationParams]:
     """Validate a /score body; returns (shape, inputs, params) with shape 'text' or 'chat'."""
     if not isinstance(payload, dict) or "input_data" not in payload:
         raise RequestError(400, "invalid_request", "body must be a JSON object with 'input_data'")
@@ -35,10 +33,10 @@ def parse_score_request(payload: object) -> tuple[str, object, GenerationParams]
             if not data or len(data) > MAX_INPUTS or not all(isinstance(p, str) and p for p in data):
                 raise RequestError(400, "invalid_request",
                                    f"'input_data' must be a list of 1 to {MAX_INPUTS} non-empty prompt strings")
-            return "text", data, GenerationParams.parse(payload.get("params"))
+            return "text", data, GenerationParams.parse(payload.get("params"), cap=cap)
         if isinstance(data, dict) and "input_string" in data:
             messages = check_messages(data["input_string"], "input_data.input_string")
-            return "chat", messages, GenerationParams.parse(data.get("parameters"))
+            return "chat", messages, GenerationParams.parse(data.get("parameters"), cap=cap, return_full_text=False)
     except ParamError as e:
         raise RequestError(400, "invalid_parameter", str(e)) from None
     raise RequestError(400, "invalid_request",
@@ -58,12 +56,26 @@ def check_messages(messages: object, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def run_score(generator: Generator, shape: str, inputs, params: GenerationParams,
-              cancel: threading.Event | None = None):
-    """Generate for a parsed request and build its response body."""
+def prompts_of(generator: Generator, shape: str, inputs) -> list[str]:
+    return [generator.chat_prompt(inputs)] if shape == "chat" else list(inputs)
+
+
+def encode_all(generator: Generator, prompts: list[str], params: GenerationParams) -> list[list[int]]:
+    """Token ids of each prompt; a prompt that does not fit the context is the caller's 400."""
     try:
-        if shape == "chat":
-            return {"output": generator.chat(inputs, params, cancel)}
-        return [generator.generate(prompt, params, cancel) for prompt in inputs]
-    except ParamError as e:  # e.g. the prompt does not fit the context
-        raise RequestError(400, "context_length_exceeded" if "context" in str(e) else "invalid_parameter", str(e)) from None
+        return [generator.encode(p, params) for p in prompts]
+    except ParamError as e:
+        raise RequestError(400, "context_length_exceeded" if "context" in str(e) else "invalid_request", str(e)) from None
+
+
+def response_body(shape: str, prompts: list[str], completions, params: GenerationParams):
+    if shape == "chat":
+        return {"output": completions[0].text.strip()}
+    return [p + c.text if params.return_full_text else c.text.strip() for p, c in zip(prompts, completions)]
+
+
+def run_score(generator: Generator, shape: str, inputs, params: GenerationParams):
+    """Answer a parsed request in this thread, all prompts as one batch (the Azure ML scoring script)."""
+    prompts = prompts_of(generator, shape, inputs)
+    rows = [Row(ids, params) for ids in encode_all(generator, prompts, params)]
+    return response_body(shape, prompts, generator.run(rows), params)

@@ -1,32 +1,36 @@
-"""The local scoring endpoint: Azure ML's online-endpoint protocol on 127.0.0.1.
+"""The local scoring endpoint: Azure ML's online-endpoint protocol on 127.0.0.1, plus an OpenAI-compatible API.
 
-Several deployments (name -> model) share one endpoint; the `azureml-model-deployment` header pins
-one, otherwise traffic weights choose. Request limits use Azure ML's names. Models load in the
+Several deployments (name -> model) share one endpoint; the `azureml-model-deployment` header (or
+the OpenAI `model` field) pins one, otherwise traffic weights choose. Concurrent requests to a
+deployment are batched (batching.py). Request limits use Azure ML's names. Models load in the
 background: /health answers at once, /ready turns 200 when every deployment is loaded.
 """
-
 import asyncio
 import json
 import logging
 import random
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from . import keys
-from .protocol import RequestError, parse_score_request, run_score
+from .batching import Batcher, QueueTimeout
+from .generation import MAX_NEW_TOKENS_CAP, Row
+from .protocol import RequestError, encode_all, parse_score_request, prompts_of, response_body
 
 log = logging.getLogger("finetune_phi.serve")
 
 
 @dataclass
 class Limits:
-    """Request settings, named as in Azure ML's OnlineRequestSettings."""
-    max_concurrent_requests_per_instance: int = 8
+    """Request settings, named as in Azure ML's OnlineRequestSettings, and the batching knobs."""
+    max_concurrent_requests_per_instance: int = 32
     max_queue_wait_ms: int = 5_000
     request_timeout_ms: int = 60_000
     max_body_bytes: int = 1_000_000
+    max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
+    max_batch_size: int = 16  # 1 = batching off
+    batch_window_ms: float = 5
 
 
 @dataclass
@@ -34,7 +38,7 @@ class Deployment:
     name: str
     model: str  # the spec it was loaded from (tiny, folder, models:/...)
     generator: object = None
-    executor: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(max_workers=1))
+    batcher: Batcher | None = None
 
 
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
@@ -93,6 +97,8 @@ class Endpoint:
             for d in self.deployments.values():
                 t = time.time()
                 d.generator = Generator(*models.load(d.model))
+                d.batcher = Batcher(d.generator, self.limits.max_batch_size, self.limits.batch_window_ms,
+                                    self.limits.max_queue_wait_ms, d.name)
                 log.info("deployment %s: loaded %s in %.1fs", d.name, d.model, time.time() - t)
             self.loaded.set()
         except Exception as e:  # noqa: BLE001 - reported through /ready, the process stays up
@@ -100,6 +106,8 @@ class Endpoint:
             log.error("loading models failed: %s", self.load_error)
 
     def choose(self, pinned: str | None) -> Deployment:
+        if not self.loaded.is_set():
+            raise RequestError(503, "not_ready", self.load_error or "models are still loading")
         if pinned:
             if pinned not in self.deployments:
                 raise RequestError(404, "deployment_not_found",
@@ -110,39 +118,61 @@ class Endpoint:
             raise RequestError(404, "no_traffic", "no deployment takes traffic; pin one with the azureml-model-deployment header")
         return self.deployments[random.choices(names, weights=[self.traffic[n] for n in names])[0]]
 
-    async def call(self, deployment: Deployment, work):
-        """Run work(cancel_event) on the deployment's worker within the request limits."""
-        lim = self.limits
-        if self.in_flight >= lim.max_concurrent_requests_per_instance:
-            raise RequestError(429, "too_many_requests",
-                               f"over capacity: {lim.max_concurrent_requests_per_instance} requests already in flight")
+    def enter(self):
+        """Admit a request or refuse it with 429 (the caller must leave() when done)."""
+        cap = self.limits.max_concurrent_requests_per_instance
+        if self.in_flight >= cap:
+            raise RequestError(429, "too_many_requests", f"over capacity: {cap} requests already in flight")
         self.in_flight += 1
-        cancel = threading.Event()
-        queued = time.monotonic()
 
-        def run():
-            waited_ms = (time.monotonic() - queued) * 1000
-            if waited_ms > lim.max_queue_wait_ms:
-                raise RequestError(408, "queue_timeout", f"waited {waited_ms:.0f} ms in the queue "
-                                   f"(max_queue_wait_ms={lim.max_queue_wait_ms})")
-            return work(cancel)
+    def leave(self):
+        self.in_flight -= 1
 
+    def _timeout_error(self):
+        return RequestError(503, "request_timeout", f"no answer within request_timeout_ms={self.limits.request_timeout_ms}")
+
+    async def generate(self, deployment: Deployment, rows: list[Row]):
+        """Completions for rows through the deployment's batcher, within the request limits."""
+        futures = [asyncio.wrap_future(deployment.batcher.submit(r)) for r in rows]
         try:
-            future = asyncio.get_running_loop().run_in_executor(deployment.executor, run)
-            return await asyncio.wait_for(future, lim.request_timeout_ms / 1000)
+            return await asyncio.wait_for(asyncio.gather(*futures), self.limits.request_timeout_ms / 1000)
         except asyncio.TimeoutError:
-            cancel.set()  # stops the generation at its next token
-            raise RequestError(503, "request_timeout",
-                               f"no answer within request_timeout_ms={lim.request_timeout_ms}") from None
+            raise self._timeout_error() from None
+        except QueueTimeout as e:
+            raise RequestError(408, "queue_timeout", str(e)) from None
         finally:
-            self.in_flight -= 1
+            for r in rows:  # a timed-out or abandoned request frees its batch slot at the next token
+                r.cancel.set()
+
+    async def stream(self, deployment: Deployment, row: Row):
+        """Text pieces of one completion as they are decoded, then the Completion itself."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue = asyncio.Queue()
+        row.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
+        future = asyncio.wrap_future(deployment.batcher.submit(row))
+        future.add_done_callback(lambda _: pieces.put_nowait(None))
+        deadline = loop.time() + self.limits.request_timeout_ms / 1000
+        try:
+            while (piece := await asyncio.wait_for(pieces.get(), max(0.0, deadline - loop.time()))) is not None:
+                yield piece
+            try:
+                yield future.result()
+            except QueueTimeout as e:
+                raise RequestError(408, "queue_timeout", str(e)) from None
+        except asyncio.TimeoutError:
+            raise self._timeout_error() from None
+        finally:
+            row.cancel.set()  # the client went away or the stream ended: stop decoding this row
 
 
 def create_app(endpoint: Endpoint, load_in_background: bool = True):
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    from . import openai_api
+    from .generation import Completion
 
     @asynccontextmanager
     async def lifespan(app):
@@ -150,7 +180,8 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
             threading.Thread(target=endpoint.load, name="load-models", daemon=True).start()
         yield
         for d in endpoint.deployments.values():
-            d.executor.shutdown(wait=False, cancel_futures=True)
+            if d.batcher:
+                d.batcher.close()
 
     app = FastAPI(title="finetune-phi endpoint", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -176,6 +207,15 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         log.error("unhandled error on %s: %s", request.url.path, type(e).__name__)
         return error(500, "internal_error", "internal error; see the server log")
 
+    async def json_body(request: Request):
+        body = await request.body()
+        if len(body) > endpoint.limits.max_body_bytes:
+            raise RequestError(413, "body_too_large", f"body has {len(body)} bytes; the limit is {endpoint.limits.max_body_bytes}")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+
     @app.get("/health")
     async def health():
         return {"status": "ok"}
@@ -190,21 +230,71 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
 
     @app.post("/score")
     async def score(request: Request):
-        body = await request.body()
-        if len(body) > endpoint.limits.max_body_bytes:
-            raise RequestError(413, "body_too_large", f"body has {len(body)} bytes; the limit is {endpoint.limits.max_body_bytes}")
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, "invalid_json", f"body is not valid JSON: {e}") from None
-        shape, inputs, params = parse_score_request(payload)
-        if not endpoint.loaded.is_set():
-            raise RequestError(503, "not_ready", endpoint.load_error or "models are still loading")
+        shape, inputs, params = parse_score_request(await json_body(request), endpoint.limits.max_new_tokens_cap)
         deployment = endpoint.choose(request.headers.get("azureml-model-deployment"))
-        result = await endpoint.call(deployment, lambda cancel: run_score(deployment.generator, shape, inputs, params, cancel))
-        return JSONResponse(result, headers={"azureml-model-deployment": deployment.name})
+        prompts = prompts_of(deployment.generator, shape, inputs)
+        rows = [Row(ids, params) for ids in encode_all(deployment.generator, prompts, params)]
+        endpoint.enter()
+        try:
+            completions = await endpoint.generate(deployment, rows)
+        finally:
+            endpoint.leave()
+        return JSONResponse(response_body(shape, prompts, completions, params),
+                            headers={"azureml-model-deployment": deployment.name})
+
+    @app.get("/v1/models")
+    async def list_models():
+        return openai_api.models_body(list(endpoint.deployments))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        model, messages, params, stream, include_usage = openai_api.parse_chat_request(
+            await json_body(request), endpoint.limits.max_new_tokens_cap)
+        deployment = endpoint.choose(model or request.headers.get("azureml-model-deployment"))
+        row = Row(encode_all(deployment.generator, [deployment.generator.chat_prompt(messages)], params)[0], params)
+        headers = {"azureml-model-deployment": deployment.name}
+        endpoint.enter()
+        if not stream:
+            try:
+                (completion,) = await endpoint.generate(deployment, [row])
+            finally:
+                endpoint.leave()
+            return JSONResponse(openai_api.completion_body(deployment.name, completion), headers=headers)
+
+        # leave() exactly once: when the stream ends, or (a client gone before it started) at the timeout
+        release = _once(endpoint.leave)
+        asyncio.get_running_loop().call_later(endpoint.limits.request_timeout_ms / 1000 + 1, release)
+
+        async def events():
+            writer = openai_api.ChunkWriter(deployment.name)
+            try:
+                yield writer.chunk({"role": "assistant", "content": ""})
+                async for item in endpoint.stream(deployment, row):
+                    if isinstance(item, Completion):
+                        yield writer.chunk(finish_reason=item.finish_reason)
+                        if include_usage:
+                            yield writer.chunk(usage_body=openai_api.usage(item))
+                    else:
+                        yield writer.chunk({"content": item})
+            except RequestError as e:  # headers are gone: report in the stream, as OpenAI does
+                yield f"data: {json.dumps(e.body())}\n\n"
+            finally:
+                release()
+            yield writer.done()
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return app
+
+
+def _once(fn):
+    done = []
+
+    def call():
+        if not done:
+            done.append(True)
+            fn()
+    return call
 
 
 def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = "127.0.0.1", port: int = 5000,
@@ -214,6 +304,6 @@ def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = "127
     api_key, source = keys.get_or_create_key(key_env)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("deployments %s, traffic %s; key from %s", deployments, traffic, source)
-    log.info("scoring URI http://%s:%d/score", host, port)
+    log.info("scoring URI http://%s:%d/score; OpenAI base URL http://%s:%d/v1", host, port, host, port)
     app = create_app(Endpoint(deployments, traffic, api_key, limits))
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,16 +1,27 @@
-"""Chat flow tool: one assistant turn from the scoring endpoint (logic lives in finetune_phi.client)."""
+"""Chat flow tool: the assistant's reply from the scoring endpoint, streamed (logic in finetune_phi.client).
+
+It returns a generator: `pf flow serve` sends each piece as it comes to clients that ask for
+`text/event-stream`, and joins them for everyone else (pf flow test, batch runs).
+"""
 from promptflow.connections import CustomConnection
 from promptflow.core import tool
 from promptflow.exceptions import UserErrorException
 
-from finetune_phi.client import EndpointError
-from finetune_phi.client import chat as endpoint_chat
+from finetune_phi.client import EndpointError, chat_stream
 
 
 @tool
-def chat(connection: CustomConnection, question: str, chat_history: list = None, deployment: str = "") -> str:
-    try:
-        return endpoint_chat(connection.configs["endpoint_url"], connection.secrets["api_key"], question,
+def chat(connection: CustomConnection, question: str, chat_history: list = None, deployment: str = ""):
+    try:  # connection and HTTP errors surface here, before the first piece
+        pieces = chat_stream(connection.configs["endpoint_url"], connection.secrets["api_key"], question,
                              chat_history or [], deployment=deployment or None)
     except EndpointError as e:  # a user-facing error (URL, HTTP status), not a bug in the tool
+        raise UserErrorException(message=str(e)) from None
+    return _as_user_errors(pieces)
+
+
+def _as_user_errors(pieces):
+    try:
+        yield from pieces
+    except EndpointError as e:
         raise UserErrorException(message=str(e)) from None
