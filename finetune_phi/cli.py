@@ -40,7 +40,36 @@ def _train_flags(args) -> list[str]:
         value = getattr(args, name)
         if value is not None:
             flags += [f"--{name.replace('_', '-')}", str(value)]
-    return flags + (["--lora"] if args.lora else []) + (["--no-register"] if args.no_register else [])
+    switches = {"lora": args.lora, "qlora": args.qlora, "packing": args.packing, "no-register": args.no_register}
+    return flags + [f"--{name}" for name, on in switches.items() if on]
+
+
+def _distributed_extra(args) -> dict:
+    """FSDP / DeepSpeed settings for models that do not fit one GPU (passed to SFTConfig)."""
+    extra = {}
+    if args.fsdp:
+        extra["fsdp"] = args.fsdp
+    if args.deepspeed:
+        extra["deepspeed"] = args.deepspeed
+    return extra
+
+
+def _relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
+    """`train --nproc N`: the same command under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPU)."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:  # drop --nproc N / --nproc=N
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "finetune_phi.cli", *rest]
+    print("running: " + " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
 
 
 def _azure_settings(args):
@@ -72,8 +101,12 @@ def cmd_train(args):
                       eval_file=args.eval_file or os.path.join(args.data, "test.jsonl"), out=args.out,
                       lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, save_steps=args.save_steps, seed=args.seed, resume=args.resume,
-                      register=not args.no_register)
+                      register=not args.no_register, save_total_limit=args.save_total_limit, packing=args.packing,
+                      activation_checkpointing=args.activation_checkpointing, qlora=args.qlora,
+                      skip_memory_check=args.skip_memory_check, extra=_distributed_extra(args))
     r = train(cfg)
+    if r.run_id is None and os.environ.get("RANK", "0") != "0":
+        return  # another rank of a multi-process run: rank 0 reports
     print(f"\nheld-out loss: base {r.base_eval_loss:.4f} -> fine-tuned {r.eval_loss:.4f} "
           f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s")
     print(f"model folder: {r.out}")
@@ -192,6 +225,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=None, help="per device; default 16 tiny, 4 otherwise")
     tr.add_argument("--max-length", type=int, default=None, help="tokens per conversation; default 256 tiny, 2048 otherwise")
     tr.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
+    tr.add_argument("--save-total-limit", type=int, default=2, help="keep at most this many checkpoints")
+    tr.add_argument("--packing", action="store_true", help="pack conversations into full rows (no padding)")
+    tr.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute activations to save memory (default: on with a GPU)")
+    tr.add_argument("--qlora", action="store_true", help="LoRA over 4-bit base weights (bitsandbytes; GPU only)")
+    tr.add_argument("--skip-memory-check", action="store_true", help="train even if the memory estimate says it will not fit")
+    tr.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
+    tr.add_argument("--fsdp", default=None, help='FSDP for models too big for one GPU, e.g. "full_shard auto_wrap"')
+    tr.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO), for models too big for one GPU")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
     tr.add_argument("--no-register", action="store_true", help="do not register a model version")
@@ -286,8 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _offline_env()
+    if args.command == "train" and args.nproc > 1 and args.target == "local" and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(argv, args.nproc)
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ def _show(paths: dict[str, Path]):
     for name, path in paths.items():
         print(f"--- {name}: {path}")
         print(path.read_text().rstrip())
-    print(f"\n(dry run: nothing was created; the YAML above loads with azure-ai-ml's load_* functions)")
+    print("\n(dry run: nothing was created; the YAML above loads with azure-ai-ml's load_* functions)")
 
 
 def _get_or_none(getter, name):
