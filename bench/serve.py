@@ -186,7 +186,9 @@ def main():
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--pf-requests", type=int, default=30)
     args = ap.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for var, value in (("HF_HUB_OFFLINE", "1"), ("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true"),
+                       ("APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL", "true")):
+        os.environ.setdefault(var, value)  # offline: no hub, no telemetry retries in pf's processes
     from finetune_phi.models import tiny_path
 
     model_dir = str(tiny_path())
