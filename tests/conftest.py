@@ -103,6 +103,19 @@ def http(method: str, url: str, body=None, headers: dict | None = None, timeout:
         return status, hdrs, raw.decode(errors="replace")
 
 
+def concurrent_posts(url: str, body: dict, headers: dict, n: int) -> list:
+    """n identical POSTs sent at once from n threads; their (status, headers, body) results."""
+    import threading
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(http("POST", url, body, headers))) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
 class Server:
     """A real `finetune-phi serve` process on 127.0.0.1."""
 

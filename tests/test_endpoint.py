@@ -1,12 +1,11 @@
 """The real endpoint on 127.0.0.1: both /score shapes, auth, pinning, traffic, bad input, limits."""
 import os
 import stat
-import threading
 from collections import Counter
 
 import pytest
 
-from conftest import Server, http
+from conftest import Server, concurrent_posts, http
 from finetune_phi.keys import key_file
 
 CHAT = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of Peru?"}],
@@ -89,13 +88,7 @@ def test_over_capacity_gets_429_with_retry_after(tiny_model, test_root):
                     test_root / "serve-limits.log", env={"FINETUNE_PHI_API_KEY": "a-test-key"})
     try:
         slow = {"input_data": ["x"], "params": {"max_new_tokens": 400, "do_sample": False}}
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(http("POST", server.url + "/score", slow, server.auth())))
-                   for _ in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = concurrent_posts(server.url + "/score", slow, server.auth(), 4)
         statuses = sorted(r[0] for r in results)
         assert statuses.count(200) >= 1 and 429 in statuses
         refused = next(r for r in results if r[0] == 429)

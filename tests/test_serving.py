@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import BIN, REPO, Server, http
+from conftest import BIN, REPO, Server, concurrent_posts, http
 
 KEY = {"FINETUNE_PHI_API_KEY": "serving-test-key"}
 
@@ -163,13 +163,7 @@ def test_queue_wait_over_the_limit_is_408(tiny_model, test_root):
                test_root / "serve-queue.log", env=KEY)
     try:
         long = {"input_data": ["x"], "params": {"max_new_tokens": 400, "do_sample": False}}
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(http("POST", s.url + "/score", long, s.auth())))
-                   for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        results = concurrent_posts(s.url + "/score", long, s.auth(), 3)
         codes = Counter(r[0] for r in results)
         assert codes[200] >= 1 and codes[408] >= 1, codes
         assert all(r[2]["error"]["code"] == "queue_timeout" for r in results if r[0] == 408)
