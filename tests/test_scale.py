@@ -28,7 +28,7 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(sample_dat
     s2, s1 = (json.loads((tmp_path / n / "finetune_phi.json").read_text()) for n in ("two", "one"))
     assert s2["steps"] == s1["steps"] == 90  # 480 rows / (2 x 8) = 480 / 16 per step, 3 epochs
     assert s2["base_eval_loss"] == pytest.approx(s1["base_eval_loss"], rel=0.01)  # the same model and data
-    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=0.10)  # only the sample order differs
+    assert s2["eval_loss"] == pytest.approx(s1["eval_loss"], rel=0.03)  # measured 0.793 vs 0.789: sample order differs
     assert s2["eval_loss"] < 0.5 * s2["base_eval_loss"]
 
 
