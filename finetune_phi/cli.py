@@ -105,7 +105,7 @@ def cmd_train(args):
                       activation_checkpointing=args.activation_checkpointing, qlora=args.qlora,
                       skip_memory_check=args.skip_memory_check, extra=_distributed_extra(args))
     r = train(cfg)
-    if r.run_id is None and os.environ.get("RANK", "0") != "0":
+    if os.environ.get("RANK", "0") != "0":
         return  # another rank of a multi-process run: rank 0 reports
     print(f"\nheld-out loss: base {r.base_eval_loss:.4f} -> fine-tuned {r.eval_loss:.4f} "
           f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s")

@@ -217,28 +217,25 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
-class BaseEval:
-    """Held-out loss of the untouched base model, measured as training starts (every rank takes part).
+def base_loss_callback(trainer, on_measured=None):
+    """A callback measuring the untouched base model's held-out loss as training starts (all ranks).
 
     Not with evaluate() before train(): in transformers 5.24 that leaves the model without its DDP
     wrapper, and each process of a multi-process run then trains alone on its shard (measured: held-out
-    loss 0.92 instead of 0.79).
+    loss 0.92 instead of 0.79). The value is in `.loss` afterwards.
     """
+    from transformers import TrainerCallback
 
-    def __init__(self, trainer, on_measured=None):
-        from transformers import TrainerCallback
+    class BaseLoss(TrainerCallback):
+        loss = None
 
-        self.trainer, self.loss = trainer, None
-        outer = self
+        def on_train_begin(self, args, state, control, **kwargs):
+            if self.loss is None:
+                self.loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
+                if on_measured:  # recorded now, so a run killed later still has it on resume
+                    on_measured(self.loss)
 
-        class Callback(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kwargs):
-                if outer.loss is None:
-                    outer.loss = outer.trainer.evaluate(metric_key_prefix="base")["base_loss"]
-                    if on_measured:  # recorded now, so a run killed later still has it on resume
-                        on_measured(outer.loss)
-
-        self.callback = Callback()
+    return BaseLoss()
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -265,8 +262,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             run_file.write_text(run.info.run_id)
         base_eval = None
         if run_id is None:
-            base_eval = BaseEval(trainer, (lambda loss: mlflow.log_metric("base_eval_loss", loss)) if main else None)
-            trainer.add_callback(base_eval.callback)
+            base_eval = base_loss_callback(trainer, (lambda loss: mlflow.log_metric("base_eval_loss", loss)) if main else None)
+            trainer.add_callback(base_eval)
             if main:
                 mlflow.log_params({f"finetune_phi.{k}": v for k, v in asdict(cfg).items() if k != "extra"})
         trainer.train(resume_from_checkpoint=str(last) if last else None)
