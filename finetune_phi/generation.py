@@ -152,6 +152,8 @@ class Generator:
                              past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         for r in rows:
             r.finish_reason = r.finish_reason or "length"
+            if not (r.params.stop or r.on_text):
+                r.text = self.tok.decode(r.ids, skip_special_tokens=True)  # once, not once per token
             self._emit(r, final=True)
 
     @staticmethod
@@ -173,7 +175,8 @@ class Generator:
             r.finish_reason = "stop"
             return
         r.ids.append(token)
-        r.text = self.tok.decode(r.ids, skip_special_tokens=True)
+        if r.params.stop or r.on_text:  # text is needed while decoding only to stream or find stop strings
+            r.text = self.tok.decode(r.ids, skip_special_tokens=True)
         for s in r.params.stop:
             if s in r.text:
                 r.text = r.text[: r.text.index(s)]
