@@ -16,6 +16,10 @@ class ParamError(ValueError):
     """An inference parameter the caller got wrong (the endpoint answers 400)."""
 
 
+class ContextLengthError(ParamError):
+    """The prompt and the tokens asked for do not fit the model's context."""
+
+
 MAX_NEW_TOKENS_CAP = 1024
 
 
@@ -103,12 +107,12 @@ class Generator:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode(self, prompt: str, params: GenerationParams) -> list[int]:
-        """Token ids of a prompt; ParamError if it and the answer cannot fit the context."""
+        """Token ids of a prompt; ContextLengthError if it and the answer cannot fit the context."""
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ParamError("the prompt is empty")
         if len(ids) + params.max_new_tokens > self.context_length:
-            raise ParamError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that "
+            raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that "
                              f"exceeds the model's context of {self.context_length} tokens")
         return ids
 

@@ -7,7 +7,7 @@ Two request shapes (see DESIGN.md):
 """
 from __future__ import annotations
 
-from .generation import MAX_NEW_TOKENS_CAP, GenerationParams, Generator, ParamError, Row
+from .generation import MAX_NEW_TOKENS_CAP, ContextLengthError, GenerationParams, Generator, ParamError, Row
 
 MAX_INPUTS = 16
 
@@ -64,8 +64,10 @@ def encode_all(generator: Generator, prompts: list[str], params: GenerationParam
     """Token ids of each prompt; a prompt that does not fit the context is the caller's 400."""
     try:
         return [generator.encode(p, params) for p in prompts]
+    except ContextLengthError as e:
+        raise RequestError(400, "context_length_exceeded", str(e)) from None
     except ParamError as e:
-        raise RequestError(400, "context_length_exceeded" if "context" in str(e) else "invalid_request", str(e)) from None
+        raise RequestError(400, "invalid_request", str(e)) from None
 
 
 def response_body(shape: str, prompts: list[str], completions, params: GenerationParams):
