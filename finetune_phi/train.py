@@ -42,6 +42,7 @@ class TrainConfig:
     resume: bool = False
     register: bool = True
     registered_model: str | None = None
+    loss_on: str = "assistant"  # assistant: loss on assistant tokens only; all: on whole conversations
     packing: bool = False  # pack conversations into full rows (TRL's best-fit packing, no padding)
     activation_checkpointing: bool | None = None  # None: on with a GPU, off on CPU
     qlora: bool = False  # 4-bit base weights (bitsandbytes, GPU only) under a LoRA adapter
@@ -73,30 +74,25 @@ class TrainResult:
         return math.exp(min(self.eval_loss, 50))
 
 
-def load_conversations(path: str):
-    """A datasets.Dataset of {"messages": [...]} from an UltraChat jsonl, validated line by line.
+def load_conversations(path: str, tok=None, end_of_turn: str | None = None):
+    """A datasets.Dataset from an UltraChat jsonl, validated line by line: {"messages": [...]} rows,
+    or, given a tokenizer, pre-tokenized rows with the assistant mask derived from its template.
 
     The `prompt` column must go: TRL would take a row with `prompt` for a prompt-completion pair.
     """
     import datasets
 
-    from .data import iter_file, load_valid
+    from .data import check_set_member, iter_file, load_valid
 
     datasets.disable_progress_bars()  # TRL's per-step map() bars drown the training progress bar
 
+    check_set_member(path)  # never a train split from one `data` run beside a test split from another
     rows, _ = load_valid(iter_file(path))
-    return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    if tok is None:
+        return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
+    from .assistant_mask import tokenize_with_mask
 
-
-def use_assistant_only_template(tok) -> bool:
-    """Give the tokenizer a template with {% generation %} markers; False if we cannot."""
-    from .models import PHI3_TRAINING_TEMPLATE
-
-    vocab = tok.get_vocab()
-    if all(t in vocab for t in ("<|user|>", "<|assistant|>", "<|end|>")):
-        tok.chat_template = PHI3_TRAINING_TEMPLATE
-        return True
-    return "{% generation %}" in (tok.chat_template or "")
+    return datasets.Dataset.from_list([tokenize_with_mask(tok, r["messages"], end_of_turn) for r in rows])
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]):
@@ -109,15 +105,16 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from . import models
+    from . import assistant_mask, models
 
     on_gpu = torch.cuda.is_available()
     base_path = models.resolve(cfg.base_model, cfg.tokenizer)
     tok = AutoTokenizer.from_pretrained(base_path)
     stock_template = tok.chat_template
-    assistant_only = use_assistant_only_template(tok)
-    if not assistant_only:
-        print(f"warning: {cfg.base_model}: chat template has no assistant markers; training on whole conversations")
+    # Loss on assistant tokens: through TRL's training template when it has one for this template
+    # (TRL swaps it in itself), else through a mask derived from the template (pre-tokenized rows).
+    derive_mask = cfg.loss_on == "assistant" and assistant_mask.trl_training_template(tok) is None
+    end_of_turn = models.end_of_turn_token(tok)
     checkpointing = on_gpu if cfg.activation_checkpointing is None else cfg.activation_checkpointing
     if not cfg.skip_memory_check:
         from transformers import AutoConfig
@@ -156,7 +153,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
         per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         max_length=cfg.max_length,
-        assistant_only_loss=assistant_only,
+        assistant_only_loss=cfg.loss_on == "assistant" and not derive_mask,  # a derived mask comes as a column
         eval_strategy="epoch",
         save_strategy="steps",
         save_steps=cfg.save_steps,
@@ -175,8 +172,10 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
         include_num_input_tokens_seen="non_padding",  # trained tokens, for throughput figures
     )
     args = SFTConfig(**{**settings, **cfg.extra})
-    trainer = SFTTrainer(model=model, args=args, train_dataset=load_conversations(cfg.train_file),
-                         eval_dataset=load_conversations(cfg.eval_file), processing_class=tok, peft_config=peft_config)
+    mask_tok = tok if derive_mask else None
+    trainer = SFTTrainer(model=model, args=args, train_dataset=load_conversations(cfg.train_file, mask_tok, end_of_turn),
+                         eval_dataset=load_conversations(cfg.eval_file, mask_tok, end_of_turn),
+                         processing_class=tok, peft_config=peft_config)
     return trainer, tok, stock_template
 
 
@@ -289,7 +288,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                                                             dtype=torch.bfloat16)
                 model = PeftModel.from_pretrained(base, out / "adapter")
             model = model.merge_and_unload()  # a plain Phi3ForCausalLM the endpoint serves
-        model.generation_config.eos_token_id = models.stop_token_ids(tok)
+        # the base's own stop ids plus the template's end of turn: plain generate() stops where the turn ends
+        model.generation_config.eos_token_id = models.stop_token_ids(tok, model.generation_config)
         model.save_pretrained(out)
         tok.chat_template = stock_template  # the training markers were for the loss mask only
         tok.save_pretrained(out)

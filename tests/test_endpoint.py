@@ -85,7 +85,7 @@ def test_unknown_pinned_deployment_is_404(endpoint):
 
 def test_over_capacity_gets_429_with_retry_after(tiny_model, test_root):
     server = Server(["--deployment", f"only={tiny_model}", "--max-concurrent-requests", "1"],
-                    test_root / "serve-limits.log", env={"FINETUNE_PHI_API_KEY": "a-test-key"})
+                    test_root / "serve-limits.log", env={"FINETUNE_PHI_API_KEY": "a-test-key-for-limits"})
     try:
         slow = {"input_data": ["x"], "params": {"max_new_tokens": 400, "do_sample": False}}
         results = concurrent_posts(server.url + "/score", slow, server.auth(), 4)
