@@ -144,5 +144,5 @@ def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = No
     print(f"  finetune-phi compare --base base --candidate ft --data {work / 'data/eval.jsonl'} "
           f"--base-model {base} --candidate-model {work / 'models/ft'}")
     print(f"  pf run show-metrics --name {summary['runs']['ft']['eval']}")
-    print(f"  pf flow serve --source {CHAT_FLOW} --port 8080 --host 127.0.0.1 --skip-open-browser   # chat at POST /score")
+    print(f"  pf flow serve --source {CHAT_FLOW} --port 8080 --host 127.0.0.1 --skip-open-browser --engine fastapi   # chat page: http://127.0.0.1:8080/")
     return result

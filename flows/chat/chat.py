@@ -12,9 +12,11 @@ from finetune_phi.client import EndpointError, chat_stream
 
 @tool
 def chat(connection: CustomConnection, question: str, chat_history: list = None, deployment: str = ""):
+    # empty (the default) or "*" (what the served chat page sends: it insists on a value) = traffic split
+    pinned = (deployment or "").strip()
     try:  # connection and HTTP errors surface here, before the first piece
         pieces = chat_stream(connection.configs["endpoint_url"], connection.secrets["api_key"], question,
-                             chat_history or [], deployment=deployment or None)
+                             chat_history or [], deployment=None if pinned in ("", "*") else pinned)
     except EndpointError as e:  # a user-facing error (URL, HTTP status), not a bug in the tool
         raise UserErrorException(message=str(e)) from None
     return _as_user_errors(pieces)
