@@ -284,8 +284,8 @@ def check_set_member(path: str | Path):
     if entry is None:
         return  # not one of the set's files
     if path.stat().st_size != entry["bytes"] or _sha256(path) != entry["sha256"]:
-        raise DataError(f"{path}: differs from the data set written with it ({manifest_path}); "
-                        f"re-run `finetune-phi data --out {path.parent}` to make a consistent set")
+        raise DataError(f"{path}: differs from the data set written with it; if you edited it on purpose, "
+                        f"delete {manifest_path}, else re-run `finetune-phi data --out {path.parent}`")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -1,6 +1,6 @@
-"""`finetune-phi demo`: the whole loop offline on the tiny model, each step printed as it runs.
+"""`finetune-phi demo`: the whole loop offline on a real model, each step printed as it runs.
 
-sample data -> tiny base -> fine-tune (MLflow run + registered version) -> endpoint serving the base
+sample data -> base model (the real SmolLM2-135M-Instruct by default; `tiny` for a one-minute run) -> fine-tune (MLflow run + registered version) -> endpoint serving the base
 and the fine-tuned model -> Prompt flow connection -> one chat turn per deployment through the chat
 flow (the real `pf` CLI) -> chat + eval flow batch runs over the held-out split for both deployments
 -> held-out loss and answer metrics of base vs fine-tuned, and the commands to do it yourself.
@@ -20,6 +20,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 CHAT_FLOW = REPO / "flows" / "chat"
 QUESTION = "What is the capital of France?"
+
+# How the demo fine-tunes each kind of base within its budget (2 CPU cores). The tiny model starts
+# from random weights and needs many large steps; a real model needs one short LoRA epoch to take
+# on the sample's answers. Everything else comes from TrainConfig's defaults.
+RECIPES = {
+    "tiny": dict(sample_size=600, train={}),
+    "real": dict(sample_size=400, train=dict(lora=True, lr=3e-4, batch_size=8, max_length=256, epochs=1)),
+}
 
 
 def _step(i: int, n: int, text: str):
@@ -67,7 +75,8 @@ def pf_chat(question: str, deployment: str) -> str:
     return json.loads(out[out.rindex("{", 0, out.rindex('"answer"')):out.rindex("}") + 1])["answer"]
 
 
-def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = None, epochs: float | None = None):
+def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2-135m", tokenizer: str | None = None,
+             epochs: float | None = None):
     from . import compare, connection, data, keys, models, train
 
     t0 = time.time()
@@ -80,23 +89,27 @@ def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = No
         os.environ.setdefault(var, "true")  # nor Prompt flow's telemetry exporter (it retries in vain offline)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     tok_flag = f" --tokenizer {shlex.quote(tokenizer)}" if tokenizer else ""
+    recipe = RECIPES["tiny" if base_model == "tiny" else "real"]
+    train_settings = {**recipe["train"], **({"epochs": epochs} if epochs else {})}
 
     _step(1, n, f"data: generating the offline UltraChat-format sample into {work / 'data'}")
-    prepared = data.prepare("sample", work / "data")
+    prepared = data.prepare("sample", work / "data", sample_size=recipe["sample_size"])
     print(f"      train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows")
 
-    _step(2, n, "base model: building the tiny Phi-3 (cached after the first time)")
-    base = models.tiny_path(tokenizer)
+    _step(2, n, f"base model: {base_model} (converted/built once, then cached)")
+    base = models.resolve(base_model, tokenizer)
     print(f"      {base}")
 
     _step(3, n, "fine-tuning with TRL SFT (assistant-only loss), tracked in MLflow")
-    result = train.train(train.TrainConfig(base_model="tiny", tokenizer=tokenizer, train_file=str(work / "data/train.jsonl"),
+    result = train.train(train.TrainConfig(base_model=base_model, tokenizer=tokenizer,
+                                           train_file=str(work / "data/train.jsonl"),
                                            eval_file=str(work / "data/test.jsonl"), out=str(work / "models/ft"),
-                                           epochs=epochs))
+                                           overwrite=True, **train_settings))
     registered = f"models:/finetune-phi/{result.registered_version}"
-    print(f"      {result.steps} steps in {result.seconds:.0f} s; registered {registered}")
+    print(f"      {result.steps} steps in {result.seconds:.0f} s; held-out loss {result.base_eval_loss:.3f} -> "
+          f"{result.eval_loss:.3f}; registered {registered}")
 
-    _step(4, n, "endpoint: serving deployments base (tiny) and ft (the registered model)")
+    _step(4, n, f"endpoint: serving deployments base ({base_model}) and ft (the registered model)")
     port = free_port(port)
     url = f"http://127.0.0.1:{port}"
     api_key, key_source = keys.get_or_create_key()
@@ -136,8 +149,10 @@ def run_demo(workdir: str = "demo", port: int = 5000, tokenizer: str | None = No
     print(f"      MLflow run {result.run_id} in {os.environ['MLFLOW_TRACKING_URI']}")
     print(f"\nDemo finished in {time.time() - t0:.0f} s. To do it yourself:")
     env = f"MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}"
-    print(f"  finetune-phi data --source sample --out {work / 'data'}")
-    print(f"  {env} finetune-phi train --base-model tiny{tok_flag} --data {work / 'data'} --out {work / 'models/ft'}")
+    print(f"  finetune-phi data --source sample --sample-size {recipe['sample_size']} --out {work / 'data'}")
+    flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in train_settings.items())
+    print(f"  {env} finetune-phi train --base-model {base_model}{tok_flag}{flags} --data {work / 'data'} "
+          f"--out {work / 'models/ft'} --overwrite")
     print(f"  {env} finetune-phi {shlex.join(serve_args)} &")
     print(f"  finetune-phi connect --endpoint-url {url}/score")
     print(f"  pf flow test --flow {CHAT_FLOW} --inputs question={shlex.quote(QUESTION)} deployment=ft")

