@@ -9,6 +9,8 @@ import argparse
 import os
 import sys
 
+from .errors import UserError
+
 
 def _offline_env():
     # Respect the user's settings; without a hub these keep transformers/datasets from resolving hosts.
@@ -89,15 +91,16 @@ def cmd_train(args):
 
         from .azureml import ops
 
-        if args.tokenizer or args.resume:
-            raise ValueError("--tokenizer and --resume are local options; an Azure job starts from --base-model")
+        if args.tokenizer or args.resume or args.overwrite:
+            raise UserError("--tokenizer, --resume and --overwrite are local options; an Azure job starts from "
+                            "--base-model and writes a new output")
         ops.train(_azure_settings(args), args.train_file or os.path.join(args.data, "train.jsonl"),
                   args.eval_file or os.path.join(args.data, "test.jsonl"), args.compute, args.compute_size,
                   args.nodes, args.gpus_per_node, _train_flags(args), args.image, args.experiment,
                   args.dry_run, Path(args.dry_run_dir), stream=not args.no_stream)
         return
     if args.dry_run:
-        raise ValueError("--dry-run applies to --target azure")
+        raise UserError("--dry-run applies to --target azure")
     from .train import TrainConfig, train
 
     cfg = TrainConfig(base_model=args.base_model, tokenizer=args.tokenizer,
@@ -105,13 +108,15 @@ def cmd_train(args):
                       eval_file=args.eval_file or os.path.join(args.data, "test.jsonl"), out=args.out,
                       lora=args.lora, loss_on=args.loss_on, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                       max_length=args.max_length, save_steps=args.save_steps, seed=args.seed, resume=args.resume,
-                      register=not args.no_register, save_total_limit=args.save_total_limit, packing=args.packing,
+                      overwrite=args.overwrite, register=not args.no_register, save_total_limit=args.save_total_limit,
+                      packing=args.packing,
                       activation_checkpointing=args.activation_checkpointing, qlora=args.qlora,
                       skip_memory_check=args.skip_memory_check, extra=_distributed_extra(args))
     r = train(cfg)
     if os.environ.get("RANK", "0") != "0":
         return  # another rank of a multi-process run: rank 0 reports
-    print(f"\nheld-out loss: base {r.base_eval_loss:.4f} -> fine-tuned {r.eval_loss:.4f} "
+    base = f"{r.base_eval_loss:.4f}" if r.base_eval_loss is not None else "unknown"  # a resume can lack it
+    print(f"\nheld-out loss: base {base} -> fine-tuned {r.eval_loss:.4f} "
           f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s")
     print(f"model folder: {r.out}")
     if r.registered_version:
@@ -137,7 +142,7 @@ def cmd_connect(args):
         from .azureml.ops import endpoint_url_and_key
 
         if not args.endpoint_name:
-            raise ValueError("--target azure needs --endpoint-name")
+            raise UserError("--target azure needs --endpoint-name")
         url, key = endpoint_url_and_key(_azure_settings(args), args.endpoint_name)
         source = f"Azure ML endpoint {args.endpoint_name}"
     else:
@@ -165,7 +170,7 @@ def cmd_delete(args):
     from .azureml import ops
 
     if not (args.yes or args.dry_run):
-        raise ValueError("deleting stops the endpoint for its callers; add --yes to confirm (or --dry-run)")
+        raise UserError("deleting stops the endpoint for its callers; add --yes to confirm (or --dry-run)")
     ops.delete(_azure_settings(args), args.endpoint_name, args.deployment_name, args.dry_run)
 
 
@@ -242,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fsdp", default=None, help='FSDP for models too big for one GPU, e.g. "full_shard auto_wrap"')
     tr.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO), for models too big for one GPU")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT/checkpoints")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the newest checkpoint in OUT/checkpoints that loads (a damaged one is skipped)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the model and checkpoints already in OUT (without it, training there is refused)")
     tr.add_argument("--no-register", action="store_true", help="do not register a model version")
     tr.add_argument("--target", choices=["local", "azure"], default="local", help="where the training runs")
     az = _add_azure_flags(tr)
@@ -344,7 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError) as e:  # the user's input: say what is wrong, no stack trace
+    except UserError as e:  # the message says what is wrong and what to do: no stack trace
+        print(f"finetune-phi {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        if not _raised_by_us(e):  # from inside transformers/TRL/peft/torch: the traceback is the clue
+            raise
+        # Until every check of ours raises UserError, our own ValueErrors are the user's input too.
         print(f"finetune-phi {args.command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -353,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return 0
+
+
+def _raised_by_us(e: BaseException) -> bool:
+    """The innermost frame of the traceback is in this package (a `raise` of ours, not a library's)."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("finetune_phi")
 
 
 if __name__ == "__main__":

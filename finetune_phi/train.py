@@ -2,18 +2,31 @@
 
 Conversations go through the model's chat template and the loss covers assistant tokens only.
 Every run is an MLflow run (params, loss curves, base and final held-out loss, the model) and
-registers a new version of the registered model. `--resume` continues from the latest complete
-checkpoint (and the same MLflow run) after a crash. Under torchrun/accelerate (several processes,
+registers a new version of the registered model. `--resume` continues from the latest checkpoint
+that loads (and the same MLflow run) after a crash. Under torchrun/accelerate (several processes,
 DDP) every rank trains and evaluates; only rank 0 talks to MLflow and writes the model.
+
+Nothing lost, nothing leaked: a run holds a lock on its output folder, never replaces a finished
+model or an earlier run's checkpoints unless told (`--overwrite`), never changes the status of a
+finished MLflow run, and a folder it cannot write ends it with one line saying why.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there go without the output-folder lock
+    fcntl = None
 
 
 @dataclass
@@ -40,6 +53,7 @@ class TrainConfig:
     logging_steps: int = 5
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # replace the model and checkpoints already in `out`
     register: bool = True
     registered_model: str | None = None
     loss_on: str = "assistant"  # assistant: loss on assistant tokens only; all: on whole conversations
@@ -194,25 +208,78 @@ def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batc
         return trainer.evaluate()["eval_loss"]
 
 
-def complete_checkpoint(path: Path) -> bool:
-    """Everything Trainer writes for a resumable checkpoint is there; trainer_state.json comes last."""
+def checkpoint_problem(path: Path) -> str | None:
+    """Why resuming from this checkpoint would fail, or None when everything it needs loads.
+
+    A process killed mid-save or a full disk leaves files cut short; Trainer only finds out by
+    crashing (`PytorchStreamReader failed reading zip archive`). Each file is opened the way resuming
+    opens it, but cheaply: safetensors headers (which state how long the file must be) and torch
+    files memory-mapped, so no tensor data is read.
+    """
     try:
-        json.loads((path / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    weights = any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                                 "adapter_model.safetensors", "pytorch_model.bin"))
-    return weights and (path / "optimizer.pt").exists() and (path / "scheduler.pt").exists()
+        json.loads((path / "trainer_state.json").read_text())  # Trainer writes it last
+    except (OSError, ValueError) as e:
+        return f"trainer_state.json is missing or unreadable ({_reason(e)})"
+    weights = [path / f for f in ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
+                                  "adapter_model.bin") if (path / f).exists()]
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # a sharded model: every shard the index names
+        try:
+            weights += [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (OSError, ValueError, KeyError) as e:
+            return f"{index.name} is unreadable ({_reason(e)})"
+    if not weights:
+        return "it has no model weights"
+    for f in weights + [path / "optimizer.pt", path / "scheduler.pt"]:
+        if not f.exists():
+            return f"{f.name} is missing"
+        if problem := _unloadable(f):
+            return f"{f.name} does not load ({problem})"
+    for f in path.glob("rng_state*.pth"):  # numpy state inside: weights_only refuses it, so check the zip only
+        import zipfile
+
+        try:
+            zipfile.ZipFile(f).close()
+        except (OSError, zipfile.BadZipFile) as e:
+            return f"{f.name} does not load ({_reason(e)})"
+    return None
+
+
+def _unloadable(f: Path) -> str | None:
+    try:
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), "pt"):
+                pass
+        else:
+            import torch
+
+            torch.load(f, map_location="cpu", weights_only=True, mmap=True)  # as Trainer loads it, less the data
+    except Exception as e:  # noqa: BLE001 - whatever the reader says is the reason to skip the file
+        return _reason(e)
+    return None
+
+
+def _reason(e: BaseException) -> str:
+    """The first sentence of an error: torch's go on for a paragraph."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0].split(". ")[0]
+
+
+def complete_checkpoint(path: Path) -> bool:
+    return checkpoint_problem(path) is None
 
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint-N that is complete; a half-written one (killed mid-save) is skipped."""
+    """The newest checkpoint-N that loads; a half-written or damaged one is skipped, saying why."""
     found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for path in found:
-        if complete_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
-        print(f"--resume: skipping incomplete checkpoint {path}")
+        print(f"--resume: skipping incomplete checkpoint {path}: {problem}")
     return None
 
 
@@ -238,38 +305,196 @@ def base_loss_callback(trainer, on_measured=None):
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    from contextlib import nullcontext
+    """Fine-tune, track in MLflow, save and register; UserError for a folder it must not or cannot use.
 
+    The folder checks come before any weights load, so a mistake costs seconds, not a training run.
+    """
+    cfg = cfg.resolved()
+    out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it: choose one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the model")
+    # Every rank of a torchrun job runs this; rank 0 owns the folder (lock, clean-up), the others read it.
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with _output_lock(out) if rank0 else nullcontext():
+        last = _checkpoint_to_resume(out / "checkpoints") if cfg.resume else None
+        _refuse_to_replace(out, cfg, last)
+        if cfg.resume and last is None:
+            print(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from the base model")
+        if cfg.overwrite and rank0:
+            _clear_previous_run(out)
+        return _train(cfg, last)
+
+
+@contextmanager
+def _output_lock(out: Path):
+    """Hold an flock on <out>/.lock for the whole run, so a second run on the same folder stops at once.
+
+    The kernel drops the lock when the process ends, however it ends: a crash never leaves a stale
+    lock. Creating the lock file also proves the folder writable before anything is loaded.
+    """
+    def unwritable(e: OSError):
+        return UserError(f"cannot write to --out {out}: {e.strerror or _reason(e)}; choose a folder you can write to")
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".lock", "a+")  # append mode: a run that loses the race can still read the PID
+    except OSError as e:
+        raise unwritable(e) from None
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "unknown"
+                raise UserError(f"{out} is in use by another training run (PID {holder})") from None
+        try:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+        except OSError as e:  # a full disk, before anything was loaded
+            raise unwritable(e) from None
+        yield
+    finally:
+        lock.close()
+
+
+def _checkpoint_to_resume(ckpt_dir: Path) -> Path | None:
+    last = latest_complete_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+    if last is not None:
+        step = json.loads((last / "trainer_state.json").read_text()).get("global_step")
+        print(f"--resume: resuming from {last} (step {step})")
+    return last
+
+
+def _refuse_to_replace(out: Path, cfg: TrainConfig, last: Path | None):
+    """A finished model or an earlier run's checkpoints in `out` are only replaced on --overwrite.
+
+    Starting afresh over them would overwrite the model and mix the two runs' checkpoints, which
+    save_total_limit then deletes.
+    """
+    if cfg.overwrite or last is not None:  # resuming continues the run these files belong to
+        return
+    if (out / "finetune_phi.json").exists() or (out / "config.json").exists():
+        held = "a trained model"
+    elif any(p.is_dir() for p in (out / "checkpoints").glob("checkpoint-*")):
+        held = "checkpoints of an earlier run"
+    else:
+        return
+    if cfg.resume:
+        raise UserError(f"--resume: nothing in {out / 'checkpoints'} to resume from, and {out} holds {held}; "
+                        "use --overwrite to replace it")
+    raise UserError(f"{out} already holds {held}; use --resume to continue its run or --overwrite to replace it")
+
+
+def _clear_previous_run(out: Path):
+    """--overwrite: remove what training wrote there before, and nothing else (--out . is a folder of yours)."""
+    removed = []
+    for stale in (out / "checkpoints", out / "adapter", out / "finetune_phi.json"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        elif stale.exists():
+            stale.unlink()
+        else:
+            continue
+        removed.append(stale.name)
+    if removed:
+        print(f"--overwrite: removed {', '.join(removed)} from {out}")
+
+
+def _previous_run(mlflow, run_id: str):
+    """The MLflow run that wrote the checkpoints, or None when this tracking store does not know it."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.get_run(run_id)
+    except MlflowException:
+        print(f"--resume: MLflow run {run_id} is not in this tracking store; continuing in a new run")
+        return None
+
+
+@contextmanager
+def _writing(what: str, path: Path):
+    """A failed write (full disk, quota, a folder gone read-only) ends the run with one line saying so.
+
+    torch.save and safetensors report it as "basic_ios::clear: iostream error", "unexpected pos N vs M"
+    or "I/O error"; a RuntimeError that looks like none of those, with room on the disk, stays a bug.
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        free = _free_bytes(path)
+        io_like = isinstance(e, OSError) or any(s in str(e) for s in (
+            "iostream", "unexpected pos", "file write failed", "I/O error", "os error"))
+        if not io_like and (free is None or free > 64 * 2**20):
+            raise
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _reason(e)
+        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
+        raise UserError(f"could not write {what} to {path}: {reason}{room}; free disk space or choose another --out") from e
+
+
+def _free_bytes(path: Path) -> int | None:
+    for folder in (path, *path.parents):
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _explain_failed_checkpoint_writes(trainer):
+    """Checkpoints are written inside trainer.train(): wrap Trainer's one method that writes them."""
+    save = trainer._save_checkpoint
+
+    def save_checkpoint(model, trial, *args, **kwargs):
+        path = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        with _writing("checkpoint", path):
+            return save(model, trial, *args, **kwargs)
+
+    trainer._save_checkpoint = save_checkpoint
+
+
+def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
     from . import models, registry
 
-    cfg = cfg.resolved()
     start = time.time()
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     trainer, tok, stock_template = build_trainer(cfg, ckpt_dir, report_to=["mlflow"])
+    _explain_failed_checkpoint_writes(trainer)
     main = trainer.is_world_process_zero()  # rank 0 of several (torchrun), or the only process
 
-    last = latest_complete_checkpoint(ckpt_dir) if cfg.resume and ckpt_dir.is_dir() else None
-    if cfg.resume and last is None:
-        print(f"--resume: no complete checkpoint in {ckpt_dir}; starting from the base model")
     run_file = ckpt_dir / "mlflow_run_id"
     run_id = run_file.read_text().strip() if last and run_file.exists() else None
     mlflow = registry.setup() if main else None
-    with (mlflow.start_run(run_id=run_id) if main else nullcontext()) as run:
+    previous = _previous_run(mlflow, run_id) if main and run_id else None
+    # One MLflow run spans a crash: reopen the interrupted run. Never a FINISHED one: a run reopened
+    # is marked FAILED if this attempt crashes, so continuing a finished model is a new run.
+    reopen = run_id if previous and previous.info.status != "FINISHED" else None
+    with (mlflow.start_run(run_id=reopen) if main else nullcontext()) as run:
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             run_file.write_text(run.info.run_id)
         base_eval = None
-        if run_id is None:
+        if run_id is None:  # not on resume: the model then holds the checkpoint's weights, not the base's
             base_eval = base_loss_callback(trainer, (lambda loss: mlflow.log_metric("base_eval_loss", loss)) if main else None)
             trainer.add_callback(base_eval)
-            if main:
-                mlflow.log_params({f"finetune_phi.{k}": v for k, v in asdict(cfg).items() if k != "extra"})
+        base_loss = previous.data.metrics.get("base_eval_loss") if previous else None
+        if main and reopen is None:  # a new MLflow run
+            mlflow.log_params({f"finetune_phi.{k}": v for k, v in asdict(cfg).items() if k != "extra"})
+            if run_id:
+                mlflow.set_tag("finetune_phi.resumed_from_run", run_id)
+                if base_loss is not None:
+                    mlflow.log_metric("base_eval_loss", base_loss)
         trainer.train(resume_from_checkpoint=str(last) if last else None)
         if base_eval:
             base_loss = base_eval.loss
-        else:
-            base_loss = mlflow.get_run(run_id).data.metrics.get("base_eval_loss") if main else None
         eval_loss = trainer.evaluate()["eval_loss"]
         steps = trainer.state.global_step
         if not main:
@@ -290,9 +515,11 @@ def train(cfg: TrainConfig) -> TrainResult:
             model = model.merge_and_unload()  # a plain Phi3ForCausalLM the endpoint serves
         # the base's own stop ids plus the template's end of turn: plain generate() stops where the turn ends
         model.generation_config.eos_token_id = models.stop_token_ids(tok, model.generation_config)
-        model.save_pretrained(out)
+        with _writing("the model", out):
+            model.save_pretrained(out)
         tok.chat_template = stock_template  # the training markers were for the loss mask only
-        tok.save_pretrained(out)
+        with _writing("the model", out):
+            tok.save_pretrained(out)
         summary = {"base_model": cfg.base_model, "base_eval_loss": base_loss, "eval_loss": eval_loss,
                    "steps": steps, "mlflow_run_id": run.info.run_id}
         version = None
@@ -300,5 +527,6 @@ def train(cfg: TrainConfig) -> TrainResult:
             info = registry.log_model(out, cfg.registered_model or registry.REGISTERED_MODEL)
             version = str(info.registered_model_version)
             summary["registered_model"] = f"models:/{cfg.registered_model or registry.REGISTERED_MODEL}/{version}"
-        (out / "finetune_phi.json").write_text(json.dumps(summary, indent=2))
+        with _writing("the model", out):
+            (out / "finetune_phi.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(out, base_loss, eval_loss, steps, time.time() - start, run.info.run_id, version)
