@@ -11,8 +11,10 @@ Two ways, in order:
 """
 from __future__ import annotations
 
+from .errors import UserError
 
-class TemplateError(ValueError):
+
+class TemplateError(UserError, ValueError):
     """The chat template does not allow an assistant-only loss mask."""
 
 

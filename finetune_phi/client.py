@@ -100,9 +100,10 @@ def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: li
     if not isinstance(question, str) or not question.strip():
         raise EndpointError("question is empty")
     url = scoring_url(endpoint_url).removesuffix("/score") + "/v1/chat/completions"
-    defaults = GenerationParams()  # the same defaults as /score, not OpenAI's temperature 1.0
+    # /score's temperature, not OpenAI's 1.0; max_tokens is left to the endpoint, whose default
+    # follows its own --max-new-tokens-cap
     body = {"messages": history_to_messages(chat_history, question), "stream": True,
-            "temperature": defaults.temperature, "max_tokens": defaults.max_new_tokens, **(parameters or {})}
+            "temperature": GenerationParams().temperature, **(parameters or {})}
     if deployment:
         body["model"] = deployment
     try:

@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import UserError
+
 ROLES = ("system", "user", "assistant")
 ULTRACHAT_HUB_ID = "HuggingFaceH4/ultrachat_200k"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A bad input row or file; the message names the file and line."""
 
 

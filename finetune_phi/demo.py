@@ -23,10 +23,13 @@ QUESTION = "What is the capital of France?"
 
 # How the demo fine-tunes each kind of base within its budget (2 CPU cores). The tiny model starts
 # from random weights and needs many large steps; a real model needs one short LoRA epoch to take
-# on the sample's answers. Everything else comes from TrainConfig's defaults.
+# on the sample's answers. Everything else comes from TrainConfig's defaults. max_new_tokens caps
+# each answer at the endpoint: the sample's answers are one sentence, and a base model that rambles
+# on would spend the budget on text that only lowers its scores further.
 RECIPES = {
-    "tiny": dict(sample_size=600, train={}),
-    "real": dict(sample_size=400, train=dict(lora=True, lr=3e-4, batch_size=8, max_length=256, epochs=1)),
+    "tiny": dict(sample_size=600, max_new_tokens=128, train={}),
+    "real": dict(sample_size=200, max_new_tokens=64,
+                 train=dict(lora=True, lr=5e-4, batch_size=8, max_length=256, epochs=1)),
 }
 
 
@@ -114,7 +117,8 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     url = f"http://127.0.0.1:{port}"
     api_key, key_source = keys.get_or_create_key()
     serve_args = ["serve", "--deployment", f"base={base}", "--deployment", f"ft={registered}",
-                  "--traffic", "base=50", "--traffic", "ft=50", "--port", str(port)]
+                  "--traffic", "base=50", "--traffic", "ft=50", "--max-new-tokens-cap", str(recipe["max_new_tokens"]),
+                  "--port", str(port)]
     log = work / "serve.log"
     with log.open("w") as log_file:
         server = subprocess.Popen([sys.executable, "-m", "finetune_phi.cli", *serve_args],

@@ -13,13 +13,15 @@ import secrets
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 KEY_ENV = "FINETUNE_PHI_API_KEY"
 MIN_KEY_LENGTH = 16
 # What an Authorization header carries safely: printable ASCII without spaces.
 _KEY_CHARS = re.compile(r"[\x21-\x7e]+")
 
 
-class InvalidKeyError(ValueError):
+class InvalidKeyError(UserError, ValueError):
     """An API key that is empty or malformed; the server refuses to start with it."""
 
 

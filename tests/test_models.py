@@ -41,3 +41,38 @@ def test_tiny_around_the_real_phi3_tokenizer():
     assert tok.convert_tokens_to_ids("<|end|>") == 32007
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
     assert prompt == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+
+
+def test_user_mistakes_with_models_are_one_line(tmp_path, tiny_model):
+    import shutil
+    import subprocess
+
+    from conftest import BIN
+
+    def serve_model_error(spec):
+        from finetune_phi.models import load
+
+        with pytest.raises(models.ModelNotFound) as err:
+            load(spec)
+        return str(err.value)
+
+    (tmp_path / "models").mkdir()
+    assert "no such model folder" in serve_model_error(str(tmp_path / "models" / "ft-typo"))
+    # `models/ft-typo` looks like a hub id, but `models/` is a folder here: a local path was meant
+    import os
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert "no such model folder" in serve_model_error("models/ft-typo")
+    finally:
+        os.chdir(cwd)
+    assert "no such .gguf file" in serve_model_error(str(tmp_path / "x.gguf"))
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
+    assert "weights file is damaged or incomplete" in serve_model_error(str(broken))
+    done = subprocess.run([str(BIN / "finetune-phi"), "train", "--base-model", str(broken), "--out",
+                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "damaged or incomplete" in done.stderr and "Traceback" not in done.stderr
