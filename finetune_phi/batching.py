@@ -37,6 +37,8 @@ class Batcher:
         self.thread.start()
 
     def submit(self, row: Row) -> Future:
+        """Queue a row. Until its batch starts, `future.cancel()` withdraws it (and returns True);
+        after that the future is running and only `row.cancel` stops it, at the next token."""
         future: Future = Future()
         self.queue.put((future, row, time.monotonic()))
         return future
@@ -45,19 +47,28 @@ class Batcher:
         self.queue.put(None)
 
     def _collect(self) -> list | None:
-        first = self.queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        deadline = time.monotonic() + self.window
+        """The next batch: the first live request, then whatever else arrives within the window.
+        Requests withdrawn while queued are dropped here, so they take no place in a batch."""
+        batch, deadline = [], 0.0
         while len(batch) < self.max_batch_size:
-            try:  # take what is already waiting at once, then wait out the window for more
-                item = self.queue.get_nowait() if self.queue.qsize() else self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if item is None:
-                self.queue.put(None)
-                break
+            if not batch:
+                item = self.queue.get()
+            else:
+                try:  # take what is already waiting at once, then wait out the window for more
+                    item = self.queue.get_nowait() if self.queue.qsize() else self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+            if item is None:  # closed: finish this batch first
+                if batch:
+                    self.queue.put(None)
+                return batch or None
+            future, row, _ = item
+            if row.cancel.is_set():
+                future.cancel()  # abandoned while queued (client gone, timed out): nobody wants an answer
+            if future.cancelled():
+                continue
+            if not batch:
+                deadline = time.monotonic() + self.window
             batch.append(item)
         return batch
 
@@ -67,12 +78,10 @@ class Batcher:
             now = time.monotonic()
             for future, row, queued in batch:
                 if not future.set_running_or_notify_cancel():
-                    continue
+                    continue  # withdrawn by its caller (future.cancel()) just now
                 waited_ms = (now - queued) * 1000
-                if waited_ms > self.max_queue_wait_ms:
+                if waited_ms > self.max_queue_wait_ms:  # callers that do not watch the deadline themselves
                     future.set_exception(QueueTimeout(waited_ms, self.max_queue_wait_ms))
-                elif row.cancel.is_set():
-                    future.set_exception(TimeoutError("cancelled before it started"))
                 else:
                     ready.append((future, row))
             if not ready:

@@ -23,6 +23,52 @@ CHAT_FLOW = REPO / "flows" / "chat"
 EVAL_FLOW = REPO / "flows" / "eval"
 
 
+class CompareError(ValueError):
+    """compare cannot start (a deployment the endpoint lacks, an endpoint it cannot reach): one line for the user."""
+
+
+def endpoint_deployments(endpoint_url: str, api_key: str, timeout: float = 30) -> list[str] | None:
+    """The deployment names an endpoint lists at GET /v1/models; None if it has no such route (Azure
+    ML's scoring script answers 404 there), so the names cannot be checked up front."""
+    import urllib.error
+    import urllib.request
+
+    from .client import scoring_url
+
+    url = scoring_url(endpoint_url).removesuffix("/score") + "/v1/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return [model["id"] for model in json.loads(response.read())["data"]]
+    except urllib.error.HTTPError as e:
+        if e.code in (404, 405):
+            return None
+        hint = " (the connection's api_key is not this endpoint's key)" if e.code == 401 else ""
+        raise CompareError(f"GET {url} failed with HTTP {e.code} {e.reason}{hint}") from None
+    except (urllib.error.URLError, TimeoutError) as e:
+        raise CompareError(f"cannot reach endpoint {url}: {getattr(e, 'reason', e)}. Is it running? "
+                           "(start one with `finetune-phi serve`)") from None
+    except (ValueError, KeyError, TypeError):
+        return None  # something else answers there: leave the check to the runs
+
+
+def check_deployments(pf, sides: list[tuple[str, str | None]]):
+    """Before any batch run: each (deployment, connection) names a deployment on the endpoint that
+    connection points to. Otherwise a misspelt name costs a batch run whose every line fails, and
+    ends in Prompt flow's InvalidRunStatusError traceback."""
+    from .connection import CONNECTION_NAME
+
+    for deployment, connection in sides:
+        name = connection or CONNECTION_NAME  # the chat flow's default connection
+        conn = pf.connections.get(name, with_secrets=True, raise_error=False)  # None when there is none
+        if conn is None:
+            raise CompareError(f"no Prompt flow connection named {name!r}; create it with `finetune-phi connect`")
+        url = conn.configs["endpoint_url"]
+        have = endpoint_deployments(url, conn.secrets["api_key"])
+        if have is not None and deployment not in have:
+            raise CompareError(f"no deployment named {deployment!r} on {url}; it has {have}")
+
+
 @dataclass
 class Side:
     label: str  # what the table calls it: the deployment name
@@ -192,6 +238,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
             raise ValueError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
     name = name or f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
     pf = PFClient()
+    check_deployments(pf, [(base, base_connection), (candidate, candidate_connection)])
     sides = []
     for label, connection in ((base, base_connection), (candidate, candidate_connection)):
         chat_run, eval_run, seconds = run_side(pf, data, label, name, connection)

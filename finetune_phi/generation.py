@@ -34,18 +34,21 @@ class GenerationParams:
 
     @classmethod
     def parse(cls, raw: dict | None, cap: int = MAX_NEW_TOKENS_CAP, **defaults) -> "GenerationParams":
-        """Build from request params, checking types and ranges. Unknown keys are an error, not ignored."""
+        """Build from request params, checking types and ranges. Unknown keys are an error, not ignored;
+        a null value means the default (the OpenAI API allows null for every optional parameter)."""
         if raw is not None and not isinstance(raw, dict):
             raise ParamError(f"parameters must be a JSON object, got {type(raw).__name__}")
-        raw = dict(raw or {})
-        if "max_tokens" in raw and "max_new_tokens" not in raw:  # OpenAI's name
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw or {}) - known - {"max_tokens"})
+        if unknown:
+            raise ParamError(f"unknown parameter(s) {unknown}; supported: {sorted(known)}")
+        raw = {key: value for key, value in (raw or {}).items() if value is not None}
+        if "max_tokens" in raw:  # OpenAI's name
+            if "max_new_tokens" in raw:
+                raise ParamError("give max_new_tokens or max_tokens, not both")
             raw["max_new_tokens"] = raw.pop("max_tokens")
         p = cls(**defaults)
         p.max_new_tokens = min(p.max_new_tokens, cap)  # a server's lower cap lowers the default too
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ParamError(f"unknown parameter(s) {unknown}; supported: {sorted(known)}")
         for key, value in raw.items():
             setattr(p, key, value)
         if type(p.max_new_tokens) is not int or not 1 <= p.max_new_tokens <= cap:
@@ -57,8 +60,6 @@ class GenerationParams:
         for name in ("do_sample", "return_full_text"):
             if not isinstance(getattr(p, name), bool):
                 raise ParamError(f"{name} must be true or false, got {getattr(p, name)!r}")
-        if p.stop is None:
-            p.stop = []
         if isinstance(p.stop, str):
             p.stop = [p.stop]
         if not isinstance(p.stop, list) or not all(isinstance(s, str) and s for s in p.stop) or len(p.stop) > 4:

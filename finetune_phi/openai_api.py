@@ -30,19 +30,21 @@ def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict
         raise RequestError(400, "unsupported_parameter", f"{key}={value!r} is not supported by this endpoint")
     if payload.get("tools") or payload.get("functions"):
         raise RequestError(400, "unsupported_parameter", "tool/function calling is not supported by this endpoint")
-    raw = {"temperature": payload.get("temperature", 1.0), "top_p": payload.get("top_p", 1.0),
-           "stop": payload.get("stop") or []}
-    max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
-    if max_tokens is not None:
-        raw["max_new_tokens"] = max_tokens
+    # absent or null: the default (OpenAI's temperature is 1.0, not /score's 0.7)
+    max_tokens = payload.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = payload.get("max_tokens")
+    raw = {"temperature": payload.get("temperature"), "top_p": payload.get("top_p"),
+           "stop": payload.get("stop") or None, "max_new_tokens": max_tokens}
     try:
-        params = GenerationParams.parse(raw, cap=cap, return_full_text=False)
+        params = GenerationParams.parse(raw, cap=cap, return_full_text=False, temperature=1.0)
     except ParamError as e:
         raise RequestError(400, "invalid_parameter", str(e)) from None
     model = payload.get("model")
     if model is not None and not isinstance(model, str):
         raise RequestError(400, "invalid_request", "model must be a string (a deployment name)")
-    stream = payload.get("stream", False)
+    stream = payload.get("stream")
+    stream = False if stream is None else stream  # null: the default
     if not isinstance(stream, bool):
         raise RequestError(400, "invalid_request", "stream must be true or false")
     options = payload.get("stream_options") or {}

@@ -131,45 +131,72 @@ class Endpoint:
     def _timeout_error(self):
         return RequestError(503, "request_timeout", f"no answer within request_timeout_ms={self.limits.request_timeout_ms}")
 
+    async def _completion(self, deployment: Deployment, row: Row):
+        """One row's completion through the batcher; 408 once it has waited max_queue_wait_ms unstarted.
+
+        The deadline is kept here, not in the batcher: the batcher only looks at a row when a running
+        batch ends, which can be long after the deadline.
+        """
+        queued = deployment.batcher.submit(row)
+        answer = asyncio.wrap_future(queued)
+        answer.add_done_callback(_retrieved)
+        limit_ms = self.limits.max_queue_wait_ms
+        try:
+            done, _ = await asyncio.wait({answer}, timeout=limit_ms / 1000)
+            if not done and queued.cancel():  # still queued at the deadline: withdraw it (the batcher skips it)
+                raise RequestError(408, "queue_timeout", f"waited {limit_ms} ms in the queue without starting "
+                                                         f"(max_queue_wait_ms={limit_ms})")
+            return await answer  # started in time; the request timeout bounds the rest
+        except QueueTimeout as e:  # the batcher's own check, when it saw the row late at a batch start
+            raise RequestError(408, "queue_timeout", str(e)) from None
+        finally:  # refused, timed out or abandoned: free its queue place, or its batch slot at the next token
+            queued.cancel()
+            row.cancel.set()
+
     async def generate(self, deployment: Deployment, rows: list[Row]):
         """Completions for rows through the deployment's batcher, within the request limits."""
-        futures = [asyncio.wrap_future(deployment.batcher.submit(r)) for r in rows]
+        tasks = [asyncio.ensure_future(self._completion(deployment, r)) for r in rows]
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), self.limits.request_timeout_ms / 1000)
+            return await asyncio.wait_for(asyncio.gather(*tasks), self.limits.request_timeout_ms / 1000)
         except asyncio.TimeoutError:
             raise self._timeout_error() from None
-        except QueueTimeout as e:
-            raise RequestError(408, "queue_timeout", str(e)) from None
         finally:
-            for r in rows:  # a timed-out or abandoned request frees its batch slot at the next token
-                r.cancel.set()
+            for t in tasks:  # a row refused (408), timed out or abandoned: the request's other rows are not wanted
+                t.cancel()
 
     async def stream(self, deployment: Deployment, row: Row):
         """Text pieces of one completion as they are decoded, then the Completion itself."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
         row.on_text = lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)
-        future = asyncio.wrap_future(deployment.batcher.submit(row))
-        future.add_done_callback(lambda _: pieces.put_nowait(None))
+        task = asyncio.ensure_future(self._completion(deployment, row))
+        task.add_done_callback(_retrieved)
+        task.add_done_callback(lambda _: pieces.put_nowait(None))  # after every piece (same loop, FIFO)
         deadline = loop.time() + self.limits.request_timeout_ms / 1000
         try:
             while (piece := await asyncio.wait_for(pieces.get(), max(0.0, deadline - loop.time()))) is not None:
                 yield piece
-            try:
-                yield future.result()
-            except QueueTimeout as e:
-                raise RequestError(408, "queue_timeout", str(e)) from None
+            yield task.result()  # or its RequestError (408)
         except asyncio.TimeoutError:
             raise self._timeout_error() from None
         finally:
-            row.cancel.set()  # the client went away or the stream ended: stop decoding this row
+            task.cancel()  # the client went away or the stream ended: stop decoding this row
+
+
+def _retrieved(future: asyncio.Future):
+    """Done-callback: mark the outcome as seen. A stream whose client left never reads its future;
+    without this, each such error is logged as "Future exception was never retrieved". Whoever
+    still awaits the future gets the exception as usual."""
+    if not future.cancelled():
+        future.exception()
 
 
 def create_app(endpoint: Endpoint, load_in_background: bool = True):
-    from contextlib import asynccontextmanager
+    from contextlib import aclosing, asynccontextmanager
 
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
     from . import openai_api
     from .generation import Completion
@@ -198,23 +225,36 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
                              {"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
+    app.add_middleware(_BugsAsJSON, error=error)  # added last: it wraps auth and every route
+
     @app.exception_handler(RequestError)
     async def refused(request: Request, e: RequestError):
         return error(e.status, e.code, e.message, {"Retry-After": "1"} if e.status == 429 else None)
 
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, e: Exception):  # a bug must not leak a stack trace to the caller
-        log.error("unhandled error on %s: %s", request.url.path, type(e).__name__)
-        return error(500, "internal_error", "internal error; see the server log")
-
     async def json_body(request: Request):
-        body = await request.body()
-        if len(body) > endpoint.limits.max_body_bytes:
-            raise RequestError(413, "body_too_large", f"body has {len(body)} bytes; the limit is {endpoint.limits.max_body_bytes}")
+        limit = endpoint.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refuse before reading a byte of it
+            raise RequestError(413, "body_too_large", f"body has {int(declared)} bytes; the limit is {limit}")
+        body = bytearray()
         try:
-            return json.loads(body)
+            async for chunk in request.stream():  # a chunked body has no length up front: stop once past the limit
+                body += chunk
+                if len(body) > limit:
+                    raise RequestError(413, "body_too_large", f"body has more than {limit} bytes; the limit is {limit}")
+        except ClientDisconnect:  # the caller's doing, not a server bug; nobody is left to read the answer
+            raise RequestError(400, "incomplete_body",
+                               "the client closed the connection before the body ended") from None
+        try:
+            payload = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError(400, "invalid_json", "body is not valid JSON: nested too deeply") from None
+        if where := _invalid_text_at(payload):
+            raise RequestError(400, "invalid_json",
+                               f"{where} is not valid Unicode text: it holds a lone surrogate such as \\ud800")
+        return payload
 
     @app.get("/health")
     async def health():
@@ -269,13 +309,15 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
             writer = openai_api.ChunkWriter(deployment.name)
             try:
                 yield writer.chunk({"role": "assistant", "content": ""})
-                async for item in endpoint.stream(deployment, row):
-                    if isinstance(item, Completion):
-                        yield writer.chunk(finish_reason=item.finish_reason)
-                        if include_usage:
-                            yield writer.chunk(usage_body=openai_api.usage(item))
-                    else:
-                        yield writer.chunk({"content": item})
+                # aclosing: a client that leaves closes the inner stream at once, which stops decoding its row
+                async with aclosing(endpoint.stream(deployment, row)) as items:
+                    async for item in items:
+                        if isinstance(item, Completion):
+                            yield writer.chunk(finish_reason=item.finish_reason)
+                            if include_usage:
+                                yield writer.chunk(usage_body=openai_api.usage(item))
+                        else:
+                            yield writer.chunk({"content": item})
             except RequestError as e:  # headers are gone: report in the stream, as OpenAI does
                 yield f"data: {json.dumps(e.body())}\n\n"
             finally:
@@ -285,6 +327,60 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)
 
     return app
+
+
+class _BugsAsJSON:
+    """ASGI middleware: an unhandled exception (a bug) is logged once with its traceback, and the
+    caller gets a JSON 500 without it. Not an exception handler for Exception: Starlette re-raises
+    after those, so uvicorn would log the traceback a second time."""
+
+    def __init__(self, app, error):
+        self.app, self.error = app, error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:  # once a response has begun, uvicorn can only close the connection
+                await self.error(500, "internal_error", "internal error; see the server log")(scope, receive, send)
+
+
+def _invalid_text_at(payload) -> str | None:
+    """Where a parsed JSON body holds a string UTF-8 cannot encode (e.g. "messages[0].content"), else None.
+
+    JSON may escape a lone surrogate ("\\ud800"); Python decodes it into a str that no tokenizer takes.
+    A loop, not recursion: json.loads accepts bodies nested almost as deep as the recursion limit.
+    """
+    def valid(text: str) -> bool:
+        try:
+            text.encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            return False
+
+    stack = [(payload, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str) and not valid(value):
+            return path or "the body"
+        if isinstance(value, list):
+            stack += [(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        elif isinstance(value, dict):
+            for key, v in value.items():
+                if not valid(key):  # named by its parent: the key itself cannot go into a UTF-8 message
+                    return f"a key of {path or 'the body'}"
+                stack.append((v, f"{path}.{key}" if path else key))
+    return None
 
 
 def _once(fn):

@@ -1,0 +1,221 @@
+"""Issue 13, serving and compare: nothing lost, nothing leaked. Each probe replayed against a real server."""
+import http.client as httpclient
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import BIN, Server, http
+from test_serving import stream_request
+
+KEY = {"FINETUNE_PHI_API_KEY": "reliability-test-key"}
+QUEUE_WAIT_MS = 500
+BODY_LIMIT = 1000
+
+
+@pytest.fixture(scope="module")
+def strict(tiny_model, tmp_path_factory, test_root):
+    """A server with a short queue wait and a small body limit. Deployment `broken` is the tiny model
+    without its chat template: a chat request to it fails inside the server (a server-side bug)."""
+    broken = tmp_path_factory.mktemp("broken") / "model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    s = Server(["--deployment", f"only={tiny_model}", "--deployment", f"broken={broken}",
+                "--max-queue-wait-ms", str(QUEUE_WAIT_MS), "--max-body-bytes", str(BODY_LIMIT),
+                "--request-timeout-ms", "8000"], test_root / "serve-reliability.log", env=KEY)
+    yield s
+    s.stop()
+
+
+def open_stream(server: Server, body: dict):
+    conn, response = stream_request(server.url, server.key, body)
+    assert response.status == 200
+    return conn, response
+
+
+def events(response):
+    """The SSE events of a response as they arrive (each a dict; [DONE] ends it)."""
+    for line in response:
+        if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def has_content(event: dict) -> bool:
+    return any(c.get("delta", {}).get("content") for c in event.get("choices", []))
+
+
+LONG = {"model": "only", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1024, "temperature": 0}
+
+
+def test_a_queued_request_gets_its_408_at_the_queue_deadline_not_when_the_running_batch_ends(strict):
+    conn, response = open_stream(strict, LONG)
+    stream = events(response)
+    assert has_content(next(e for e in stream if has_content(e)))  # the long request is decoding: the model is busy
+    arrivals = []  # (time, event) of the long stream, read in the background as they come
+
+    def read():
+        try:
+            arrivals.extend((time.monotonic(), e) for e in stream)
+        except (OSError, ValueError, httpclient.HTTPException):
+            pass  # the test hung up
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        start = time.monotonic()
+        status, _, body = http("POST", strict.url + "/score", {"input_data": ["y"], "params": {"max_new_tokens": 2}},
+                               strict.auth(**{"azureml-model-deployment": "only"}))
+        refused = time.monotonic()
+        assert (status, body["error"]["code"]) == (408, "queue_timeout"), body
+        assert f"max_queue_wait_ms={QUEUE_WAIT_MS}" in body["error"]["message"]
+        assert QUEUE_WAIT_MS / 1000 * 0.9 <= refused - start < QUEUE_WAIT_MS / 1000 + 2.5
+        # the long request was still being decoded after the 408: the refusal did not wait for its batch
+        deadline = time.monotonic() + 10
+        while reader.is_alive() and time.monotonic() < deadline and not any(t > refused for t, _ in arrivals):
+            time.sleep(0.05)
+        assert any(t > refused and has_content(e) for t, e in arrivals)
+    finally:
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        reader.join(timeout=10)
+        conn.close()
+
+
+def raw_post(server: Server, headers: dict, chunks: list[bytes] = ()) -> tuple[int, dict]:
+    """Send a request's head (and some body chunks, but never the end of the body), then read the answer."""
+    host, port = server.url.removeprefix("http://").split(":")
+    conn = httpclient.HTTPConnection(host, int(port), timeout=10)  # a server waiting for the rest: timeout
+    try:
+        conn.putrequest("POST", "/score")
+        for name, value in {**server.auth(), **headers}.items():
+            conn.putheader(name, value)
+        conn.endheaders()
+        for chunk in chunks:
+            conn.send(chunk)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(strict):
+    # Content-Length says too much: 413 at once, without a byte of the body sent
+    status, body = raw_post(strict, {"Content-Length": str(50 * 1024 * 1024)})
+    assert (status, body["error"]["code"]) == (413, "body_too_large")
+    assert f"limit is {BODY_LIMIT}" in body["error"]["message"]
+
+    # chunked (no length up front): 413 as soon as the chunks pass the limit, the body still unfinished
+    piece = b"x" * 600
+    chunk = b"%x\r\n%s\r\n" % (len(piece), piece)
+    status, body = raw_post(strict, {"Transfer-Encoding": "chunked"}, [chunk, chunk])
+    assert (status, body["error"]["code"]) == (413, "body_too_large")
+    assert http("GET", strict.url + "/ready", headers=strict.auth())[0] == 200
+
+
+def test_a_client_that_hangs_up_mid_body_is_not_a_server_error(strict):
+    since = len(strict.log.read_text())
+    host, port = strict.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(f"POST /score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {strict.key}\r\n"
+                     "Content-Length: 500\r\n\r\n{\"input_data\": [".encode())
+        time.sleep(0.3)  # the server is reading the body when the client goes
+    assert http("GET", strict.url + "/ready", headers=strict.auth())[0] == 200
+    time.sleep(0.2)
+    log = new_log(strict, since)
+    assert "Traceback" not in log and "unhandled error" not in log, log[-2000:]
+
+
+def new_log(server: Server, since: int) -> str:
+    return server.log.read_text()[since:]
+
+
+@pytest.mark.parametrize("path, body, where", [
+    ("/score", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    ("/score", b'{"input_data": ["hi \\ud800"]}', "input_data[0] is not valid Unicode text"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff there"}]}',
+     "messages[0].content is not valid Unicode text"),
+    ("/score", b'{"input_data": ["hi"], "params": {"stop": ["\\ud800"]}}', "params.stop[0] is not valid Unicode text"),
+], ids=["deep-score", "deep-chat", "surrogate-prompt", "surrogate-message", "surrogate-stop"])
+def test_deep_json_and_lone_surrogates_are_the_callers_400(endpoint, path, body, where):
+    since = len(endpoint.log.read_text())
+    status, _, answer = http("POST", endpoint.url + path, body, endpoint.auth())
+    assert (status, answer["error"]["code"]) == (400, "invalid_json"), answer
+    assert where in answer["error"]["message"] and len(answer["error"]["message"]) < 200
+    assert "Traceback" not in new_log(endpoint, since)
+
+
+def test_a_server_bug_is_a_json_500_logged_once_with_its_traceback(strict):
+    since = len(strict.log.read_text())
+    status, _, answer = http("POST", strict.url + "/v1/chat/completions",
+                             {"model": "broken", "messages": [{"role": "user", "content": "hi"}]}, strict.auth())
+    assert status == 500
+    assert answer == {"error": {"code": "internal_error", "message": "internal error; see the server log"}}
+    time.sleep(0.2)  # the log line is written after the answer is sent
+    log = new_log(strict, since)
+    assert log.count("Traceback (most recent call last)") == 1  # once, in the line that names the request
+    assert "finetune_phi.serve: unhandled error on POST /v1/chat/completions\nTraceback (most recent call last)" in log
+    assert "chat_template is not set" in log  # the cause is in the log, not in the answer
+    assert http("GET", strict.url + "/ready", headers=strict.auth())[0] == 200
+
+
+def test_null_optional_parameters_mean_the_default(endpoint):
+    question = [{"role": "user", "content": "What is the capital of Peru?"}]
+    nulls = {"temperature": None, "top_p": None, "max_tokens": None, "max_completion_tokens": None, "stop": None,
+             "stream": None, "n": None, "seed": None, "user": None, "stream_options": None}
+    status, _, answer = http("POST", endpoint.url + "/v1/chat/completions",
+                             {"model": "ft", "messages": question, **nulls}, endpoint.auth())
+    assert status == 200 and answer["choices"][0]["message"]["content"], answer
+
+    # null next to a real value changes nothing: greedy answers are the same with and without the nulls
+    greedy = {"model": "ft", "messages": question, "temperature": 0, "max_tokens": 12}
+    plain = http("POST", endpoint.url + "/v1/chat/completions", greedy, endpoint.auth())[2]
+    with_nulls = http("POST", endpoint.url + "/v1/chat/completions",
+                      {**greedy, "top_p": None, "stop": None, "max_completion_tokens": None}, endpoint.auth())[2]
+    assert with_nulls["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert with_nulls["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] <= 12
+
+    score = {"input_data": {"input_string": question, "parameters": {"temperature": None, "max_new_tokens": None,
+                                                                    "top_p": None, "stop": None, "do_sample": None}}}
+    status, _, answer = http("POST", endpoint.url + "/score", score,
+                             endpoint.auth(**{"azureml-model-deployment": "ft"}))
+    assert status == 200 and answer["output"], answer
+
+
+def test_dropped_streams_leave_no_unretrieved_futures_and_the_server_ready(strict):
+    since = len(strict.log.read_text())
+    streams = [open_stream(strict, LONG) for _ in range(6)]  # one decodes, the others wait in the queue
+    first = next(e for e in events(streams[0][1]) if has_content(e))
+    assert has_content(first)
+    for conn, _ in streams:  # every client hangs up: the running row, and the queued ones
+        conn.sock.close()
+        conn.close()
+    # the server frees everything and serves again; queued rows of gone clients are not decoded
+    deadline, status = time.time() + 20, None
+    while time.time() < deadline and status != 200:
+        status = http("POST", strict.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                      strict.auth(**{"azureml-model-deployment": "only"}))[0]
+        time.sleep(0.2)
+    assert status == 200
+    for _ in range(3):  # asyncio reports an unretrieved exception when the future is collected: give it time
+        assert http("POST", strict.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                    strict.auth(**{"azureml-model-deployment": "only"}))[0] == 200
+    assert http("GET", strict.url + "/ready", headers=strict.auth())[0] == 200
+    log = new_log(strict, since)
+    assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
+
+
+def test_compare_with_a_misspelt_deployment_stops_before_any_run_with_one_line(connected, sample_data, tmp_path):
+    done = subprocess.run([str(BIN / "finetune-phi"), "compare", "--base", "base", "--candidate", "fx",
+                           "--data", str(sample_data / "eval.jsonl"), "--name", "misspelt",
+                           "--reports", str(tmp_path / "reports")], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.strip() == (f"finetune-phi compare: error: no deployment named 'fx' on {connected.url}/score; "
+                                   "it has ['base', 'ft']")
+    assert "pf run" not in done.stdout and not (tmp_path / "reports").exists()  # no batch run started
