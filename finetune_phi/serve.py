@@ -83,7 +83,7 @@ class Endpoint:
     def __init__(self, deployments: dict[str, str], traffic: dict[str, int], api_key: str, limits: Limits | None = None):
         self.deployments = {name: Deployment(name, spec) for name, spec in deployments.items()}
         self.traffic = traffic
-        self.api_key = api_key
+        self.api_key = keys.check_key(api_key, "the endpoint's configuration")  # never serve behind an empty key
         self.limits = limits or Limits()
         self.in_flight = 0
         self.load_error: str | None = None
