@@ -320,6 +320,18 @@ def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
+def final_eval_loss(trainer) -> float:
+    """Held-out loss of the trained model: the end-of-epoch evaluation's when it ran at the last
+    step (evaluating the same weights again costs as much as an epoch of a small data set on CPU)."""
+    state = trainer.state
+    for entry in reversed(state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == state.global_step:
+                return entry["eval_loss"]
+            break
+    return trainer.evaluate()["eval_loss"]
+
+
 def base_loss_callback(trainer, on_measured=None):
     """A callback measuring the untouched base model's held-out loss as training starts (all ranks).
 
@@ -532,7 +544,7 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
         trainer.train(resume_from_checkpoint=str(last) if last else None)
         if base_eval:
             base_loss = base_eval.loss
-        eval_loss = trainer.evaluate()["eval_loss"]
+        eval_loss = final_eval_loss(trainer)
         steps = trainer.state.global_step
         if not main:
             return TrainResult(out, base_loss, eval_loss, steps, time.time() - start, None, None)
