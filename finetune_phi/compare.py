@@ -201,7 +201,7 @@ def write_report(out: Path, name: str, rows: list[dict], base: Side, cand: Side,
     frame.to_csv(paths["csv"], index=False)
     chart(rows, base, cand, paths["png"])
     runs = (f"chat runs `{base.chat_run}`, `{cand.chat_run}`; eval runs `{base.eval_run}`, `{cand.eval_run}` "
-            f"(`pf run show-details --name ...`)")
+            + ("(`pf run show-details --name ...`)" if "/" not in base.chat_run else "(folders of the maf runner)"))
     paths["md"].write_text(f"# {name}: {cand.label} vs {base.label}\n\n```\n{text}\n```\n\n{runs}\n\n"
                            f"![metrics](compare.png)\n\nPer-line scores: `lines.csv` (worst regressions first).\n")
     worst = frame.head(10)
@@ -224,9 +224,10 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertic
 def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", name: str | None = None,
             base_model: str | None = None, candidate_model: str | None = None, test_file: str | None = None,
             base_connection: str | None = None, candidate_connection: str | None = None,
-            reports: str | Path = "reports", losses: dict | None = None) -> dict:
+            reports: str | Path = "reports", losses: dict | None = None, runner: str = "promptflow") -> dict:
     """Run both sides, print the table, write the report. `losses` ({"base", "candidate"}) may be
-    passed when already known (the demo has them from training) instead of giving the models."""
+    passed when already known (the demo has them from training) instead of giving the models.
+    runner="maf" runs the Agent Framework twins (flows/chat-maf, flows/eval-maf; see maf_runner) instead."""
     from promptflow.client import PFClient
 
     from .data import read_jsonl
@@ -241,8 +242,14 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
     check_deployments(pf, [(base, base_connection), (candidate, candidate_connection)])
     sides = []
     for label, connection in ((base, base_connection), (candidate, candidate_connection)):
-        chat_run, eval_run, seconds = run_side(pf, data, label, name, connection)
-        side = collect(pf, label, chat_run, eval_run, len(rows), seconds)
+        if runner == "maf":  # same rows, same client and metrics code, same Side: the same table and report
+            from .maf_runner import compare_side
+
+            side = compare_side(pf, data, label, name, connection, (Path(reports) / name / "maf-runs").resolve())
+            seconds = side.seconds
+        else:
+            chat_run, eval_run, seconds = run_side(pf, data, label, name, connection)
+            side = collect(pf, label, chat_run, eval_run, len(rows), seconds)
         print(f"  {label}: {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s), "
               f"{side.lines.count(None)} failed", flush=True)
         sides.append(side)
@@ -260,7 +267,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
     paths = write_report(Path(reports) / name, name, result_rows, base_side, cand_side, losses, frame)
     print("\n" + format_table(result_rows, base_side, cand_side, losses))
     print(f"\nreport: {paths['md']}  {paths['html']}  {paths['png']}  {paths['csv']}")
-    summary = {"name": name, "rows": result_rows, "losses": losses, "paths": {k: str(v) for k, v in paths.items()},
+    summary = {"name": name, "runner": runner, "rows": result_rows, "losses": losses, "paths": {k: str(v) for k, v in paths.items()},
                "runs": {s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds,
                                   "failed": s.lines.count(None)} for s in sides}}
     (Path(reports) / name / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,76 @@
+"""The chat flow (flows/chat) as a Microsoft Agent Framework workflow.
+
+    flows/chat/flow.dag.yaml                 this file
+    inputs: question, chat_history,   ->     InputsExecutor  (@handler on ChatInput)
+            deployment
+    python node `chat` (chat.py)      ->     ChatExecutor    (@handler: finetune_phi.client.chat_stream)
+    outputs: answer (is_chat_output)  ->     ctx.yield_output(answer), or one output per piece when streaming
+    connection finetune_phi_endpoint  ->     endpoint_url / api_key given to create_workflow()
+                                             (finetune_phi.maf_runner.endpoint() reads them from the
+                                             Prompt flow connection or FINETUNE_PHI_ENDPOINT_URL /
+                                             FINETUNE_PHI_API_KEY; never from a file in the repo)
+
+The call is the one the Prompt flow tool makes (same client, same /v1 streaming request, same
+defaults), so both flows give the same answer from a greedy endpoint. Run it with
+`python -m finetune_phi.maf_runner test|run|serve --flow flows/chat-maf` (README, "After Prompt flow").
+A workflow instance runs one input at a time: make one per row (create_workflow is cheap).
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
+from typing_extensions import Never
+
+from finetune_phi.client import EndpointError, chat_stream
+
+
+@dataclass
+class ChatInput:
+    """The chat flow's inputs; chat_history in Prompt flow's shape [{"inputs": {"question"}, "outputs": {"answer"}}]."""
+
+    question: str
+    chat_history: list = field(default_factory=list)
+    deployment: str = ""  # empty or "*": the endpoint's traffic split; a name pins that deployment
+
+
+class InputsExecutor(Executor):
+    """The flow's inputs: the same defaults and deployment rule as flows/chat."""
+
+    @handler
+    async def receive(self, chat_input: ChatInput, ctx: WorkflowContext[ChatInput]) -> None:
+        pinned = (chat_input.deployment or "").strip()
+        await ctx.send_message(ChatInput(chat_input.question, list(chat_input.chat_history or []),
+                                         "" if pinned == "*" else pinned))
+
+
+class ChatExecutor(Executor):
+    """The python node: the assistant's reply from the scoring endpoint (logic in finetune_phi.client)."""
+
+    def __init__(self, endpoint_url: str, api_key: str, stream: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self._endpoint_url, self._api_key, self._stream = endpoint_url, api_key, stream
+
+    @handler
+    async def chat(self, chat_input: ChatInput, ctx: WorkflowContext[Never, str]) -> None:
+        # The client is blocking (urllib): run it in a thread so rows of a batch overlap.
+        pieces = await asyncio.to_thread(chat_stream, self._endpoint_url, self._api_key, chat_input.question,
+                                         chat_input.chat_history, chat_input.deployment or None)
+        answer = []
+        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+            if self._stream:
+                await ctx.yield_output(piece)
+            answer.append(piece)
+        if not self._stream:
+            await ctx.yield_output("".join(answer))
+
+
+def create_workflow(endpoint_url: str, api_key: str, stream: bool = False):
+    """A fresh workflow. Not streaming: one output, the answer. Streaming: one output per piece."""
+    inputs = InputsExecutor(id="inputs")
+    chat = ChatExecutor(endpoint_url, api_key, stream=stream, id="chat")
+    return WorkflowBuilder(name="finetune_phi_chat", start_executor=inputs).add_edge(inputs, chat).build()
+
+
+__all__ = ["ChatInput", "create_workflow", "EndpointError"]

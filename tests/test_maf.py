@@ -1,0 +1,233 @@
+"""Microsoft Agent Framework twins (flows/chat-maf, flows/eval-maf) and `compare --runner maf`.
+
+The twins live in .venv-maf (`make maf`; agent-framework needs OpenTelemetry >= 1.39, promptflow 1.18.5
+breaks above 1.38), so they run here as that venv's python, against the suite's real endpoint.
+The endpoint samples at the client's temperature; the parity check needs greedy answers, so it goes
+through `Greedy`, a pass-through on 127.0.0.1 that sets temperature 0 on every request and forwards
+one request at a time (on a busy 2-core machine, 4 workers' requests would otherwise wait past the
+endpoint's max_queue_wait_ms and fail on one runner only) — both runners talk to the same greedy endpoint.
+"""
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, REPO, free_port, http
+from finetune_phi import compare
+from finetune_phi.client import chat_stream, history_to_messages
+from finetune_phi.data import read_jsonl
+from finetune_phi.metrics import METRICS
+
+MAF_PYTHON = Path(os.environ.get("FINETUNE_PHI_MAF_PYTHON") or REPO / ".venv-maf" / "bin" / "python")
+pytestmark = pytest.mark.skipif(not MAF_PYTHON.exists() and not os.environ.get("CI"),
+                                reason="no .venv-maf: `make maf` creates it (`make test` does)")
+
+
+def maf(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """python -m finetune_phi.maf_runner ARGS in .venv-maf."""
+    return subprocess.run([str(MAF_PYTHON), "-m", "finetune_phi.maf_runner", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+class Greedy:
+    """A pass-through to the endpoint that makes every generation greedy (temperature 0) and records bodies."""
+
+    def __init__(self, target: str):
+        proxy = self
+        self.bodies: list[dict] = []
+        one_at_a_time = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, data: bytes | None):
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type", "azureml-model-deployment", "accept")}
+                request = urllib.request.Request(target + self.path, data=data, headers=headers, method=self.command)
+                with one_at_a_time:
+                    try:
+                        with urllib.request.urlopen(request, timeout=120) as r:
+                            status, ctype, raw = r.status, r.headers.get("Content-Type"), r.read()
+                    except urllib.error.HTTPError as e:
+                        status, ctype, raw = e.code, e.headers.get("Content-Type"), e.read()
+                self.send_response(status)
+                self.send_header("Content-Type", ctype or "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_GET(self):
+                self._forward(None)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path.startswith("/v1/chat/completions"):
+                    body["temperature"] = 0
+                elif isinstance(body.get("input_data"), dict):
+                    body["input_data"].setdefault("parameters", {})["temperature"] = 0
+                proxy.bodies.append(body)
+                self._forward(json.dumps(body).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def greedy(connected):
+    """The greedy pass-through and a Prompt flow connection `greedy_endpoint` to it (the endpoint's key)."""
+    from finetune_phi.connection import connect
+
+    proxy = Greedy(connected.url)
+    connect(proxy.url + "/score", connected.key, name="greedy_endpoint")
+    yield proxy
+    proxy.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def greedy_env(greedy, connected) -> dict:
+    return {"FINETUNE_PHI_ENDPOINT_URL": greedy.url + "/score", "FINETUNE_PHI_API_KEY": connected.key}
+
+
+def test_chat_twin_answers_with_history_and_streams(greedy, greedy_env, connected):
+    history = [{"inputs": {"question": "What is the capital of France?"}, "outputs": {"answer": "Paris."}}]
+    question = "What is the opposite of hot?"
+    script = f"""
+import asyncio, json, os
+from finetune_phi.maf_runner import CHAT_FLOW, endpoint, load_flow
+flow = load_flow(CHAT_FLOW)
+url, key = endpoint()
+chat_input = flow.ChatInput({question!r}, {history!r}, "ft")
+answer = asyncio.run(flow.create_workflow(url, key).run(chat_input)).get_outputs()
+async def stream():
+    return [e.data async for e in flow.create_workflow(url, key, stream=True).run(chat_input, stream=True) if e.type == "output"]
+print(json.dumps({{"answer": answer, "pieces": asyncio.run(stream())}}))
+"""
+    done = subprocess.run([str(MAF_PYTHON), "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **greedy_env})
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert greedy.bodies[-1]["messages"] == history_to_messages(history, question)  # the history reached the endpoint
+    assert greedy.bodies[-1]["model"] == "ft"
+    expected = "".join(chat_stream(greedy.url + "/score", connected.key, question, history, "ft"))
+    assert expected.strip() and got["answer"] == [expected]  # what the Prompt flow tool's call answers, greedy
+    assert len(got["pieces"]) > 1 and "".join(got["pieces"]) == expected  # streamed piece by piece
+
+
+def test_chat_twin_reads_the_prompt_flow_connection_and_reports_endpoint_errors(connected, greedy_env):
+    # no env vars: the connection `finetune-phi connect` made, read through the main venv's promptflow
+    done = maf("test", "--question", "What is the capital of France?", "--deployment", "ft")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["answer"].strip()
+    bad = maf("test", "--question", "hi", env={**greedy_env, "FINETUNE_PHI_API_KEY": "x" * 32})
+    assert bad.returncode == 2 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr
+    assert "x" * 32 not in bad.stderr
+
+
+def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(tmp_path, pf_home):
+    from promptflow.client import PFClient
+
+    rows = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
+            {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
+            {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
+            {"question": "q4", "ground_truth": "", "answer": "no reference to score against"},
+            {"question": "q5", "ground_truth": "東京 は 首都 です", "answer": "東京 は 首都"}]
+    data = tmp_path / "answers.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    pf = PFClient()
+    run = pf.run(flow=str(REPO / "flows" / "eval"), data=str(data), name=f"eval_pf_{tmp_path.name}", stream=False,
+                 column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
+                                 "answer": "${data.answer}"})
+    logged = pf.get_metrics(run.name)
+    runs = tmp_path / "runs"
+    done = maf("run", "--flow", "flows/eval-maf", "--data", str(data), "--name", "eval_maf", "--runs-dir", str(runs))
+    assert done.returncode == 0, done.stderr[-3000:]
+    shown = maf("show-metrics", "--name", "eval_maf", "--runs-dir", str(runs))
+    metrics = json.loads(shown.stdout)
+    assert metrics["lines_scored"] == 4 and metrics["lines_failed"] == 1
+    assert set(metrics) == set(logged) and all(metrics[k] == logged[k] for k in logged), (metrics, logged)
+    details = pf.get_details(run.name)
+    twin = [json.loads(line) for line in (runs / "eval_maf" / "outputs.jsonl").read_text().splitlines()]
+    for (_, row), line in zip(details.iterrows(), twin):
+        # pf.get_details reads outputs with pandas' read_json, whose float parser keeps ~10 digits (0.33333333330000003)
+        assert all(row[f"outputs.{m}"] == pytest.approx(line[m], rel=0, abs=1e-9) for m in METRICS)
+        assert row["outputs.failed"] == line["failed"]
+
+
+def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, sample_data, tmp_path, capsys):
+    rows = read_jsonl(sample_data / "eval.jsonl")[:6]
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    conns = ["--base-connection", "greedy_endpoint", "--candidate-connection", "greedy_endpoint"]
+    seconds, summaries = {}, {}
+    for runner in ("promptflow", "maf"):
+        t = time.time()
+        done = subprocess.run([str(BIN / "finetune-phi"), "compare", "--runner", runner, "--base", "base",
+                               "--candidate", "ft", "--data", str(data), "--name", f"parity_{runner}",
+                               "--reports", str(tmp_path / runner), *conns], capture_output=True, text=True, timeout=600)
+        seconds[runner] = time.time() - t
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        summaries[runner] = json.loads((tmp_path / runner / f"parity_{runner}" / "summary.json").read_text())
+    import numpy as np
+    import pandas as pd
+
+    answers = ["answer_base", "answer_ft"]
+    pf_lines, maf_lines = (pd.read_csv(tmp_path / r / f"parity_{r}" / "lines.csv", keep_default_na=False,
+                                       dtype={a: str for a in answers}).sort_values("line").reset_index(drop=True)
+                           for r in ("promptflow", "maf"))  # lines.csv puts worst regressions first: back in line order
+    same_answers = int((pf_lines[answers] == maf_lines[answers]).all(axis=1).sum())
+    metric_cols = [f"{m}_{side}" for m in METRICS for side in ("base", "ft")]
+    # the pf runner reads scores through pf.get_details, i.e. pandas' read_json: ~10 digits (0.33333333330000003)
+    same_scores = int(np.isclose(pf_lines[metric_cols], maf_lines[metric_cols], rtol=0, atol=1e-9).all(axis=1).sum())
+    exact_scores = int((pf_lines[metric_cols] == maf_lines[metric_cols]).all(axis=1).sum())
+    with capsys.disabled():
+        print(f"\nparity on {len(rows)} rows x 2 deployments: {same_answers}/{len(rows)} rows with identical answers, "
+              f"{same_scores}/{len(rows)} with equal scores (to 1e-9; {exact_scores} to the last bit); compare took promptflow {seconds['promptflow']:.1f} s, "
+              f"maf {seconds['maf']:.1f} s (chat runs: pf {[round(r['seconds'], 1) for r in summaries['promptflow']['runs'].values()]}"
+              f" s, maf {[round(r['seconds'], 1) for r in summaries['maf']['runs'].values()]} s)")
+    assert all(a.strip() for a in pf_lines[answers].to_numpy().ravel())  # every row answered on both sides
+    assert same_answers == len(rows) and same_scores == len(rows)
+    for pf_row, maf_row in zip(summaries["promptflow"]["rows"], summaries["maf"]["rows"]):  # the same table
+        assert pf_row["metric"] == maf_row["metric"]
+        assert all(pf_row[k] == pytest.approx(maf_row[k], rel=0, abs=1e-9) for k in pf_row if k != "metric")
+    report = (tmp_path / "maf" / "parity_maf" / "compare.md").read_text()
+    assert "f1_score" in report and "maf-runs" in report and "pf run show-details" not in report
+
+
+def test_serve_twin_answers_and_streams_like_pf_flow_serve(greedy, greedy_env, connected, tmp_path):
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([str(MAF_PYTHON), "-m", "finetune_phi.maf_runner", "serve", "--port", str(port)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **greedy_env}, cwd=REPO)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if http("GET", url + "/health", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        body = {"question": "What is the opposite of hot?", "chat_history": [], "deployment": "ft"}
+        status, _, answer = http("POST", url + "/score", body, {"Content-Type": "application/json"})
+        assert status == 200 and answer["answer"].strip()
+        assert answer["answer"] == "".join(chat_stream(greedy.url + "/score", connected.key, body["question"], [], "ft"))
+        req = urllib.request.Request(url + "/score", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.headers["Content-Type"] == "text/event-stream"
+            pieces = [json.loads(line[6:])["answer"] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+        assert len(pieces) > 1 and "".join(pieces) == answer["answer"]
+        assert http("POST", url + "/score", {"chat_history": []}, {"Content-Type": "application/json"})[0] == 400
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
