@@ -19,6 +19,21 @@ def _offline_env():
             os.environ.setdefault(var, "1")
 
 
+MODEL_COMMANDS = ("train", "serve", "demo", "compare", "tiny")
+
+
+def _quiet_libraries():
+    """Commands that load models show their own progress (one bar for training, a line per stage):
+    transformers' per-file bars (loading weights, writing shards, converting GGUF) and a deprecation
+    warning raised inside peft/TRL on every run would only bury it."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
 def cmd_data(args):
     from .data import prepare
 
@@ -86,6 +101,10 @@ def _azure_settings(args):
 
 
 def cmd_train(args):
+    from .models import DEFAULT_HUB_MODEL
+
+    if args.base_model is None:  # Azure's GPUs get the tutorial's Phi-3; a laptop the quick tiny model
+        args.base_model = DEFAULT_HUB_MODEL if args.target == "azure" else "tiny"
     if args.target == "azure":
         from pathlib import Path
 
@@ -184,7 +203,7 @@ def cmd_compare(args):
 def cmd_demo(args):
     from .demo import run_demo
 
-    run_demo(args.workdir, port=args.port, tokenizer=args.tokenizer, epochs=args.epochs)
+    run_demo(args.workdir, port=args.port, base_model=args.base_model, tokenizer=args.tokenizer, epochs=args.epochs)
 
 
 def _add_azure_flags(p, identity: bool = False):
@@ -221,8 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tiny)
 
     tr = sub.add_parser("train", help="fine-tune with TRL SFT, log to MLflow and register", formatter_class=fmt)
-    tr.add_argument("--base-model", default="tiny",
-                    help="'tiny', a hub id such as microsoft/Phi-3-mini-4k-instruct, a folder, or models:/NAME/VERSION")
+    tr.add_argument("--base-model", default=None,
+                    help="smollm2-135m (the real SmolLM2-135M-Instruct, offline), tiny (random weights, for quick "
+                         "checks), a hub id such as microsoft/Phi-3-mini-4k-instruct, a folder, a .gguf file, or "
+                         "models:/NAME/VERSION (default: tiny locally, microsoft/Phi-3-mini-4k-instruct with --target azure)")
     tr.add_argument("--tokenizer", default=None, help="with --base-model tiny: use this real Phi-3 tokenizer folder")
     tr.add_argument("--data", default="data", help="folder with train.jsonl and test.jsonl")
     tr.add_argument("--train-file", default=None, help="overrides DATA/train.jsonl")
@@ -336,10 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "twins flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
     k.set_defaults(func=cmd_compare)
 
-    m = sub.add_parser("demo", help="the whole loop offline on the tiny model", formatter_class=fmt)
+    m = sub.add_parser("demo", help="the whole loop offline on a real model (SmolLM2-135M-Instruct)", formatter_class=fmt)
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
+    m.add_argument("--base-model", default="smollm2-135m",
+                   help="base to fine-tune: smollm2-135m (real weights, several minutes on 2 cores) or tiny (random weights, ~1 min)")
     m.add_argument("--port", type=int, default=5000, help="endpoint port (a free one if taken)")
-    m.add_argument("--tokenizer", default=None, help="build the tiny model around this real Phi-3 tokenizer folder")
+    m.add_argument("--tokenizer", default=None, help="with --base-model tiny: build it around this real Phi-3 tokenizer folder")
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)
     return p
@@ -349,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     _offline_env()
+    if args.command in MODEL_COMMANDS:
+        _quiet_libraries()
     if args.command == "train" and args.nproc > 1 and args.target == "local" and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(argv, args.nproc)
     try:

@@ -13,6 +13,7 @@ import base64
 import html
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,20 +81,40 @@ class Side:
     metrics: dict  # what the eval run logged
 
 
+@contextmanager
+def pf_console_quiet():
+    """Prompt flow's INFO lines (run submitted, log path, worker start and stop) stay in each run's own
+    log file (`pf run show-details`, ~/.promptflow/.runs/<run>/logs.txt); on the console they would
+    bury the lines this command prints. Warnings and errors still show."""
+    import logging
+
+    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(("promptflow", "execution"))]
+    loggers = [logging.getLogger(n) for n in ["promptflow", *names]]
+    saved = [(logger, logger.level) for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
 def run_side(pf, data: Path, deployment: str, name: str, connection: str | None) -> tuple[str, str, float]:
     """The chat run and the eval run over it; returns their names and the chat run's wall time."""
     chat_run, eval_run = f"{name}_chat_{deployment}", f"{name}_eval_{deployment}"
     t = time.time()
     print(f"  pf run {chat_run}: chat flow over {data} with deployment={deployment}", flush=True)
-    pf.run(flow=str(CHAT_FLOW), data=str(data), name=chat_run, stream=False,
-           column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
-                           "deployment": deployment},
-           connections={"chat": {"connection": connection}} if connection else None)
-    seconds = time.time() - t
-    print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
-    pf.run(flow=str(EVAL_FLOW), data=str(data), run=chat_run, name=eval_run, stream=False,
-           column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
-                           "answer": "${run.outputs.answer}"})
+    with pf_console_quiet():
+        pf.run(flow=str(CHAT_FLOW), data=str(data), name=chat_run, stream=False,
+               column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
+                               "deployment": deployment},
+               connections={"chat": {"connection": connection}} if connection else None)
+        seconds = time.time() - t
+        print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
+        pf.run(flow=str(EVAL_FLOW), data=str(data), run=chat_run, name=eval_run, stream=False,
+               column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
+                               "answer": "${run.outputs.answer}"})
     return chat_run, eval_run, seconds
 
 
