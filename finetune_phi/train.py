@@ -112,13 +112,14 @@ def load_conversations(path: str, tok=None, end_of_turn: str | None = None):
 def loss_progress_bar():
     """One progress bar for training with the latest loss and an ETA, in place of Trainer's bar, its
     evaluation bars and its raw log dicts (the numbers all reach MLflow anyway)."""
-    from tqdm.auto import tqdm
     from transformers import TrainerCallback
 
     class LossProgressBar(TrainerCallback):
         bar = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            from tqdm.auto import tqdm
+
             if state.is_world_process_zero:
                 self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="fine-tuning", unit="step",
                                 dynamic_ncols=True)
@@ -134,6 +135,9 @@ def loss_progress_bar():
                     self.bar.set_postfix(shown)
 
         def on_train_end(self, args, state, control, **kwargs):
+            self.close_bar()
+
+        def close_bar(self):
             if self.bar is not None:
                 self.bar.close()
                 self.bar = None
@@ -541,7 +545,12 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
                 mlflow.set_tag("finetune_phi.resumed_from_run", run_id)
                 if base_loss is not None:
                     mlflow.log_metric("base_eval_loss", base_loss)
-        trainer.train(resume_from_checkpoint=str(last) if last else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(last) if last else None)
+        finally:  # Trainer skips on_train_end when it fails: end the bar's line before any error line
+            for callback in trainer.callback_handler.callbacks:
+                if hasattr(callback, "close_bar"):
+                    callback.close_bar()
         if base_eval:
             base_loss = base_eval.loss
         eval_loss = final_eval_loss(trainer)
