@@ -39,8 +39,10 @@ $(MAF_VENV)/.installed: $(VENV)/.installed flows/chat-maf/requirements.txt flows
 	$(MAF_VENV)/bin/python -c "import agent_framework, finetune_phi.client, finetune_phi.metrics"
 	touch $@
 
+# DEMO_ARGS="--base-model tiny": the same loop on the random tiny model in about a minute
+DEMO_ARGS ?=
 demo: install
-	$(BIN)/finetune-phi demo --workdir demo
+	$(BIN)/finetune-phi demo --workdir demo $(DEMO_ARGS)
 
 test: install maf
 	$(BIN)/python -m pytest
