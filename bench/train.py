@@ -66,7 +66,7 @@ def run_one(args, name: str) -> dict:
                       lr=1e-3, batch_size=args.batch_size, max_length=args.max_length, lora=spec.get("lora", False),
                       packing=spec.get("packing", False), extra=extra).resolved()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, tmp, report_to=[])
+        trainer, _ = build_trainer(cfg, tmp, report_to=[])
         pad = total = 0
         loader = trainer.get_train_dataloader()
         for i, batch in enumerate(loader):  # the same batches training sees (seeded sampler)

@@ -146,7 +146,7 @@ def loss_progress_bar():
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]):
-    """(trainer, tokenizer, stock chat template) for a resolved config: the one place SFT is set up.
+    """(trainer, tokenizer) for a resolved config: the one place SFT is set up.
 
     Training and loss-only evaluation both come through here, so a held-out loss measured later
     (`finetune-phi compare`) is computed exactly as the training run computed it.
@@ -160,7 +160,6 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     on_gpu = torch.cuda.is_available()
     base_path = models.resolve(cfg.base_model, cfg.tokenizer)
     tok = AutoTokenizer.from_pretrained(base_path)
-    stock_template = tok.chat_template
     # Loss on assistant tokens: through TRL's training template when it has one for this template
     # (TRL swaps it in itself), else through a mask derived from the template (pre-tokenized rows).
     derive_mask = cfg.loss_on == "assistant" and assistant_mask.trl_training_template(tok) is None
@@ -231,7 +230,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     for noisy in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(noisy)
     trainer.add_callback(loss_progress_bar())
-    return trainer, tok, stock_template
+    return trainer, tok
 
 
 def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batch_size: int = 16) -> float:
@@ -245,7 +244,7 @@ def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batc
     cfg = TrainConfig(base_model=model, train_file=eval_file, eval_file=eval_file, max_length=max_length,
                       batch_size=batch_size).resolved()
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _, _ = build_trainer(cfg, tmp, report_to=[])
+        trainer, _ = build_trainer(cfg, tmp, report_to=[])
         return trainer.evaluate()["eval_loss"]
 
 
@@ -519,7 +518,7 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
     start = time.time()
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
-    trainer, tok, stock_template = build_trainer(cfg, ckpt_dir, report_to=["mlflow"])
+    trainer, tok = build_trainer(cfg, ckpt_dir, report_to=["mlflow"])
     _explain_failed_checkpoint_writes(trainer)
     main = trainer.is_world_process_zero()  # rank 0 of several (torchrun), or the only process
 
@@ -575,9 +574,7 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
         model.generation_config.eos_token_id = models.stop_token_ids(tok, model.generation_config)
         with _writing("the model", out):
             model.save_pretrained(out)
-        tok.chat_template = stock_template  # the training markers were for the loss mask only
-        with _writing("the model", out):
-            tok.save_pretrained(out)
+            tok.save_pretrained(out)  # the stock template: TRL keeps its training template to itself
         summary = {"base_model": cfg.base_model, "base_eval_loss": base_loss, "eval_loss": eval_loss,
                    "steps": steps, "mlflow_run_id": run.info.run_id}
         version = None
