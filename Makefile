@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install maf demo test clean
+.PHONY: install maf azmlinfsrv demo test clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -39,12 +39,32 @@ $(MAF_VENV)/.installed: $(VENV)/.installed flows/chat-maf/requirements.txt flows
 	$(MAF_VENV)/bin/python -c "import agent_framework, finetune_phi.client, finetune_phi.metrics"
 	touch $@
 
+# Azure's own inference server (azmlinfsrv) running deploy/score.py, as a managed online deployment
+# does, in a venv of its own with deploy/conda.yml's pip pins: that file is the one place they live,
+# the list below is read from it. torch goes first, alone, so the CPU wheel (TORCH_INDEX) is the one
+# used. The project is not installed: score.py imports finetune_phi from the code snapshot (the repo).
+AZML_VENV ?= .venv-azml
+azmlinfsrv: $(AZML_VENV)/.installed
+
+$(AZML_VENV)/.installed: $(VENV)/.installed deploy/conda.yml
+	$(PYTHON) -m venv $(AZML_VENV)
+	echo '*' > $(AZML_VENV)/.gitignore
+	$(AZML_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import yaml; deps = yaml.safe_load(open('deploy/conda.yml'))['dependencies']; \
+		print(*next(d['pip'] for d in deps if isinstance(d, dict)), sep='\n')" > $(AZML_VENV)/requirements.txt
+	$(AZML_VENV)/bin/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		"$$(grep '^torch==' $(AZML_VENV)/requirements.txt)"
+	$(AZML_VENV)/bin/python -m pip install -q -r $(AZML_VENV)/requirements.txt
+	$(AZML_VENV)/bin/python -m pip check
+	$(AZML_VENV)/bin/python -c "import azureml_inference_server_http, torch, transformers"
+	touch $@
+
 # DEMO_ARGS="--base-model tiny": the same loop on the random tiny model in about a minute
 DEMO_ARGS ?=
 demo: install
 	$(BIN)/finetune-phi demo --workdir demo $(DEMO_ARGS)
 
-test: install maf
+test: install maf azmlinfsrv
 	$(BIN)/python -m pytest
 
 clean:

@@ -41,6 +41,8 @@ def handle(raw_data) -> tuple[int, object]:
             payload = json.loads(raw_data) if isinstance(raw_data, (str, bytes)) else raw_data
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RequestError(400, "invalid_json", f"body is not valid JSON: {e}") from None
+        except RecursionError:  # as the local server answers it; uncaught, the inference server makes it a 500
+            raise RequestError(400, "invalid_json", "body is not valid JSON: nested too deeply") from None
         shape, inputs, params = parse_score_request(payload)
         return 200, run_score(generator, shape, inputs, params)
     except RequestError as e:
@@ -48,7 +50,10 @@ def handle(raw_data) -> tuple[int, object]:
 
 
 def run(raw_data):
+    """The server JSON-encodes what run() returns as the 200 body; a refusal needs its own status, so it
+    goes back as an AMLResponse. json_str=True means "json.dumps this object" (aml_response.py), so the
+    body goes in as the dict itself: the same {"error": {"code", "message"}} object `finetune-phi serve` sends."""
     from azureml_inference_server_http.api.aml_response import AMLResponse  # the inference server provides it
 
     status, body = handle(raw_data)
-    return body if status == 200 else AMLResponse(json.dumps(body), status, json_str=True)
+    return body if status == 200 else AMLResponse(body, status, json_str=True)

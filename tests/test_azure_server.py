@@ -1,0 +1,102 @@
+"""deploy/score.py under Azure's own inference server (`azmlinfsrv`, azureml-inference-server-http from
+deploy/conda.yml's pins, in .venv-azml: `make azmlinfsrv`), as a managed online deployment runs it.
+
+The model folder sits one level below AZUREML_MODEL_DIR, where Azure mounts a registered model.
+"""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, free_port, http
+from test_real_model import plain_generate  # what transformers alone makes of the folder, greedy
+
+AZMLINFSRV = REPO / ".venv-azml" / "bin" / "azmlinfsrv"
+QUESTION = "Write one sentence about the sea."
+NEW_TOKENS = 24
+JSON = {"Content-Type": "application/json"}
+
+pytestmark = pytest.mark.skipif(not AZMLINFSRV.exists(),
+                                reason=f"{AZMLINFSRV.relative_to(REPO)} is absent: `make azmlinfsrv` builds it")
+
+
+@pytest.fixture(scope="module")
+def azml(tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("azml")
+    (root / "model-dir").mkdir()
+    (root / "model-dir" / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    port = free_port()
+    log = root / "azmlinfsrv.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([str(AZMLINFSRV), "--entry_script", str(REPO / "deploy" / "score.py"), "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                env={**os.environ, "AZUREML_MODEL_DIR": str(root / "model-dir")})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:  # GET / is the server's health probe; init() has run once it answers
+            assert proc.poll() is None, f"azmlinfsrv exited {proc.returncode}: {log.read_text()[-4000:]}"
+            assert time.time() < deadline, f"azmlinfsrv not answering: {log.read_text()[-4000:]}"
+            try:
+                if http("GET", url + "/", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        yield url, log
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_both_score_shapes_answer_greedy_generate_text(azml, tiny_model):
+    url, _ = azml
+    expected, _ = plain_generate(tiny_model, QUESTION, NEW_TOKENS)
+    messages = [{"role": "user", "content": QUESTION}]
+    status, headers, chat = http("POST", url + "/score",
+                                 {"input_data": {"input_string": messages,
+                                                 "parameters": {"temperature": 0, "max_new_tokens": NEW_TOKENS}}}, JSON)
+    assert status == 200 and headers["Content-Type"] == "application/json", chat
+    assert chat == {"output": expected.strip()}
+
+    from transformers import AutoTokenizer
+
+    prompt = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+    status, headers, text = http("POST", url + "/score",
+                                 {"input_data": [prompt, prompt],
+                                  "params": {"temperature": 0, "max_new_tokens": NEW_TOKENS, "return_full_text": False}},
+                                 JSON)
+    assert status == 200 and headers["Content-Type"] == "application/json", text
+    assert text == [expected.strip(), expected.strip()]
+    status, _, full = http("POST", url + "/score", {"input_data": [prompt], "params": {"temperature": 0,
+                                                                                   "max_new_tokens": NEW_TOKENS}}, JSON)
+    assert status == 200 and isinstance(full, list) and full[0].startswith(prompt)  # return_full_text by default
+
+
+@pytest.mark.parametrize("body, code", [
+    (b"{oops", "invalid_json"),
+    (b"[" * 100_000, "invalid_json"),
+    ({"input_data": ["Hi"], "params": {"temprature": 0.5}}, "invalid_parameter"),
+    ({"input_data": ["Hi"], "params": {"max_new_tokens": 0}}, "invalid_parameter"),
+    ({"input_data": {"input_string": [{"role": "user", "content": "Hi"}],
+                     "parameters": {"max_new_tokens": 100000}}}, "invalid_parameter"),
+    ({"inputs": ["Hi"]}, "invalid_request"),
+], ids=["invalid-json", "nested-too-deeply", "unknown-parameter", "max-new-tokens-0", "max-new-tokens-too-big", "no-input-data"])
+def test_refusals_are_the_local_servers_error_object(azml, body, code):
+    """The object `finetune-phi serve` sends, not a JSON string holding it, and no traceback in the log."""
+    url, log = azml
+    before = log.read_text()
+    status, headers, got = http("POST", url + "/score", body, JSON)
+    assert status == 400 and headers["Content-Type"] == "application/json", got
+    assert isinstance(got, dict) and set(got) == {"error"} and set(got["error"]) == {"code", "message"}, got
+    assert got["error"]["code"] == code and isinstance(got["error"]["message"], str) and got["error"]["message"]
+    if not isinstance(body, bytes):  # the same RequestError the local server turns into its body
+        from finetune_phi.protocol import RequestError, parse_score_request
+
+        with pytest.raises(RequestError) as refused:
+            parse_score_request(body)
+        assert got == refused.value.body()
+    assert "Traceback" not in log.read_text()[len(before):]
+    assert headers.get("x-ms-run-function-failed") == "False"  # Azure counts it as the client's, not a failed run
