@@ -1,7 +1,8 @@
 """deploy/score.py under Azure's own inference server (`azmlinfsrv`, azureml-inference-server-http from
 deploy/conda.yml's pins, in .venv-azml: `make azmlinfsrv`), as a managed online deployment runs it.
 
-The model folder sits one level below AZUREML_MODEL_DIR, where Azure mounts a registered model.
+AZUREML_MODEL_DIR is laid out as Azure mounts a registered model: azureml-models/NAME/VERSION, with the
+registered folder below it (the server reads NAME:VERSION from that path for its telemetry).
 """
 import json
 import os
@@ -25,14 +26,15 @@ pytestmark = pytest.mark.skipif(not AZMLINFSRV.exists(),
 @pytest.fixture(scope="module")
 def azml(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("azml")
-    (root / "model-dir").mkdir()
-    (root / "model-dir" / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    model_dir = root / "azureml-models" / "finetune-phi" / "1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "tiny").symlink_to(tiny_model, target_is_directory=True)
     port = free_port()
     log = root / "azmlinfsrv.log"
     with log.open("w") as out:
         proc = subprocess.Popen([str(AZMLINFSRV), "--entry_script", str(REPO / "deploy" / "score.py"), "--port", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, cwd=root,
-                                env={**os.environ, "AZUREML_MODEL_DIR": str(root / "model-dir")})
+                                env={**os.environ, "AZUREML_MODEL_DIR": str(model_dir)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -44,10 +46,15 @@ def azml(tiny_model, tmp_path_factory):
                     break
             except OSError:
                 time.sleep(0.2)
+        assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
         yield url, log
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # as Azure stops a deployment; gunicorn kills a worker still there after 30 s
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def test_both_score_shapes_answer_greedy_generate_text(azml, tiny_model):
