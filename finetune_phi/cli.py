@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 
 from .errors import UserError
 
@@ -54,41 +55,14 @@ def cmd_tiny(args):
     print(tiny_path(args.tokenizer))
 
 
-def _train_flags(args) -> list[str]:
-    """The training flags the user set, to pass on to the same entry point in an Azure ML job."""
-    flags = []
-    for name in ("base_model", "epochs", "lr", "batch_size", "max_length", "save_steps", "seed"):
-        value = getattr(args, name)
-        if value is not None:
-            flags += [f"--{name.replace('_', '-')}", str(value)]
-    switches = {"lora": args.lora, "qlora": args.qlora, "packing": args.packing, "no-register": args.no_register}
-    return flags + [f"--{name}" for name, on in switches.items() if on]
+def _relaunch_with_torchrun(cfg, nproc: int, debug: bool) -> int:
+    """`train --nproc N`: the same run under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPU).
 
-
-def _distributed_extra(args) -> dict:
-    """FSDP / DeepSpeed settings for models that do not fit one GPU (passed to SFTConfig)."""
-    extra = {}
-    if args.fsdp:
-        extra["fsdp"] = args.fsdp
-    if args.deepspeed:
-        extra["deepspeed"] = args.deepspeed
-    return extra
-
-
-def _relaunch_with_torchrun(argv: list[str], nproc: int) -> int:
-    """`train --nproc N`: the same command under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPU)."""
+    The command line is written from the parsed config, so a --config file's settings travel too."""
     import subprocess
 
-    rest, skip = [], False
-    for a in argv:  # drop --nproc N / --nproc=N
-        if skip:
-            skip = False
-        elif a == "--nproc":
-            skip = True
-        elif not a.startswith("--nproc="):
-            rest.append(a)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "finetune_phi.cli", *rest]
+           "-m", "finetune_phi.cli", *(["--debug"] if debug else []), "train", *cfg.to_args()]
     print("running: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
@@ -101,52 +75,53 @@ def _azure_settings(args):
 
 
 def cmd_train(args):
-    from .models import DEFAULT_HUB_MODEL
+    from dataclasses import replace
 
-    if args.base_model is None:  # Azure's GPUs get the tutorial's Phi-3; a laptop the quick tiny model
-        args.base_model = DEFAULT_HUB_MODEL if args.target == "azure" else "tiny"
-    if args.target == "azure":
-        from pathlib import Path
-
+    cfg, launch, job = args.train, args.launch, args.job
+    if launch.target == "azure":
         from .azureml import ops
+        from .models import DEFAULT_HUB_MODEL
 
-        if args.tokenizer or args.resume or args.overwrite:
+        if cfg.tokenizer or cfg.resume or cfg.overwrite:
             raise UserError("--tokenizer, --resume and --overwrite are local options; an Azure job starts from "
                             "--base-model and writes a new output")
-        ops.train(_azure_settings(args), args.train_file or os.path.join(args.data, "train.jsonl"),
-                  args.eval_file or os.path.join(args.data, "test.jsonl"), args.compute, args.compute_size,
-                  args.nodes, args.gpus_per_node, _train_flags(args), args.image, args.experiment,
-                  args.dry_run, Path(args.dry_run_dir), stream=not args.no_stream)
-        return
-    if args.dry_run:
+        # Azure's GPUs get the tutorial's Phi-3 (a laptop the quick tiny model: TrainConfig.resolved)
+        ops.train(_azure_settings(args), replace(cfg, base_model=cfg.base_model or DEFAULT_HUB_MODEL), job)
+        return 0
+    if job.dry_run:
         raise UserError("--dry-run applies to --target azure")
-    from .train import TrainConfig, train
+    if launch.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        return _relaunch_with_torchrun(cfg, launch.nproc, args.debug)
+    from .train import train
 
-    cfg = TrainConfig(base_model=args.base_model, tokenizer=args.tokenizer,
-                      train_file=args.train_file or os.path.join(args.data, "train.jsonl"),
-                      eval_file=args.eval_file or os.path.join(args.data, "test.jsonl"), out=args.out,
-                      lora=args.lora, loss_on=args.loss_on, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                      max_length=args.max_length, save_steps=args.save_steps, seed=args.seed, resume=args.resume,
-                      overwrite=args.overwrite, register=not args.no_register, save_total_limit=args.save_total_limit,
-                      packing=args.packing,
-                      activation_checkpointing=args.activation_checkpointing, qlora=args.qlora,
-                      skip_memory_check=args.skip_memory_check, extra=_distributed_extra(args))
     r = train(cfg)
     if os.environ.get("RANK", "0") != "0":
-        return  # another rank of a multi-process run: rank 0 reports
+        return 0  # another rank of a multi-process run: rank 0 reports
     base = f"{r.base_eval_loss:.4f}" if r.base_eval_loss is not None else "unknown"  # a resume can lack it
     print(f"\nheld-out loss: base {base} -> fine-tuned {r.eval_loss:.4f} "
           f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s")
     print(f"model folder: {r.out}")
     if r.registered_version:
-        print(f"registered:   models:/{cfg.registered_model or 'finetune-phi'}/{r.registered_version} (MLflow run {r.run_id})")
+        print(f"registered:   models:/{cfg.registered_model}/{r.registered_version} (MLflow run {r.run_id})")
+    return 0
+
+
+@contextmanager
+def _flag_errors():
+    """serve.py's flag parsers and connection.py's key lookup report a bad flag or a missing key as a
+    ValueError whose message names it: the user's mistake, shown as one line."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(str(e)) from e
 
 
 def cmd_serve(args):
     from .serve import Limits, parse_pairs, parse_traffic, serve
 
-    deployments = parse_pairs(args.deployment or ["default=tiny"], "deployment")
-    traffic = parse_traffic(args.traffic or [], list(deployments))
+    with _flag_errors():
+        deployments = parse_pairs(args.deployment or ["default=tiny"], "deployment")
+        traffic = parse_traffic(args.traffic or [], list(deployments))
     limits = Limits(max_concurrent_requests_per_instance=args.max_concurrent_requests,
                     max_queue_wait_ms=args.max_queue_wait_ms, request_timeout_ms=args.request_timeout_ms,
                     max_body_bytes=args.max_body_bytes, max_new_tokens_cap=args.max_new_tokens_cap,
@@ -166,7 +141,8 @@ def cmd_connect(args):
         source = f"Azure ML endpoint {args.endpoint_name}"
     else:
         url = args.endpoint_url
-        key, source = resolve_key(args.api_key_env)
+        with _flag_errors():
+            key, source = resolve_key(args.api_key_env)
     connect(url, key, args.name)
     print(f"connection {args.name}: endpoint_url={url}, api_key from {source} (stored as a secret)")
 
@@ -177,7 +153,8 @@ def cmd_deploy(args):
     from .azureml import ops
     from .serve import parse_weights
 
-    traffic = parse_weights(args.traffic) if args.traffic else {args.deployment_name: 100}
+    with _flag_errors():
+        traffic = parse_weights(args.traffic) if args.traffic else {args.deployment_name: 100}
     if args.deployment_name not in traffic:
         traffic[args.deployment_name] = 0  # created and reachable by header, no traffic yet
     ops.deploy(_azure_settings(args), args.endpoint_name, args.deployment_name, args.model, traffic,
@@ -216,10 +193,19 @@ def _add_azure_flags(p, identity: bool = False):
     return g
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. `train`'s flags come from the dataclasses in config.py through
+    transformers' HfArgumentParser, whose import takes a second or two: `train_flags=False` leaves
+    them out, for commands other than train (main() builds only what the command line needs)."""
+    parser_class = argparse.ArgumentParser
+    if train_flags:
+        from transformers import HfArgumentParser
+
+        parser_class = HfArgumentParser  # an ArgumentParser that also takes dataclass_types
     p = argparse.ArgumentParser(prog="finetune-phi", description="Fine-tune Phi-3 on UltraChat, serve it, chat and evaluate with Prompt flow.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("--debug", action="store_true", help="show the traceback of every error, the one-line ones too")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=parser_class)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     d = sub.add_parser("data", help="make train/test/eval jsonl from UltraChat", formatter_class=fmt)
@@ -239,51 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", default=None, help="build around this real Phi-3 tokenizer folder")
     t.set_defaults(func=cmd_tiny)
 
-    tr = sub.add_parser("train", help="fine-tune with TRL SFT, log to MLflow and register", formatter_class=fmt)
-    tr.add_argument("--base-model", default=None,
-                    help="smollm2-135m (the real SmolLM2-135M-Instruct, offline), tiny (random weights, for quick "
-                         "checks), a hub id such as microsoft/Phi-3-mini-4k-instruct, a folder, a .gguf file, or "
-                         "models:/NAME/VERSION (default: tiny locally, microsoft/Phi-3-mini-4k-instruct with --target azure)")
-    tr.add_argument("--tokenizer", default=None, help="with --base-model tiny: use this real Phi-3 tokenizer folder")
-    tr.add_argument("--data", default="data", help="folder with train.jsonl and test.jsonl")
-    tr.add_argument("--train-file", default=None, help="overrides DATA/train.jsonl")
-    tr.add_argument("--eval-file", default=None, help="overrides DATA/test.jsonl")
-    tr.add_argument("--out", default="models/ft", help="output model folder (checkpoints in OUT/checkpoints)")
-    tr.add_argument("--lora", action="store_true", help="train a LoRA adapter, save the merged model")
-    tr.add_argument("--loss-on", choices=["assistant", "all"], default="assistant",
-                    help="assistant: loss on the assistant's tokens only (TRL's training template for the model's "
-                         "chat template, else a mask derived from it); all: on whole conversations")
-    tr.add_argument("--epochs", type=float, default=None, help="default: 12 for tiny, 1 otherwise")
-    tr.add_argument("--lr", type=float, default=None, help="default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
-    tr.add_argument("--batch-size", type=int, default=None, help="per device; default 16 tiny, 4 otherwise")
-    tr.add_argument("--max-length", type=int, default=None, help="tokens per conversation; default 256 tiny, 2048 otherwise")
-    tr.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps")
-    tr.add_argument("--save-total-limit", type=int, default=2, help="keep at most this many checkpoints")
-    tr.add_argument("--packing", action="store_true", help="pack conversations into full rows (no padding)")
-    tr.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                    help="recompute activations to save memory (default: on with a GPU)")
-    tr.add_argument("--qlora", action="store_true", help="LoRA over 4-bit base weights (bitsandbytes; GPU only)")
-    tr.add_argument("--skip-memory-check", action="store_true", help="train even if the memory estimate says it will not fit")
-    tr.add_argument("--nproc", type=int, default=1, help="data-parallel processes on this machine (torchrun)")
-    tr.add_argument("--fsdp", default=None, help='FSDP for models too big for one GPU, e.g. "full_shard auto_wrap"')
-    tr.add_argument("--deepspeed", default=None, help="DeepSpeed config JSON (ZeRO), for models too big for one GPU")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--resume", action="store_true",
-                    help="continue from the newest checkpoint in OUT/checkpoints that loads (a damaged one is skipped)")
-    tr.add_argument("--overwrite", action="store_true",
-                    help="replace the model and checkpoints already in OUT (without it, training there is refused)")
-    tr.add_argument("--no-register", action="store_true", help="do not register a model version")
-    tr.add_argument("--target", choices=["local", "azure"], default="local", help="where the training runs")
-    az = _add_azure_flags(tr)
-    az.add_argument("--compute", default="finetune-phi-gpu", help="AmlCompute cluster (created if missing)")
-    az.add_argument("--compute-size", default="gpu", help="gpu (Standard_NC24ads_A100_v4), cpu (Standard_E16s_v3) or a VM size")
-    az.add_argument("--nodes", type=int, default=1, help="nodes (instance_count) for multi-node training")
-    az.add_argument("--gpus-per-node", type=int, default=1, help="processes per node (PyTorch distribution)")
-    az.add_argument("--image", default=None, help="base image of the training environment")
-    az.add_argument("--experiment", default="finetune-phi", help="Azure ML experiment name")
-    az.add_argument("--no-stream", action="store_true", help="submit and return instead of streaming the job's log")
-    az.add_argument("--dry-run", action="store_true", help="print the YAML of every entity; create nothing")
-    az.add_argument("--dry-run-dir", default="azure-dry-run/train", help="where --dry-run writes the YAML")
+    train_help = "fine-tune with TRL SFT, log to MLflow and register"
+    if train_flags:
+        from .config import TRAIN_COMMAND, TrainArguments, add_negations
+
+        tr = sub.add_parser("train", help=train_help, formatter_class=fmt, dataclass_types=TRAIN_COMMAND)
+        add_negations(tr, TrainArguments)
+        tr.add_argument("--config", metavar="YAML", default=None,
+                        help="a YAML file of train settings, keyed by the flags' names (base_model: tiny, lora: "
+                             "true, lr: 2.0e-4, ...); flags on the command line override it")
+        _add_azure_flags(tr)
+    else:
+        tr = sub.add_parser("train", help=train_help, formatter_class=fmt)
+    p.train_parser = tr  # for --config
     tr.set_defaults(func=cmd_train)
 
     s = sub.add_parser("serve", help="run the scoring endpoint locally", formatter_class=fmt)
@@ -365,44 +319,51 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer", default=None, help="with --base-model tiny: build it around this real Phi-3 tokenizer folder")
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)
+    for command in sub.choices.values():  # `finetune-phi train ... --debug` works as well as `finetune-phi --debug train`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as finetune-phi --debug")
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; for `train`, also its settings as objects: `.train` (TrainConfig),
+    `.launch` (TrainLaunch) and `.job` (AzureJobOptions), a --config file's values under the flags."""
+    parser = build_parser(train_flags="train" in argv)
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        from .config import AzureJobOptions, TrainConfig, TrainLaunch, from_namespace, load_yaml_defaults
+
+        if args.config:
+            load_yaml_defaults(parser.train_parser, args.config)
+            args = parser.parse_args(argv)  # again: the file's values are now the defaults
+        args.train, args.launch, args.job = (from_namespace(c, args) for c in (TrainConfig, TrainLaunch, AzureJobOptions))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
-    _offline_env()
-    if args.command in MODEL_COMMANDS:
-        _quiet_libraries()
-    if args.command == "train" and args.nproc > 1 and args.target == "local" and "LOCAL_RANK" not in os.environ:
-        return _relaunch_with_torchrun(argv, args.nproc)
+    """Run one command. A UserError (a mistake the message explains) is one line and exit code 2; any
+    other exception keeps its traceback, which is what a bug report needs. --debug: tracebacks for all."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    debug = "--debug" in argv
+    _offline_env()  # before parsing: train's parser imports transformers, which reads these at import
     try:
-        args.func(args)
+        args = parse_args(argv)
+        if args.command in MODEL_COMMANDS:
+            _quiet_libraries()
+        return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
     except UserError as e:  # the message says what is wrong and what to do: no stack trace
-        print(f"finetune-phi {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError) as e:
-        if not _raised_by_us(e):  # from inside transformers/TRL/peft/torch: the traceback is the clue
+        if debug:
             raise
-        # Until every check of ours raises UserError, our own ValueErrors are the user's input too.
-        print(f"finetune-phi {args.command}: error: {e}", file=sys.stderr)
+        print(f"finetune-phi {command}: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if type(e).__module__.startswith("azure."):  # auth, permissions, quota: Azure's own message says why
-            print(f"finetune-phi {args.command}: Azure error: {type(e).__name__}: {e}", file=sys.stderr)
+        if type(e).__module__.startswith("azure.") and not debug:  # auth, permissions, quota: Azure's message says why
+            print(f"finetune-phi {command}: Azure error: {type(e).__name__}: {e} (--debug shows the traceback)",
+                  file=sys.stderr)
             return 1
         raise
-    return 0
-
-
-def _raised_by_us(e: BaseException) -> bool:
-    """The innermost frame of the traceback is in this package (a `raise` of ours, not a library's)."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("finetune_phi")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 `finetune-phi` shows a UserError as a single line (`finetune-phi CMD: error: ...`, exit code 2):
 a bad data row, a model folder that would be overwritten, an output folder in use or read-only,
-a full disk. Anything else is a fault (ours or a library's) and keeps its traceback, which is what
-a bug report needs. Raise UserError (or a subclass) only with a message that says what to do.
+a full disk, a bad flag or `--config` file (`finetune-phi --debug ...` shows its traceback too).
+Anything else is a fault (ours or a library's) and keeps its traceback, which is what a bug report
+needs. Raise UserError (or a subclass) only with a message that says what to do; the CLI never
+guesses from an exception's type or origin whether it was the user's mistake.
 """
 from __future__ import annotations
 

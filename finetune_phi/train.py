@@ -18,59 +18,16 @@ import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .config import TrainConfig
 from .errors import UserError
 
 try:
     import fcntl
 except ImportError:  # Windows: no flock; runs there go without the output-folder lock
     fcntl = None
-
-
-@dataclass
-class TrainConfig:
-    base_model: str = "tiny"  # tiny | hub id | folder | models:/NAME/VERSION
-    tokenizer: str | None = None  # for tiny: build around this real Phi-3 tokenizer folder
-    train_file: str = "data/train.jsonl"
-    eval_file: str = "data/test.jsonl"
-    out: str = "models/ft"
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    # None = a default that suits the base: the tiny model needs far larger steps than a real one
-    epochs: float | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    grad_accum: int = 1
-    max_length: int | None = None
-    warmup: float = 0.1  # a ratio of all steps when below 1 (TRL's warmup_steps semantics)
-    weight_decay: float = 0.0
-    save_steps: int = 50
-    save_total_limit: int = 2
-    logging_steps: int = 5
-    seed: int = 0
-    resume: bool = False
-    overwrite: bool = False  # replace the model and checkpoints already in `out`
-    register: bool = True
-    registered_model: str | None = None
-    loss_on: str = "assistant"  # assistant: loss on assistant tokens only; all: on whole conversations
-    packing: bool = False  # pack conversations into full rows (TRL's best-fit packing, no padding)
-    activation_checkpointing: bool | None = None  # None: on with a GPU, off on CPU
-    qlora: bool = False  # 4-bit base weights (bitsandbytes, GPU only) under a LoRA adapter
-    skip_memory_check: bool = False
-    extra: dict = field(default_factory=dict)  # passed through to SFTConfig, over the settings below
-
-    def resolved(self) -> "TrainConfig":
-        """Fill in the base-dependent defaults (the tutorial's for real models)."""
-        tiny = self.base_model == "tiny"
-        if self.qlora:
-            self = TrainConfig(**{**asdict(self), "lora": True})
-        defaults = dict(epochs=12 if tiny else 1, lr=(3e-3 if not self.lora else 1e-2) if tiny else 5e-6 if not self.lora else 2e-4,
-                        batch_size=16 if tiny else 4, max_length=256 if tiny else 2048)
-        return TrainConfig(**{**asdict(self), **{k: v for k, v in defaults.items() if getattr(self, k) is None}})
 
 
 @dataclass
@@ -172,11 +129,14 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
 
         estimate = memory.estimate(AutoConfig.from_pretrained(base_path), cfg.batch_size, cfg.max_length,
                                    cfg.lora_r if cfg.lora else None, 2 if on_gpu else 4, checkpointing, cfg.qlora)
-        memory.check_fits(estimate, "cuda" if on_gpu else "cpu")
+        try:
+            memory.check_fits(estimate, "cuda" if on_gpu else "cpu")
+        except ValueError as e:  # the numbers and the ways out: the user's to act on
+            raise UserError(str(e)) from None
     load_kwargs = {}
     if cfg.qlora:
         if not on_gpu:
-            raise ValueError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --lora")
+            raise UserError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --lora")
         from transformers import BitsAndBytesConfig
 
         load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -220,6 +180,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",  # trained tokens, for throughput figures
     )
+    settings.update({k: v for k, v in (("fsdp", cfg.fsdp), ("deepspeed", cfg.deepspeed)) if v})
     args = SFTConfig(**{**settings, **cfg.extra})
     mask_tok = tok if derive_mask else None
     trainer = SFTTrainer(model=model, args=args, train_dataset=load_conversations(cfg.train_file, mask_tok, end_of_turn),
@@ -579,9 +540,9 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
                    "steps": steps, "mlflow_run_id": run.info.run_id}
         version = None
         if cfg.register:
-            info = registry.log_model(out, cfg.registered_model or registry.REGISTERED_MODEL)
+            info = registry.log_model(out, cfg.registered_model)
             version = str(info.registered_model_version)
-            summary["registered_model"] = f"models:/{cfg.registered_model or registry.REGISTERED_MODEL}/{version}"
+            summary["registered_model"] = f"models:/{cfg.registered_model}/{version}"
         with _writing("the model", out):
             (out / "finetune_phi.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(out, base_loss, eval_loss, steps, time.time() - start, run.info.run_id, version)

@@ -11,6 +11,8 @@ import logging
 import shlex
 from pathlib import Path
 
+from ..errors import UserError
+
 # azure-ai-ml warns "experimental class" for schemas it uses internally on every dump: noise to a user
 logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
 
@@ -51,7 +53,7 @@ def compute(name: str, size: str = "gpu", max_nodes: int = 1, min_nodes: int = 0
     from azure.ai.ml.entities import AmlCompute
 
     if max_nodes < 1 or min_nodes < 0 or min_nodes > max_nodes:
-        raise ValueError(f"compute {name}: need 0 <= min nodes ({min_nodes}) <= max nodes ({max_nodes}), max >= 1")
+        raise UserError(f"compute {name}: need 0 <= min nodes ({min_nodes}) <= max nodes ({max_nodes}), max >= 1")
     # min 0 + idle scale-down: an A100 node costs dollars an hour, so nothing runs while idle
     return AmlCompute(name=name, size=compute_size(size), min_instances=min_nodes, max_instances=max_nodes,
                       idle_time_before_scale_down=idle_seconds, tier="dedicated", location=location)
@@ -65,28 +67,35 @@ def data_input(path: str):
         return Input(type="uri_file", path=path)
     local = Path(path)
     if not local.is_file():
-        raise FileNotFoundError(f"{path}: no such data file (make it with `finetune-phi data`)")
+        raise UserError(f"{path}: no such data file (make it with `finetune-phi data`)")
     return Input(type="uri_file", path=str(local.resolve()))
 
 
-def training_job(train_file: str, eval_file: str, compute_name: str, environment, nodes: int = 1,
-                 gpus_per_node: int = 1, train_args: list[str] | None = None, experiment: str = "finetune-phi",
-                 display_name: str | None = None, env_vars: dict | None = None):
-    """A command job running training/fine_tune.py; several processes -> PyTorch distribution (DDP via torchrun)."""
+# settings the job's command binds to its inputs and output instead of passing them on
+BOUND_BY_JOB = ("data", "train_file", "eval_file", "out")
+
+
+def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_node: int = 1,
+                 experiment: str = "finetune-phi", display_name: str | None = None, env_vars: dict | None = None):
+    """A command job running training/fine_tune.py with the settings of `cfg` (a TrainConfig): its data
+    files become the job's inputs, its output folder the job's output, everything else the flags
+    `cfg.to_args()` writes. Several processes -> PyTorch distribution (DDP via torchrun)."""
     from azure.ai.ml import Output, PyTorchDistribution
     from azure.ai.ml.entities import CommandJob, JobResourceConfiguration
 
     if nodes < 1 or gpus_per_node < 1:
-        raise ValueError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be at least 1")
+        raise UserError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be at least 1")
+    cfg = cfg.with_data_files()
     command = ("python training/fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
                "--model_output_dir ${{outputs.model}}")
+    train_args = cfg.to_args(exclude=BOUND_BY_JOB)
     if train_args:
         command += " " + shlex.join(train_args)
     distributed = nodes * gpus_per_node > 1
     return CommandJob(
         code=str(REPO),  # the repo snapshot (minus .gitignore'd paths): the same code as local runs
         command=command,
-        inputs={"train_file": data_input(train_file), "eval_file": data_input(eval_file)},
+        inputs={"train_file": data_input(cfg.train_file), "eval_file": data_input(cfg.eval_file)},
         outputs={"model": Output(type="uri_folder")},
         environment=environment,
         compute=compute_name,
@@ -111,7 +120,7 @@ def model_asset(source: str, name: str = MODEL_NAME):
     else:
         local = Path(source)
         if not (local / "config.json").exists():
-            raise FileNotFoundError(f"{source}: not a Hugging Face model folder (no config.json)")
+            raise UserError(f"{source}: not a Hugging Face model folder (no config.json)")
         path = str(local.resolve())
     return Model(name=name, path=path, type=AssetTypes.CUSTOM_MODEL,
                  description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)")
@@ -134,7 +143,7 @@ def deployment(name: str, endpoint_name: str, model, environment, instance_type:
     from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
 
     if instance_count < 1:
-        raise ValueError(f"--instance-count must be at least 1, got {instance_count}")
+        raise UserError(f"--instance-count must be at least 1, got {instance_count}")
     # loading a multi-GB model takes minutes: give the probes room before they restart the container
     liveness = ProbeSettings(initial_delay=600, period=30, timeout=10, failure_threshold=30, success_threshold=1)
     readiness = ProbeSettings(initial_delay=30, period=10, timeout=10, failure_threshold=60, success_threshold=1)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import UserError
 from . import entities
 from .settings import AzureSettings
 
@@ -27,26 +28,25 @@ def _get_or_none(getter, name):
         return None
 
 
-def train(settings: AzureSettings, train_file: str, eval_file: str, compute_name: str, compute_size: str,
-          nodes: int, gpus_per_node: int, train_args: list[str], image: str, experiment: str,
-          dry_run: bool, dry_run_dir: Path, stream: bool = True):
-    env = entities.training_environment(image or entities.TRAIN_IMAGE)
-    cluster = entities.compute(compute_name, compute_size, max_nodes=nodes, location=settings.location)
-    job = entities.training_job(train_file, eval_file, compute_name, env, nodes, gpus_per_node, train_args, experiment)
-    if dry_run:
-        _show(entities.dump_all({"environment": env, "compute": cluster, "job": job}, dry_run_dir))
+def train(settings: AzureSettings, cfg, job):
+    """Submit the training run `cfg` (a TrainConfig) as an Azure ML command job, as `job` (AzureJobOptions) says."""
+    env = entities.training_environment(job.image or entities.TRAIN_IMAGE)
+    cluster = entities.compute(job.compute, job.compute_size, max_nodes=job.nodes, location=settings.location)
+    command_job = entities.training_job(cfg, job.compute, env, job.nodes, job.gpus_per_node, job.experiment)
+    if job.dry_run:
+        _show(entities.dump_all({"environment": env, "compute": cluster, "job": command_job}, Path(job.dry_run_dir)))
         return None
     ml = settings.ml_client()
-    existing = _get_or_none(ml.compute.get, compute_name)
+    existing = _get_or_none(ml.compute.get, job.compute)
     if existing is None:
-        print(f"creating compute {compute_name} ({cluster.size}, 0-{nodes} nodes)...", flush=True)
+        print(f"creating compute {job.compute} ({cluster.size}, 0-{job.nodes} nodes)...", flush=True)
         ml.compute.begin_create_or_update(cluster).result()
-    elif existing.max_instances < nodes:
-        raise ValueError(f"compute {compute_name} scales to {existing.max_instances} nodes; the job needs {nodes}")
-    submitted = ml.jobs.create_or_update(job)
+    elif existing.max_instances < job.nodes:
+        raise UserError(f"compute {job.compute} scales to {existing.max_instances} nodes; the job needs {job.nodes}")
+    submitted = ml.jobs.create_or_update(command_job)
     print(f"submitted job {submitted.name}\nstudio: {submitted.studio_url}")
     print(f"next: finetune-phi deploy --target azure --model job:{submitted.name}")
-    if stream:
+    if job.stream:
         ml.jobs.stream(submitted.name)
     return submitted
 
@@ -74,7 +74,7 @@ def deploy(settings: AzureSettings, endpoint_name: str, deployment_name: str, mo
         current = ml.online_endpoints.get(endpoint_name)
     unknown = set(traffic) - set(current.traffic or {}) - {deployment_name}
     if unknown:
-        raise ValueError(f"--traffic names deployments that endpoint {endpoint_name} does not have: {sorted(unknown)}")
+        raise UserError(f"--traffic names deployments that endpoint {endpoint_name} does not have: {sorted(unknown)}")
     print(f"creating deployment {deployment_name} ({instance_count} x {instance_type}); this takes minutes...", flush=True)
     ml.online_deployments.begin_create_or_update(dep).result()
     current.traffic = traffic
@@ -93,7 +93,7 @@ def delete(settings: AzureSettings, endpoint_name: str, deployment_name: str | N
     if deployment_name:
         ep = ml.online_endpoints.get(endpoint_name)
         if (ep.traffic or {}).get(deployment_name, 0) > 0:
-            raise ValueError(f"deployment {deployment_name} still takes {ep.traffic[deployment_name]}% of traffic; "
+            raise UserError(f"deployment {deployment_name} still takes {ep.traffic[deployment_name]}% of traffic; "
                              "move it first (finetune-phi deploy ... --traffic)")
         ml.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint_name).result()
     else:

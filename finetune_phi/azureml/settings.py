@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from dataclasses import dataclass, fields
 
+from ..errors import UserError
+
 # setting -> (flag, environment variable, what it is)
 SETTINGS = {
     "subscription_id": ("--subscription-id", "AZURE_SUBSCRIPTION_ID", "Azure subscription id"),
@@ -19,7 +21,7 @@ SETTINGS = {
 }
 
 
-class MissingSetting(ValueError):
+class MissingSetting(UserError, ValueError):
     """A required Azure setting is not set; the message says how to set it."""
 
 
