@@ -1,7 +1,7 @@
 """Azure ML online-deployment scoring script: the local endpoint's /score protocol, same code.
 
 Azure ML's inference server calls init() once and run(raw_body) per request. Parsing, parameters
-and generation come from finetune_phi (protocol.py, generation.py), exactly as `finetune-phi serve`.
+and generation come from finetune_phi (protocol.py, engines/), exactly as `finetune-phi serve`.
 Authentication, traffic and the azureml-model-deployment header are handled by Azure ML itself.
 """
 import json
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the deployment's
 
 from finetune_phi.protocol import RequestError, parse_score_request, run_score  # noqa: E402
 
-generator = None
+engine = None
 
 
 def find_model_dir(root: Path) -> Path:
@@ -26,12 +26,12 @@ def find_model_dir(root: Path) -> Path:
 
 
 def init():
-    global generator
-    from finetune_phi import models
-    from finetune_phi.generation import Generator
+    global engine
+    from finetune_phi.engines import load_engine
 
     model_dir = find_model_dir(Path(os.environ["AZUREML_MODEL_DIR"]))
-    generator = Generator(*models.load(str(model_dir)))
+    # FINETUNE_PHI_ENGINE picks the engine as `finetune-phi serve --engine` does (set it in the deployment's environment_variables)
+    engine = load_engine(os.environ.get("FINETUNE_PHI_ENGINE", "transformers"), str(model_dir))
 
 
 def handle(raw_data) -> tuple[int, object]:
@@ -44,7 +44,7 @@ def handle(raw_data) -> tuple[int, object]:
         except RecursionError:  # as the local server answers it; uncaught, the inference server makes it a 500
             raise RequestError(400, "invalid_json", "body is not valid JSON: nested too deeply") from None
         shape, inputs, params = parse_score_request(payload)
-        return 200, run_score(generator, shape, inputs, params)
+        return 200, run_score(engine, shape, inputs, params)
     except RequestError as e:
         return e.status, e.body()
 

@@ -124,9 +124,8 @@ def cmd_serve(args):
         traffic = parse_traffic(args.traffic or [], list(deployments))
     limits = Limits(max_concurrent_requests_per_instance=args.max_concurrent_requests,
                     max_queue_wait_ms=args.max_queue_wait_ms, request_timeout_ms=args.request_timeout_ms,
-                    max_body_bytes=args.max_body_bytes, max_new_tokens_cap=args.max_new_tokens_cap,
-                    max_batch_size=args.max_batch_size, batch_window_ms=args.batch_window_ms)
-    serve(deployments, traffic, args.host, args.port, limits)
+                    max_body_bytes=args.max_body_bytes, max_new_tokens_cap=args.max_new_tokens_cap)
+    serve(deployments, traffic, args.host, args.port, limits, engine=args.engine)
 
 
 def cmd_connect(args):
@@ -174,7 +173,7 @@ def cmd_compare(args):
     from .compare import compare
 
     compare(args.base, args.candidate, args.data, args.name, args.base_model, args.candidate_model, args.test_file,
-            args.base_connection, args.candidate_connection, args.reports, runner=args.runner)
+            args.base_connection, args.candidate_connection, args.reports, runner=args.runner, workers=args.workers)
 
 
 def cmd_demo(args):
@@ -248,12 +247,15 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=5000)
     s.add_argument("--max-concurrent-requests", type=int, default=32, help="in flight at once; more get 429")
-    s.add_argument("--max-queue-wait-ms", type=int, default=5000, help="longest wait for a batch slot; then 408")
-    s.add_argument("--request-timeout-ms", type=int, default=60000, help="longest request; then 503")
+    s.add_argument("--max-queue-wait-ms", type=int, default=5000, help="longest wait before decoding starts; then 408")
+    s.add_argument("--request-timeout-ms", type=int, default=180000,
+                   help="longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)")
     s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     s.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens / max_tokens accepted")
-    s.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (1 = batching off)")
-    s.add_argument("--batch-window-ms", type=float, default=5, help="how long a batch waits for more requests")
+    from .engines.base import DEFAULT_ENGINE, ENGINES
+
+    s.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+                   help="what decodes: transformers (continuous batching, CPU or GPU), vllm (CUDA GPU); see README")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("connect", help="create/update the flows' Prompt flow connection", formatter_class=fmt)
@@ -306,6 +308,10 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--base-connection", default=None, help="pf connection for the base (default finetune_phi_endpoint)")
     k.add_argument("--candidate-connection", default=None, help="pf connection for the candidate")
     k.add_argument("--reports", default="reports", help="folder for the report")
+    from .compare import DEFAULT_WORKERS
+
+    k.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                   help="chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)")
     k.add_argument("--runner", choices=["promptflow", "maf"], default="promptflow",
                    help="promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework "
                         "twins flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")

@@ -17,14 +17,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
 from .metrics import METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_FLOW = REPO / "flows" / "chat"
 EVAL_FLOW = REPO / "flows" / "eval"
+DEFAULT_WORKERS = 8  # chat lines in flight per batch run
 
 
-class CompareError(ValueError):
+class CompareError(UserError):
     """compare cannot start (a deployment the endpoint lacks, an endpoint it cannot reach): one line for the user."""
 
 
@@ -100,8 +102,13 @@ def pf_console_quiet():
             logger.setLevel(level)
 
 
-def run_side(pf, data: Path, deployment: str, name: str, connection: str | None) -> tuple[str, str, float]:
-    """The chat run and the eval run over it; returns their names and the chat run's wall time."""
+def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
+             workers: int = DEFAULT_WORKERS) -> tuple[str, str, float]:
+    """The chat run and the eval run over it; returns their names and the chat run's wall time.
+
+    The chat run sends `workers` lines at once (Prompt flow's PF_WORKER_COUNT, set for that run only,
+    as `pf run create --environment-variables` does): the endpoint decodes concurrent requests in
+    one batch, so more lines in flight finish sooner than Prompt flow's default of 4."""
     chat_run, eval_run = f"{name}_chat_{deployment}", f"{name}_eval_{deployment}"
     t = time.time()
     print(f"  pf run {chat_run}: chat flow over {data} with deployment={deployment}", flush=True)
@@ -109,7 +116,8 @@ def run_side(pf, data: Path, deployment: str, name: str, connection: str | None)
         pf.run(flow=str(CHAT_FLOW), data=str(data), name=chat_run, stream=False,
                column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
                                "deployment": deployment},
-               connections={"chat": {"connection": connection}} if connection else None)
+               connections={"chat": {"connection": connection}} if connection else None,
+               environment_variables={"PF_WORKER_COUNT": str(workers)})
         seconds = time.time() - t
         print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
         pf.run(flow=str(EVAL_FLOW), data=str(data), run=chat_run, name=eval_run, stream=False,
@@ -245,7 +253,8 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertic
 def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", name: str | None = None,
             base_model: str | None = None, candidate_model: str | None = None, test_file: str | None = None,
             base_connection: str | None = None, candidate_connection: str | None = None,
-            reports: str | Path = "reports", losses: dict | None = None, runner: str = "promptflow") -> dict:
+            reports: str | Path = "reports", losses: dict | None = None, runner: str = "promptflow",
+            workers: int = DEFAULT_WORKERS) -> dict:
     """Run both sides, print the table, write the report. `losses` ({"base", "candidate"}) may be
     passed when already known (the demo has them from training) instead of giving the models.
     runner="maf" runs the Agent Framework twins (flows/chat-maf, flows/eval-maf; see maf_runner) instead."""
@@ -257,7 +266,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
     rows = read_jsonl(data)
     for i, row in enumerate(rows, start=1):
         if not {"question", "ground_truth"} <= set(row):
-            raise ValueError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
+            raise CompareError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
     name = name or f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
     pf = PFClient()
     check_deployments(pf, [(base, base_connection), (candidate, candidate_connection)])
@@ -269,7 +278,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
             side = compare_side(pf, data, label, name, connection, (Path(reports) / name / "maf-runs").resolve())
             seconds = side.seconds
         else:
-            chat_run, eval_run, seconds = run_side(pf, data, label, name, connection)
+            chat_run, eval_run, seconds = run_side(pf, data, label, name, connection, workers)
             side = collect(pf, label, chat_run, eval_run, len(rows), seconds)
         print(f"  {label}: {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s), "
               f"{side.lines.count(None)} failed", flush=True)

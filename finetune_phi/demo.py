@@ -118,9 +118,6 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     api_key, key_source = keys.get_or_create_key()
     serve_args = ["serve", "--deployment", f"base={base}", "--deployment", f"ft={registered}",
                   "--traffic", "base=50", "--traffic", "ft=50", "--max-new-tokens-cap", str(recipe["max_new_tokens"]),
-                  # the batch runs send 4 requests at a time to a CPU that decodes a batch to its end: a
-                  # request may queue longer than Azure's 5 s default, and must not be refused for it
-                  "--max-queue-wait-ms", "60000", "--request-timeout-ms", "120000",
                   "--port", str(port)]
     log = work / "serve.log"
     with log.open("w") as log_file:

@@ -1,9 +1,8 @@
-"""Text generation: inference parameters and a batched decoding loop with per-request settings.
+"""What a generation request asks for and what it gets: parameters, the request's running state, the result.
 
-One loop serves every path (a single request, a batch of concurrent ones, streaming): prompts are
-left-padded into one batch, prefilled once, then decoded a token at a time with a KV cache. Each
-row keeps its own temperature, top_p, max_new_tokens, stop strings and cancellation, so requests
-with different settings can share a batch.
+The engines (engines/) decode; this module is the part of a request every engine shares: checking
+the parameters a client sent, and turning generated token ids into text that stops where the
+request says (stop tokens, stop strings, max_new_tokens, cancellation) and streams as it settles.
 """
 from __future__ import annotations
 
@@ -79,7 +78,12 @@ class Completion:
 
 @dataclass
 class Row:
-    """One request inside a batch."""
+    """One request as an engine decodes it: the prompt, its settings, and the text so far.
+
+    Engines only produce token ids; add() turns them into text, applies the request's stop
+    tokens, stop strings and max_new_tokens, and streams what is settled. Every engine shares it,
+    so a request ends the same way whichever engine serves it.
+    """
     prompt_ids: list[int]
     params: GenerationParams
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -90,117 +94,59 @@ class Row:
     sent: int = 0  # characters already streamed
     finish_reason: str | None = None
 
+    @property
+    def needs_each_token(self) -> bool:
+        """Whether the text must be followed token by token (to stream it or to find a stop string)."""
+        return bool(self.params.stop or self.on_text)
 
-class Generator:
-    """One model and its tokenizer; run() decodes one batch at a time (the model is not re-entrant)."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tok = tokenizer
-        self.lock = threading.Lock()
-        self.context_length = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-        eos = model.generation_config.eos_token_id
-        self.stop_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.stop_ids.add(tokenizer.eos_token_id)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def chat_prompt(self, messages: list[dict]) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def encode(self, prompt: str, params: GenerationParams) -> list[int]:
-        """Token ids of a prompt; ContextLengthError if it and the answer cannot fit the context."""
-        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
-        if not ids:
-            raise ParamError("the prompt is empty")
-        if len(ids) + params.max_new_tokens > self.context_length:
-            raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that "
-                             f"exceeds the model's context of {self.context_length} tokens")
-        return ids
-
-    def run(self, rows: list[Row]) -> list[Completion]:
-        """Decode a batch of rows to completion; each row stops on its own conditions."""
-        import torch
-
-        with self.lock, torch.inference_mode():
-            self._decode(rows)
-        return [Completion(r.text, r.finish_reason or "stop", len(r.prompt_ids), len(r.ids)) for r in rows]
-
-    def _decode(self, rows: list[Row]):
-        import torch
-        from transformers import DynamicCache
-
-        device = self.model.device
-        width = max(len(r.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):  # left padding: every row's next token lands in the last column
-            input_ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        temps = torch.tensor([[r.params.temperature if r.params.do_sample else 1.0] for r in rows], device=device)
-        top_ps = torch.tensor([[float(r.params.top_p)] for r in rows], device=device)
-        greedy = torch.tensor([not r.params.do_sample for r in rows], device=device)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, logits_to_keep=1)
-        for _ in range(max(r.params.max_new_tokens for r in rows)):
-            next_ids = self._sample(out.logits[:, -1, :].float(), temps, top_ps, greedy)
-            for r, token in zip(rows, next_ids.tolist()):
-                if r.finish_reason is None:
-                    self._advance(r, token)
-            if all(r.finish_reason for r in rows):
+    def add(self, tokens: list[int], decode: Callable[[list[int]], str], stop_ids: set[int]) -> bool:
+        """Take newly generated tokens; True once the row is finished (stop token, stop string, length, cancel)."""
+        for token in tokens:
+            if self.finish_reason:
                 break
-            next_ids = torch.tensor([[self.pad_id if r.finish_reason else r.ids[-1]] for r in rows], device=device)
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=mask.dtype, device=device)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=next_ids, attention_mask=mask, position_ids=positions,
-                             past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-        for r in rows:
-            r.finish_reason = r.finish_reason or "length"
-            if not (r.params.stop or r.on_text):
-                r.text = self.tok.decode(r.ids, skip_special_tokens=True)  # once, not once per token
-            self._emit(r, final=True)
+            if self.cancel.is_set():
+                self.finish_reason = "cancelled"
+            elif token in stop_ids:
+                self.finish_reason = "stop"
+            else:
+                self.ids.append(token)
+                if self.needs_each_token:
+                    self._settle(decode)
+                if self.finish_reason is None and len(self.ids) >= self.params.max_new_tokens:
+                    self.finish_reason = "length"
+        if self.finish_reason and not self.needs_each_token:
+            self.text = decode(self.ids)  # once at the end, not once per token
+        self._emit(final=self.finish_reason is not None)
+        return self.finish_reason is not None
 
-    @staticmethod
-    def _sample(logits, temps, top_ps, greedy):
-        import torch
+    def finish(self, reason: str, decode: Callable[[list[int]], str]) -> Completion:
+        """End the row (if the engine ended it first, e.g. at its own length limit) and give its Completion."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.text = decode(self.ids)
+            for s in self.params.stop:  # an engine that ran on without us watching (no streaming)
+                if s in self.text:
+                    self.text = self.text[: self.text.index(s)]
+        self._emit(final=True)
+        return Completion(self.text, self.finish_reason, len(self.prompt_ids), len(self.ids))
 
-        probs = torch.softmax(logits / temps.clamp(min=1e-5), dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_ps  # nucleus: keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        picked = order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
-        return torch.where(greedy, logits.argmax(-1), picked)
-
-    def _advance(self, r: Row, token: int):
-        if r.cancel.is_set():
-            r.finish_reason = "cancelled"
-            return
-        if token in self.stop_ids:
-            r.finish_reason = "stop"
-            return
-        r.ids.append(token)
-        if r.params.stop or r.on_text:  # text is needed while decoding only to stream or find stop strings
-            r.text = self.tok.decode(r.ids, skip_special_tokens=True)
-        for s in r.params.stop:
-            if s in r.text:
-                r.text = r.text[: r.text.index(s)]
-                r.finish_reason = "stop"
+    def _settle(self, decode):
+        self.text = decode(self.ids)
+        for s in self.params.stop:
+            if s in self.text:
+                self.text = self.text[: self.text.index(s)]
+                self.finish_reason = "stop"
                 break
-        if r.finish_reason is None and len(r.ids) >= r.params.max_new_tokens:
-            r.finish_reason = "length"
-        self._emit(r, final=r.finish_reason is not None)
 
-    @staticmethod
-    def _emit(r: Row, final: bool):
+    def _emit(self, final: bool):
         """Stream the text that is settled: no half UTF-8 character, nothing that may start a stop string."""
-        if r.on_text is None:
+        if self.on_text is None:
             return
-        upto = len(r.text)
+        upto = len(self.text)
         if not final:
-            if r.text.endswith("\ufffd"):
+            if self.text.endswith("\ufffd"):
                 return
-            upto -= max((len(s) - 1 for s in r.params.stop), default=0)
-        if upto > r.sent:
-            r.on_text(r.text[r.sent:upto])
-            r.sent = upto
+            upto -= max((len(s) - 1 for s in self.params.stop), default=0)
+        if upto > self.sent:
+            self.on_text(self.text[self.sent:upto])
+            self.sent = upto

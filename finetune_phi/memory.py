@@ -83,10 +83,12 @@ def available_bytes(device: str) -> float:
 
 
 def check_fits(est: MemoryEstimate, device: str, headroom: float = 0.9):
-    """Raise a ValueError naming the numbers and the ways out when the estimate exceeds the device."""
+    """Raise a UserError naming the numbers and the ways out when the estimate exceeds the device."""
+    from .errors import UserError
+
     have = available_bytes(device) * headroom
     if est.total > have:
-        raise ValueError(
+        raise UserError(
             f"this fine-tune needs {est.describe()}, but {device} has {have / GiB:.1f} GiB available. "
             "Try --lora (or --qlora on a GPU), a smaller --batch-size or --max-length, activation "
             "checkpointing (on by default on GPU), or more GPUs (--nproc / --target azure --nodes); "

@@ -63,7 +63,7 @@ def build_tokenizer(tokenizer_path: str | None = None):
                                       unk_token="<unk>", pad_token="<|endoftext|>")
     missing = [t for t in ("<|user|>", "<|assistant|>", "<|end|>") if t not in tok.get_vocab()]
     if missing:
-        raise ValueError(f"{tokenizer_path}: not a Phi-3 tokenizer, it lacks the special tokens {missing}")
+        raise UserError(f"{tokenizer_path}: not a Phi-3 tokenizer, it lacks the special tokens {missing}")
     from trl.chat_template_utils import phi3_chat_template  # the stock Phi-3 template, as TRL keeps it
 
     tok.chat_template = phi3_chat_template

@@ -7,7 +7,8 @@ Two request shapes (see DESIGN.md):
 """
 from __future__ import annotations
 
-from .generation import MAX_NEW_TOKENS_CAP, ContextLengthError, GenerationParams, Generator, ParamError, Row
+from .engines.base import Engine
+from .generation import MAX_NEW_TOKENS_CAP, ContextLengthError, GenerationParams, ParamError, Row
 
 MAX_INPUTS = 16
 
@@ -56,14 +57,14 @@ def check_messages(messages: object, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def prompts_of(generator: Generator, shape: str, inputs) -> list[str]:
-    return [generator.chat_prompt(inputs)] if shape == "chat" else list(inputs)
+def prompts_of(engine: Engine, shape: str, inputs) -> list[str]:
+    return [engine.chat_prompt(inputs)] if shape == "chat" else list(inputs)
 
 
-def encode_all(generator: Generator, prompts: list[str], params: GenerationParams) -> list[list[int]]:
+def encode_all(engine: Engine, prompts: list[str], params: GenerationParams) -> list[list[int]]:
     """Token ids of each prompt; a prompt that does not fit the context is the caller's 400."""
     try:
-        return [generator.encode(p, params) for p in prompts]
+        return [engine.encode(p, params) for p in prompts]
     except ContextLengthError as e:
         raise RequestError(400, "context_length_exceeded", str(e)) from None
     except ParamError as e:
@@ -76,8 +77,8 @@ def response_body(shape: str, prompts: list[str], completions, params: Generatio
     return [p + c.text if params.return_full_text else c.text.strip() for p, c in zip(prompts, completions)]
 
 
-def run_score(generator: Generator, shape: str, inputs, params: GenerationParams):
-    """Answer a parsed request in this thread, all prompts as one batch (the Azure ML scoring script)."""
-    prompts = prompts_of(generator, shape, inputs)
-    rows = [Row(ids, params) for ids in encode_all(generator, prompts, params)]
-    return response_body(shape, prompts, generator.run(rows), params)
+def run_score(engine: Engine, shape: str, inputs, params: GenerationParams):
+    """Answer a parsed request, waiting in this thread (the Azure ML scoring script)."""
+    prompts = prompts_of(engine, shape, inputs)
+    rows = [Row(ids, params) for ids in encode_all(engine, prompts, params)]
+    return response_body(shape, prompts, engine.run(rows), params)

@@ -80,7 +80,9 @@ def download_model(uri: str) -> Path:
     elif ref.isdigit():
         version = client.get_model_version(name, ref).version  # raises if it does not exist
     else:
-        raise ValueError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        from .errors import UserError
+
+        raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
     store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:10]
     target = cache_dir() / "registry" / store / name / str(version)
     if (target / "config.json").exists():

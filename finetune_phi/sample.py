@@ -89,7 +89,9 @@ def generate_sample(n: int = 600, seed: int = 0) -> list[dict]:
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n:
-            raise ValueError(f"cannot make {n} distinct sample conversations; ask for fewer")
+            from .errors import UserError
+
+            raise UserError(f"cannot make {n} distinct sample conversations; ask for fewer")
         messages = _conversation(rng)
         key = json.dumps(messages, sort_keys=True)
         if key in seen:

@@ -1,9 +1,10 @@
 """The local scoring endpoint: Azure ML's online-endpoint protocol on 127.0.0.1, plus an OpenAI-compatible API.
 
 Several deployments (name -> model) share one endpoint; the `azureml-model-deployment` header (or
-the OpenAI `model` field) pins one, otherwise traffic weights choose. Concurrent requests to a
-deployment are batched (batching.py). Request limits use Azure ML's names. Models load in the
-background: /health answers at once, /ready turns 200 when every deployment is loaded.
+the OpenAI `model` field) pins one, otherwise traffic weights choose. Each deployment's model runs in
+an engine (engines/: continuous batching by default), which decodes its concurrent requests together.
+Request limits use Azure ML's names. Models load in the background: /health answers at once, /ready
+turns 200 when every deployment is loaded.
 """
 import asyncio
 import json
@@ -14,7 +15,7 @@ import time
 from dataclasses import dataclass
 
 from . import keys
-from .batching import Batcher, QueueTimeout
+from .engines.base import DEFAULT_ENGINE, Engine
 from .generation import MAX_NEW_TOKENS_CAP, Row
 from .protocol import RequestError, encode_all, parse_score_request, prompts_of, response_body
 
@@ -23,22 +24,26 @@ log = logging.getLogger("finetune_phi.serve")
 
 @dataclass
 class Limits:
-    """Request settings, named as in Azure ML's OnlineRequestSettings, and the batching knobs."""
+    """Request settings, named as in Azure ML's OnlineRequestSettings.
+
+    request_timeout_ms is Azure's maximum (its default is 5,000): on CPU a long answer from a busy
+    model takes minutes, and cutting it off only wastes the work already done. Capacity is bounded by
+    max_concurrent_requests_per_instance (429 above it), not by the clock. max_queue_wait_ms bounds
+    the wait before decoding starts (the continuous-batching engine starts every admitted request
+    at its next step).
+    """
     max_concurrent_requests_per_instance: int = 32
     max_queue_wait_ms: int = 5_000
-    request_timeout_ms: int = 60_000
+    request_timeout_ms: int = 180_000
     max_body_bytes: int = 1_000_000
     max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
-    max_batch_size: int = 16  # 1 = batching off
-    batch_window_ms: float = 5
 
 
 @dataclass
 class Deployment:
     name: str
     model: str  # the spec it was loaded from (tiny, folder, models:/...)
-    generator: object = None
-    batcher: Batcher | None = None
+    engine: Engine | None = None
 
 
 def parse_pairs(items: list[str], what: str) -> dict[str, str]:
@@ -80,8 +85,10 @@ def parse_traffic(items: list[str], deployments: list[str]) -> dict[str, int]:
 class Endpoint:
     """Deployments, traffic, key and limits; the FastAPI app is built around one of these."""
 
-    def __init__(self, deployments: dict[str, str], traffic: dict[str, int], api_key: str, limits: Limits | None = None):
+    def __init__(self, deployments: dict[str, str], traffic: dict[str, int], api_key: str, limits: Limits | None = None,
+                 engine: str = DEFAULT_ENGINE):
         self.deployments = {name: Deployment(name, spec) for name, spec in deployments.items()}
+        self.engine = engine
         self.traffic = traffic
         self.api_key = keys.check_key(api_key, "the endpoint's configuration")  # never serve behind an empty key
         self.limits = limits or Limits()
@@ -90,16 +97,13 @@ class Endpoint:
         self.loaded = threading.Event()
 
     def load(self):
-        from . import models
-        from .generation import Generator
+        from .engines import load_engine
 
         try:
             for d in self.deployments.values():
                 t = time.time()
-                d.generator = Generator(*models.load(d.model))
-                d.batcher = Batcher(d.generator, self.limits.max_batch_size, self.limits.batch_window_ms,
-                                    self.limits.max_queue_wait_ms, d.name)
-                log.info("deployment %s: loaded %s in %.1fs", d.name, d.model, time.time() - t)
+                d.engine = load_engine(self.engine, d.model)
+                log.info("deployment %s: loaded %s (%s engine) in %.1fs", d.name, d.model, self.engine, time.time() - t)
             self.loaded.set()
         except Exception as e:  # noqa: BLE001 - reported through /ready, the process stays up
             self.load_error = f"{type(e).__name__}: {e}"
@@ -132,29 +136,23 @@ class Endpoint:
         return RequestError(503, "request_timeout", f"no answer within request_timeout_ms={self.limits.request_timeout_ms}")
 
     async def _completion(self, deployment: Deployment, row: Row):
-        """One row's completion through the batcher; 408 once it has waited max_queue_wait_ms unstarted.
-
-        The deadline is kept here, not in the batcher: the batcher only looks at a row when a running
-        batch ends, which can be long after the deadline.
-        """
-        queued = deployment.batcher.submit(row)
+        """One row's completion from the deployment's engine; 408 once it has waited max_queue_wait_ms unstarted."""
+        queued = deployment.engine.submit(row)
         answer = asyncio.wrap_future(queued)
         answer.add_done_callback(_retrieved)
         limit_ms = self.limits.max_queue_wait_ms
         try:
             done, _ = await asyncio.wait({answer}, timeout=limit_ms / 1000)
-            if not done and queued.cancel():  # still queued at the deadline: withdraw it (the batcher skips it)
+            if not done and queued.cancel():  # still queued at the deadline: withdraw it (the engine skips it)
                 raise RequestError(408, "queue_timeout", f"waited {limit_ms} ms in the queue without starting "
                                                          f"(max_queue_wait_ms={limit_ms})")
             return await answer  # started in time; the request timeout bounds the rest
-        except QueueTimeout as e:  # the batcher's own check, when it saw the row late at a batch start
-            raise RequestError(408, "queue_timeout", str(e)) from None
         finally:  # refused, timed out or abandoned: free its queue place, or its batch slot at the next token
             queued.cancel()
             row.cancel.set()
 
     async def generate(self, deployment: Deployment, rows: list[Row]):
-        """Completions for rows through the deployment's batcher, within the request limits."""
+        """Completions for rows from the deployment's engine, within the request limits."""
         tasks = [asyncio.ensure_future(self._completion(deployment, r)) for r in rows]
         try:
             return await asyncio.wait_for(asyncio.gather(*tasks), self.limits.request_timeout_ms / 1000)
@@ -207,8 +205,8 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
             threading.Thread(target=endpoint.load, name="load-models", daemon=True).start()
         yield
         for d in endpoint.deployments.values():
-            if d.batcher:
-                d.batcher.close()
+            if d.engine:
+                d.engine.close()
 
     app = FastAPI(title="finetune-phi endpoint", lifespan=lifespan, docs_url=None, redoc_url=None)
 
@@ -272,8 +270,8 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
     async def score(request: Request):
         shape, inputs, params = parse_score_request(await json_body(request), endpoint.limits.max_new_tokens_cap)
         deployment = endpoint.choose(request.headers.get("azureml-model-deployment"))
-        prompts = prompts_of(deployment.generator, shape, inputs)
-        rows = [Row(ids, params) for ids in encode_all(deployment.generator, prompts, params)]
+        prompts = prompts_of(deployment.engine, shape, inputs)
+        rows = [Row(ids, params) for ids in encode_all(deployment.engine, prompts, params)]
         endpoint.enter()
         try:
             completions = await endpoint.generate(deployment, rows)
@@ -291,7 +289,7 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         model, messages, params, stream, include_usage = openai_api.parse_chat_request(
             await json_body(request), endpoint.limits.max_new_tokens_cap)
         deployment = endpoint.choose(model or request.headers.get("azureml-model-deployment"))
-        row = Row(encode_all(deployment.generator, [deployment.generator.chat_prompt(messages)], params)[0], params)
+        row = Row(encode_all(deployment.engine, [deployment.engine.chat_prompt(messages)], params)[0], params)
         headers = {"azureml-model-deployment": deployment.name}
         endpoint.enter()
         if not stream:
@@ -394,12 +392,12 @@ def _once(fn):
 
 
 def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = "127.0.0.1", port: int = 5000,
-          limits: Limits | None = None, key_env: str = keys.KEY_ENV):
+          limits: Limits | None = None, key_env: str = keys.KEY_ENV, engine: str = DEFAULT_ENGINE):
     import uvicorn
 
     api_key, source = keys.get_or_create_key(key_env)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("deployments %s, traffic %s; key from %s", deployments, traffic, source)
     log.info("scoring URI http://%s:%d/score; OpenAI base URL http://%s:%d/v1", host, port, host, port)
-    app = create_app(Endpoint(deployments, traffic, api_key, limits))
+    app = create_app(Endpoint(deployments, traffic, api_key, limits, engine))
     uvicorn.run(app, host=host, port=port, log_level="info")
