@@ -12,6 +12,7 @@ from ..generation import Completion, ContextLengthError, GenerationParams, Param
 ENGINES = {
     "transformers": "finetune_phi.engines.transformers_cb:TransformersEngine",
     "vllm": "finetune_phi.engines.vllm_engine:VLLMEngine",
+    "openvino": "finetune_phi.engines.openvino_engine:OpenVINOEngine",
 }
 DEFAULT_ENGINE = "transformers"
 
