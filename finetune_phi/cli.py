@@ -296,6 +296,10 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     _add_azure_flags(de)
     de.set_defaults(func=cmd_delete)
 
+    from .export import add_export_parser
+
+    add_export_parser(sub)
+
     k = sub.add_parser("compare", help="base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report",
                        formatter_class=fmt)
     k.add_argument("--base", required=True, help="deployment name answering as the base (e.g. base)")
