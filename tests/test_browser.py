@@ -12,13 +12,11 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, free_port, http
+from support import BIN, REPO, Process, free_port, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -61,25 +59,14 @@ def chat_page(connected, test_root):
     port = free_port()
     cmd[cmd.index("--port") + 1] = str(port)
     log_path = test_root / "pf-serve-browser.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ})  # PF_HOME_DIRECTORY: where `connected` made the connection
+    # PF_HOME_DIRECTORY from the environment: where `connected` made the connection
+    server = Process([BIN / cmd[0], *cmd[1:]], log_path, cwd=REPO, env={**os.environ})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
-        while True:
-            assert server.poll() is None, f"pf flow serve exited: {log_path.read_text()[-3000:]}"
-            try:
-                if http("GET", url + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"pf flow serve not healthy: {log_path.read_text()[-3000:]}"
-            time.sleep(0.5)
+        server.wait_for_url(url + "/health", timeout=120)
         yield url, log_path
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 @pytest.fixture
@@ -152,10 +139,8 @@ def ask(driver, wire, question: str, deployment: str | None, turn: int, timeout:
         fields["deployment"].send_keys(deployment)
     fields["question"].send_keys(question)
     fields["question"].send_keys(Keys.ENTER)
-    deadline = time.time() + timeout
-    while len(wire.poll()) < turn or len(answers_shown(driver)) < turn:
-        assert time.time() < deadline, f"turn {turn}: no answer shown; exchanges {wire.poll()}"
-        time.sleep(0.3)
+    wait_for(lambda: len(wire.poll()) >= turn and len(answers_shown(driver)) >= turn,
+             f"turn {turn}'s answer on the page (exchanges so far {wire.done})", timeout, interval=0.3)
     return wire.poll()[turn - 1]
 
 
@@ -165,16 +150,15 @@ def same_text(shown: str, answer: str) -> bool:
     return difflib.SequenceMatcher(None, norm(shown), norm(answer)).ratio() > 0.8
 
 
+@pytest.mark.slow
 def test_chat_page_answers_and_sends_the_history(chat_page, browser, test_root):
     url, log_path = chat_page
     screenshot = Path(os.environ.get("FINETUNE_PHI_CHAT_SCREENSHOT", test_root / "chat_page.png"))
     wire = Wire(browser)
     try:
         browser.get(url + "/")
-        deadline = time.time() + 60
-        while set(inputs_by_label(browser)[0]) != {"question", "deployment"}:
-            assert time.time() < deadline, f"chat page has no question/deployment fields: {browser.page_source[:2000]}"
-            time.sleep(0.3)
+        wait_for(lambda: set(inputs_by_label(browser)[0]) == {"question", "deployment"},
+                 "the chat page's question and deployment fields", 60, interval=0.3)
         fields, labels = inputs_by_label(browser)
         # the page insists on a value in every field; the flow's samples.json starts `deployment` at "*",
         # which the flow takes as the traffic split, so a first question needs nothing else typed

@@ -9,7 +9,7 @@ from dataclasses import fields, replace
 import pytest
 from azure.ai.ml import load_job
 
-from conftest import REPO
+from support import REPO
 from finetune_phi import cli
 from finetune_phi.azureml import entities
 from finetune_phi.config import TrainArguments, TrainConfig

@@ -3,7 +3,7 @@ import subprocess
 
 import pytest
 
-from conftest import BIN, ULTRACHAT40
+from support import BIN, ULTRACHAT40
 from finetune_phi.data import DataError, eval_row, prepare, read_jsonl, split_rows
 from finetune_phi.sample import generate_sample
 
@@ -104,6 +104,7 @@ def test_real_ultrachat_rows_go_through_unchanged(tmp_path):
         assert len(e["chat_history"]) == (len(messages) - 2) // 2
 
 
+@pytest.mark.slow
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     src = write_lines(tmp_path / "c.jsonl", [good(1), good(2, [{"role": "user", "content": "q"}])])
     done = subprocess.run([str(BIN / "finetune-phi"), "data", "--source", str(src), "--out", str(tmp_path / "o")],

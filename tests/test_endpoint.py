@@ -1,12 +1,16 @@
 """The real endpoint on 127.0.0.1: both /score shapes, auth, pinning, traffic, bad input, limits."""
+import math
 import os
 import stat
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import Server, concurrent_posts, http
+from support import Server, has_content, http, sse_events, stream_request
 from finetune_phi.keys import key_file
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 CHAT = {"input_data": {"input_string": [{"role": "user", "content": "What is the capital of Peru?"}],
                        "parameters": {"temperature": 0, "max_new_tokens": 24}}}
@@ -55,12 +59,35 @@ def test_max_new_tokens_is_honoured(endpoint):
     assert 0 < len(three[0]) < len(thirty[0]) and thirty[0].startswith(three[0])
 
 
+def binomial_bounds(n: int, p: float, alpha: float) -> tuple[int, int]:
+    """[lo, hi] holding Binomial(n, p) but for a probability of at most alpha (alpha/2 in each tail)."""
+    pmf = [math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(n + 1)]
+    lo, below = 0, 0.0
+    while below + pmf[lo] <= alpha / 2:
+        below += pmf[lo]
+        lo += 1
+    hi, above = n, 0.0
+    while above + pmf[hi] <= alpha / 2:
+        above += pmf[hi]
+        hi -= 1
+    return lo, hi
+
+
 def test_traffic_split_follows_the_weights(endpoint):
+    """The server draws each request's deployment with an unseeded random.choices, which a test in
+    another process cannot seed; so the bound is exact instead: with the 70/30 weights working, the
+    count of `base` among 400 requests falls outside [lo, hi] with probability <= 1e-6 (binomial
+    tails, no normal approximation). An even split would pass it with probability 4e-4, swapped weights never."""
+    n = 400
+    lo, hi = binomial_bounds(n, 0.7, 1e-6)  # [234, 323] of 400: 58.5% to 80.75%
+    assert not lo <= n * 0.5 <= hi and not lo <= n * 0.3 <= hi  # the bound tells 70/30 from 50/50 and 30/70
     payload = {"input_data": ["x"], "params": {"max_new_tokens": 1}}
-    seen = Counter(http("POST", endpoint.url + "/score", payload, endpoint.auth())[1]["azureml-model-deployment"]
-                   for _ in range(200))
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: http("POST", endpoint.url + "/score", payload, endpoint.auth()), range(n)))
+    assert all(status == 200 for status, _, _ in answers)
+    seen = Counter(headers["azureml-model-deployment"] for _, headers, _ in answers)
     assert set(seen) == {"base", "ft"}
-    assert 0.58 <= seen["base"] / 200 <= 0.82  # 70% +- 3 standard deviations
+    assert lo <= seen["base"] <= hi, seen
 
 
 @pytest.mark.parametrize("body, status, code", [
@@ -84,15 +111,22 @@ def test_unknown_pinned_deployment_is_404(endpoint):
 
 
 def test_over_capacity_gets_429_with_retry_after(tiny_model, test_root):
+    """--max-concurrent-requests 1, taken by a stream seen decoding: the next request is a 429 at once.
+    (No racing threads: the slot is known to be taken when the second request goes.)"""
     server = Server(["--deployment", f"only={tiny_model}", "--max-concurrent-requests", "1"],
                     test_root / "serve-limits.log", env={"FINETUNE_PHI_API_KEY": "a-test-key-for-limits"})
+    conn = None
     try:
-        slow = {"input_data": ["x"], "params": {"max_new_tokens": 400, "do_sample": False}}
-        results = concurrent_posts(server.url + "/score", slow, server.auth(), 4)
-        statuses = sorted(r[0] for r in results)
-        assert statuses.count(200) >= 1 and 429 in statuses
-        refused = next(r for r in results if r[0] == 429)
-        assert refused[1]["retry-after"] == "1" and refused[2]["error"]["code"] == "too_many_requests"
-        assert http("GET", server.url + "/ready", headers=server.auth())[0] == 200
+        conn, response = stream_request(server.url, server.key, {"messages": [{"role": "user", "content": "x"}],
+                                                                 "max_tokens": 1024, "temperature": 0})
+        assert response.status == 200
+        assert next(e for e in sse_events(response) if has_content(e))  # decoding: the one slot is taken
+        status, headers, body = http("POST", server.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                                     server.auth())
+        assert (status, body["error"]["code"]) == (429, "too_many_requests"), body
+        assert headers["retry-after"] == "1" and "1 requests already in flight" in body["error"]["message"]
+        assert http("GET", server.url + "/ready", headers=server.auth())[0] == 200  # refusing is not being unready
     finally:
+        if conn is not None:
+            conn.close()
         server.stop()

@@ -83,6 +83,7 @@ def agreement(engine, model_dir, max_new_tokens=24):
     return exact, sum(prefix) / len(prefix)
 
 
+@pytest.mark.slow
 def test_export_carries_tokenizer_and_manifest_and_refuses_existing_folder(tiny_export, tiny_model):
     import json
 
@@ -108,6 +109,7 @@ def test_unexported_folder_is_a_clear_error_naming_export(tiny_model):
         load_engine("openvino", str(tiny_model))
 
 
+@pytest.mark.slow
 def test_same_chat_template_and_stop_ids_as_the_source(engine, tiny_model):
     from transformers import AutoTokenizer
 
@@ -117,6 +119,7 @@ def test_same_chat_template_and_stop_ids_as_the_source(engine, tiny_model):
     assert engine.stop_ids == set(stop_token_ids_of(tiny_model))
 
 
+@pytest.mark.slow
 def test_greedy_int8_agrees_with_hf_generate(engine, tiny_model):
     exact, prefix = agreement(engine, tiny_model)
     print(f"tiny int8 vs HF fp32 generate: exact {exact:.0%}, mean matched prefix {prefix:.0%}")
@@ -124,6 +127,7 @@ def test_greedy_int8_agrees_with_hf_generate(engine, tiny_model):
     assert prefix >= 0.3, (exact, prefix)
 
 
+@pytest.mark.slow
 def test_max_new_tokens_is_length_and_cancel_stops(engine):
     params = GenerationParams(max_new_tokens=3, do_sample=False)
     prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": QUESTIONS[1]}]), params)
@@ -139,6 +143,7 @@ def test_max_new_tokens_is_length_and_cancel_stops(engine):
     assert result.finish_reason in ("cancelled", "stop") and result.completion_tokens < 1000
 
 
+@pytest.mark.slow
 def test_stop_string_and_streaming_and_many_concurrent_rows(engine):
     free = GenerationParams(max_new_tokens=16, do_sample=False)
     prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": QUESTIONS[2]}]), free)
@@ -156,6 +161,7 @@ def test_stop_string_and_streaming_and_many_concurrent_rows(engine):
     assert {c.text for c in many} == {full.text}
 
 
+@pytest.mark.slow
 def test_sampling_rows_run(engine):
     params = GenerationParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9)
     prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": QUESTIONS[3]}]), params)

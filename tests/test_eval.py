@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO
+from support import BIN, REPO
 from finetune_phi import compare, metrics
 from finetune_phi.data import read_jsonl
 
@@ -43,6 +43,7 @@ def test_aggregate_means_and_counts():
     assert summary["f1_score"] == pytest.approx((0.5 + 1.0) / 2)
 
 
+@pytest.mark.slow
 def test_eval_flow_batch_run_logs_means_and_counts(tmp_path, pf_home):
     rows = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
             {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
@@ -109,6 +110,7 @@ def test_report_files_work_offline_and_list_worst_regressions_first(tmp_path):
     assert {"question", "ground_truth", "answer_base", "answer_ft", "f1_score_delta"} <= set(frame.columns)
 
 
+@pytest.mark.slow
 def test_pf_run_create_commands_as_a_user_types_them(connected, sample_data, tmp_path):
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(sample_data / "eval.jsonl")[:5]))
@@ -128,6 +130,7 @@ def test_pf_run_create_commands_as_a_user_types_them(connected, sample_data, tmp
     assert logged["lines_scored"] == 5 and logged["f1_score"] > 0.3  # the fine-tuned model answers in shape
 
 
+@pytest.mark.slow
 def test_compare_counts_a_failing_line_and_goes_on(connected, trained, sample_data, tmp_path):
     rows = read_jsonl(sample_data / "eval.jsonl")[:6]
     rows[2] = dict(rows[2], question="word " * 5000)  # longer than the model's context: the endpoint says 400

@@ -2,11 +2,12 @@
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
-from conftest import BIN, REPO, free_port, http
+from support import BIN, REPO, PfFlowServe, free_port, http
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 FLOW = REPO / "flows" / "chat"
 QUESTION = "What is the capital of Peru?"
@@ -55,27 +56,16 @@ def test_chat_history_reaches_the_model(connected):
 
 
 def test_pf_flow_serve_chats_with_history(connected, test_root):
-    port = free_port()
-    log = (test_root / "pf-serve.log").open("w")
-    server = subprocess.Popen([str(BIN / "pf"), "flow", "serve", "--source", str(FLOW), "--host", "127.0.0.1",
-                               "--port", str(port), "--skip-open-browser"], stdout=log, stderr=subprocess.STDOUT)
+    server = PfFlowServe(FLOW, test_root / "pf-serve.log")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if http("GET", url + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
+        url = server.url
         history = [{"inputs": {"question": "Hi, my name is Olga."}, "outputs": {"answer": "Hello Olga! How can I help you today?"}}]
         status, _, body = http("POST", url + "/score", {"question": QUESTION, "chat_history": history, "deployment": "ft"},
                                {"Content-Type": "application/json"})
         assert status == 200, body
         assert body["answer"].startswith("The capital of")
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
 
 
 @pytest.mark.parametrize("case", ["endpoint down", "wrong key"])

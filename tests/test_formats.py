@@ -2,13 +2,12 @@
 in jsonl/json/parquet, converted to the same UltraChat rows; the set lands together or not at all."""
 import hashlib
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import BIN, SHARED_ASSETS, ULTRACHAT40
+from support import BIN, SHARED_ASSETS, ULTRACHAT40
 from finetune_phi.data import DataError, prepare, read_jsonl
 
 MESSAGES1000 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat1000-messages.jsonl"
@@ -57,6 +56,7 @@ def test_each_form_converts_real_rows_to_the_same_ultrachat_rows(tmp_path, form,
 
 
 @needs_real_rows
+@pytest.mark.slow
 def test_thousand_real_messages_only_rows_through_the_cli(tmp_path):
     done = subprocess.run([str(BIN / "finetune-phi"), "data", "--source", str(MESSAGES1000), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
@@ -70,6 +70,7 @@ def test_thousand_real_messages_only_rows_through_the_cli(tmp_path):
     assert not {r["prompt_id"] for r in train} & {r["prompt_id"] for r in test}
 
 
+@pytest.mark.slow
 def test_duplicates_are_counted_not_dropped_silently(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"q{i % 11}"}, {"role": "assistant", "content": f"a{i}"}]}
             for i in range(20)]  # 20 rows, 11 distinct first questions
@@ -109,6 +110,7 @@ prepare("sample", sys.argv[1], seed=int(sys.argv[2]))
 """
 
 
+@pytest.mark.slow
 def test_killed_between_files_the_set_is_refused_and_the_next_run_repairs_it(tmp_path):
     out = tmp_path / "data"
     prepare("sample", out, seed=1)

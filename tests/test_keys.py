@@ -1,12 +1,11 @@
 """The endpoint key can never be empty: racing first starts, bad keys refused, empty bearer refused."""
 import os
 import subprocess
-import sys
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 
-from conftest import BIN, free_port, http
+from support import BIN, free_port, http
 
 
 def _first_start(config_dir: str) -> str:
@@ -17,6 +16,7 @@ def _first_start(config_dir: str) -> str:
     return get_or_create_key()[0]
 
 
+@pytest.mark.slow
 def test_concurrent_first_starts_all_get_the_same_complete_key(tmp_path):
     # 150 creations racing in 30 folders: before the fix 45 of 150 read "" (file created, key not yet written)
     folders = [str(tmp_path / f"c{i}") for i in range(30)] * 5
@@ -39,6 +39,7 @@ def _serve(env: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("key, problem", [("", "is empty"), ("   ", "is empty"), ("short", "at least 16"),
                                           ("has a space in it, long enough", "printable ASCII")])
+@pytest.mark.slow
 def test_server_refuses_to_start_on_a_bad_key_from_the_environment(key, problem):
     done = _serve({"FINETUNE_PHI_API_KEY": key})
     assert done.returncode != 0
@@ -46,12 +47,14 @@ def test_server_refuses_to_start_on_a_bad_key_from_the_environment(key, problem)
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_server_refuses_to_start_on_an_empty_key_file(tmp_path):
     (tmp_path / "api_key").write_text("")  # what a crash between create and write used to leave
     done = _serve({"FINETUNE_PHI_CONFIG": str(tmp_path)})
     assert done.returncode != 0 and "is empty" in done.stderr and f"delete {tmp_path / 'api_key'}" in done.stderr
 
 
+@pytest.mark.slow
 def test_empty_bearer_token_is_refused(endpoint):
     for header in ("Bearer", "Bearer ", "Bearer    ", "bearer\t"):
         assert http("POST", endpoint.url + "/score", {"input_data": ["hi"]}, {"Authorization": header})[0] == 401

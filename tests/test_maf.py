@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, free_port, http
-from finetune_phi import compare
+from support import BIN, REPO, Process, free_port, http
 from finetune_phi.client import chat_stream, history_to_messages
 from finetune_phi.data import read_jsonl
 from finetune_phi.metrics import METRICS
 
 MAF_PYTHON = Path(os.environ.get("FINETUNE_PHI_MAF_PYTHON") or REPO / ".venv-maf" / "bin" / "python")
-pytestmark = pytest.mark.skipif(not MAF_PYTHON.exists() and not os.environ.get("CI"),
-                                reason="no .venv-maf: `make maf` creates it (`make test` does)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not MAF_PYTHON.exists() and not os.environ.get("CI"),
+                                 reason="no .venv-maf: `make maf` creates it (`make test` does)")]
 
 
 def maf(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -204,19 +204,11 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, sam
 
 def test_serve_twin_answers_and_streams_like_pf_flow_serve(greedy, greedy_env, connected, tmp_path):
     port = free_port()
-    log = tmp_path / "serve.log"
-    proc = subprocess.Popen([str(MAF_PYTHON), "-m", "finetune_phi.maf_runner", "serve", "--port", str(port)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, **greedy_env}, cwd=REPO)
+    proc = Process([MAF_PYTHON, "-m", "finetune_phi.maf_runner", "serve", "--port", port], tmp_path / "serve.log",
+                   env={**os.environ, **greedy_env}, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if http("GET", url + "/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
+        proc.wait_for_url(url + "/health", timeout=60)
         body = {"question": "What is the opposite of hot?", "chat_history": [], "deployment": "ft"}
         status, _, answer = http("POST", url + "/score", body, {"Content-Type": "application/json"})
         assert status == 200 and answer["answer"].strip()
@@ -229,5 +221,4 @@ def test_serve_twin_answers_and_streams_like_pf_flow_serve(greedy, greedy_env, c
         assert len(pieces) > 1 and "".join(pieces) == answer["answer"]
         assert http("POST", url + "/score", {"chat_history": []}, {"Content-Type": "application/json"})[0] == 400
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.stop()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import PHI3_TOKENIZER
+from support import PHI3_TOKENIZER
 from finetune_phi import models
 
 
@@ -43,11 +43,12 @@ def test_tiny_around_the_real_phi3_tokenizer():
     assert prompt == "<|user|>\nHi<|end|>\n<|assistant|>\n"
 
 
+@pytest.mark.slow
 def test_user_mistakes_with_models_are_one_line(tmp_path, tiny_model):
     import shutil
     import subprocess
 
-    from conftest import BIN
+    from support import BIN
 
     def serve_model_error(spec):
         from finetune_phi.models import load

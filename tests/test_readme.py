@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+import pytest
+
+from support import REPO
 
 
 def readme_commands() -> list[str]:
@@ -31,6 +33,7 @@ def test_readme_names_the_two_make_targets():
     assert "make test" in ci
 
 
+@pytest.mark.slow
 def test_make_demo_runs_the_whole_loop_from_a_fresh_copy(tmp_path):
     clone = fresh_copy(tmp_path / "clone")
     venv = Path(sys.prefix)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from conftest import PHI3_TOKENIZER, Server, http
+from support import PHI3_TOKENIZER, Server, http
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea."]
 NEW_TOKENS = 24
@@ -48,6 +48,7 @@ def real_endpoint(smollm2_model, tiny_model, test_root):
 
 
 @pytest.mark.parametrize("deployment", ["smollm2", "tiny"])
+@pytest.mark.slow
 def test_greedy_endpoint_text_equals_model_generate(real_endpoint, smollm2_model, tiny_model, deployment):
     model_dir = smollm2_model if deployment == "smollm2" else tiny_model
     for question in QUESTIONS:
@@ -67,6 +68,7 @@ def test_greedy_endpoint_text_equals_model_generate(real_endpoint, smollm2_model
         assert v1["usage"]["completion_tokens"] == len(tokens) - (1 if stopped else 0)
 
 
+@pytest.mark.slow
 def test_real_model_answers_the_question(real_endpoint):
     status, _, body = http("POST", real_endpoint.url + "/v1/chat/completions",
                            {"model": "smollm2", "messages": [{"role": "user", "content": QUESTIONS[0]}],
@@ -88,6 +90,7 @@ def smollm2_finetuned(smollm2_model, test_root):
                              extra={"max_steps": 3, "eval_strategy": "no"}))
 
 
+@pytest.mark.slow
 def test_fine_tuned_real_model_stops_at_end_of_turn_everywhere(smollm2_finetuned, smollm2_model, test_root):
     """The bug the toy hid: a fine-tuned ChatML model saved with eos_token_id [] never stopped."""
     out = smollm2_finetuned.out
@@ -134,6 +137,7 @@ CONVERSATION = [{"role": "user", "content": "Hi, I am Ann."}, {"role": "assistan
                 {"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}]
 
 
+@pytest.mark.slow
 def test_assistant_mask_derived_from_chatml_covers_exactly_the_replies(smollm2_model):
     from transformers import AutoTokenizer
 
@@ -163,6 +167,7 @@ def test_assistant_mask_for_phi3_from_trl_and_derived_agree():
     assert _assistant_text(tok, trl) == "Hello Ann!<|end|>Lima.<|end|><|endoftext|>"
 
 
+@pytest.mark.slow
 def test_a_template_that_hides_turns_is_a_clear_error_naming_loss_on_all(smollm2_model):
     from transformers import AutoTokenizer
 

@@ -5,9 +5,11 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, PHI3_TOKENIZER, ULTRACHAT40
+from support import BIN, PHI3_TOKENIZER, ULTRACHAT40
 from finetune_phi import models, registry
 from finetune_phi.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 
 def test_fine_tune_beats_the_base_on_held_out_conversations(trained):
@@ -64,7 +66,7 @@ def test_real_ultrachat_rows_train_with_the_real_tokenizer(tmp_path):
 
 def test_tutorial_entry_point_trains_with_the_default_local_store(sample_data, tiny_model, tmp_path):
     """training/fine_tune.py (the Azure job's entry) with no MLFLOW_TRACKING_URI: SQLite in the working dir."""
-    from conftest import REPO
+    from support import REPO
 
     # mlflow.set_tracking_uri/set_registry_uri in this process export MLFLOW_* to children: drop them all
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}

@@ -1,0 +1,170 @@
+"""What the tests share besides fixtures: paths, free ports, waiting for an event with a deadline,
+HTTP without exceptions, and the processes they start (`finetune-phi serve`, `pf flow serve`, ...).
+
+Waiting is always for an event (a URL that answers, a file that appears, a line in a log), polled
+until a deadline that only bounds a failure: a test never sleeps for a guessed time and then looks.
+Standard library only: conftest sets the environment before anything imports transformers or mlflow.
+"""
+from __future__ import annotations
+
+import http.client as httpclient
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Callable, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_ASSETS = REPO.parent / "shared" / "assets"
+PHI3_TOKENIZER = SHARED_ASSETS / "phi-3-mini-tokenizer"
+ULTRACHAT40 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat40.jsonl"
+BIN = Path(sys.executable).parent
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def log_tail(log: Path | None, chars: int = 3000) -> str:
+    if log is None or not log.exists():
+        return ""
+    return f"\n--- last of {log} ---\n{log.read_text(errors='replace')[-chars:]}"
+
+
+def wait_for(condition: Callable[[], T], what: str, timeout: float = 60, *, proc: subprocess.Popen | None = None,
+             log: Path | None = None, interval: float = 0.05) -> T:
+    """condition()'s first truthy value, polled until `timeout` seconds have passed.
+
+    Fails with a message naming `what` was awaited (and the tail of `log`): at the deadline, or as soon
+    as `proc` has exited, since a dead process will never make it true. OSError from condition() counts
+    as "not yet" (a server that does not listen yet refuses the connection).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except OSError:
+            value = None
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"waiting for {what}: the process exited with {proc.returncode}{log_tail(log)}")
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"waiting for {what}: not within {timeout:g} s{log_tail(log)}")
+        time.sleep(interval)
+
+
+def wait_for_url(url: str, timeout: float = 120, *, headers: dict | None = None, proc: subprocess.Popen | None = None,
+                 log: Path | None = None) -> None:
+    """Until GET url answers 200."""
+    wait_for(lambda: http("GET", url, headers=headers, timeout=5)[0] == 200, f"{url} to answer 200", timeout,
+             proc=proc, log=log, interval=0.2)
+
+
+def http(method: str, url: str, body=None, headers: dict | None = None, timeout: float = 60):
+    """(status, headers, decoded JSON or text) without raising on 4xx/5xx."""
+    data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, hdrs, raw = r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        status, hdrs, raw = e.code, dict(e.headers), e.read()
+    try:
+        return status, hdrs, json.loads(raw)
+    except ValueError:
+        return status, hdrs, raw.decode(errors="replace")
+
+
+def stream_request(url: str, key: str, body: dict):
+    """POST a streamed chat completion; (connection, response) with the response's head read, its body not."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = httpclient.HTTPConnection(host, int(port), timeout=30)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    return conn, conn.getresponse()
+
+
+def sse_events(response):
+    """The SSE events of a chat completion stream as they arrive (each a dict; [DONE] ends it)."""
+    for line in response:
+        if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+            yield json.loads(line[6:])
+
+
+def has_content(event: dict) -> bool:
+    return any(c.get("delta", {}).get("content") for c in event.get("choices", []))
+
+
+class Process:
+    """A process of the test's, output to `log`; stop() ends it (terminate, then kill) and waits."""
+
+    def __init__(self, cmd: list, log: Path, **popen):
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen([str(c) for c in cmd], stdout=out, stderr=subprocess.STDOUT, **popen)
+
+    def wait_for_url(self, url: str, timeout: float = 120, headers: dict | None = None) -> None:
+        wait_for_url(url, timeout, headers=headers, proc=self.proc, log=self.log)
+
+    def stop(self, timeout: float = 30):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class PfFlowServe(Process):
+    """`pf flow serve` of a flow on a free port of 127.0.0.1, healthy once constructed."""
+
+    def __init__(self, flow: Path, log: Path, *args: str, env: dict | None = None, cwd: Path | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([BIN / "pf", "flow", "serve", "--source", flow, "--host", "127.0.0.1", "--port", self.port,
+                          "--skip-open-browser", *args], log, env={**os.environ, **(env or {})}, cwd=cwd)
+        try:
+            self.wait_for_url(self.url + "/health", timeout=120)
+        except BaseException:
+            self.stop()
+            raise
+
+
+class Server(Process):
+    """A real `finetune-phi serve` process on 127.0.0.1, ready (models loaded) once constructed."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__([BIN / "finetune-phi", "serve", *args, "--port", str(self.port)], log,
+                         env={**os.environ, **(env or {})})
+        from finetune_phi.keys import get_or_create_key
+
+        self.key = (env or {}).get("FINETUNE_PHI_API_KEY") or get_or_create_key()[0]
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def auth(self, **extra) -> dict:
+        return {"Authorization": f"Bearer {self.key}", "Content-Type": "application/json", **extra}
+
+    def wait_ready(self, timeout: float = 180):
+        self.wait_for_url(self.url + "/ready", timeout, headers=self.auth())
+
+    def log_since(self, start: int) -> str:
+        return self.log.read_text()[start:]
+
+    def log_size(self) -> int:
+        return len(self.log.read_text())
