@@ -1,76 +1,105 @@
 """The endpoint under real traffic: batching, limits, the OpenAI API, streaming, fuzzing and load."""
 import http.client as httpclient
 import json
+import os
 import subprocess
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import BIN, REPO, Server, concurrent_posts, http
+from support import BIN, REPO, PfFlowServe, Server, free_port, has_content, http, stream_request, wait_for
+
+pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 KEY = {"FINETUNE_PHI_API_KEY": "serving-test-key"}
 
 
-# --- the decoding loop and the batcher, in process ----------------------------------------------
+# --- the default engine (continuous batching), in process -----------------------------------------
 
 @pytest.fixture(scope="module")
-def generator(trained):
-    from finetune_phi import models
-    from finetune_phi.generation import Generator
+def engine(trained):
+    from finetune_phi.engines import load_engine
 
-    return Generator(*models.load(str(trained.out)))
+    e = load_engine("transformers", str(trained.out))
+    yield e
+    e.close()
 
 
-def rows_for(gen, questions, **params):
+def rows_for(engine, questions, **params):
     from finetune_phi.generation import GenerationParams, Row
 
     p = GenerationParams.parse({"temperature": 0, **params}, return_full_text=False)
-    return [Row(gen.encode(gen.chat_prompt([{"role": "user", "content": q}]), p), p) for q in questions]
+    return [Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), p), p) for q in questions]
 
 
 QUESTIONS = ["Say hello to Maya.", "What is the capital of Peru?", "Hi", "Which noise does a cow make?",
              "What is 12 plus 30? Please answer in a full sentence, thank you very much."]
 
 
-def test_batched_greedy_decoding_equals_one_request_at_a_time(generator):
-    alone = [generator.run(rows_for(generator, [q]))[0].text for q in QUESTIONS]
-    together = [c.text for c in generator.run(rows_for(generator, QUESTIONS))]  # prompts of different lengths
+def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
+    alone = [engine.run(rows_for(engine, [q]))[0].text for q in QUESTIONS]
+    together = [c.text for c in engine.run(rows_for(engine, QUESTIONS))]  # prompts of different lengths
     assert together == alone
     assert alone[0].startswith("Hello Maya")
 
 
-def test_each_row_keeps_its_own_settings_inside_a_batch(generator):
+def test_each_row_keeps_its_own_settings_inside_a_batch(engine):
     from finetune_phi.generation import GenerationParams
 
-    short, stopped, free = rows_for(generator, QUESTIONS[:3])
+    short, stopped, free, sampled = rows_for(engine, QUESTIONS[:4])
     short.params = GenerationParams.parse({"temperature": 0, "max_new_tokens": 2})
     stopped.params = GenerationParams.parse({"temperature": 0, "stop": [" of"]})
-    out = generator.run([short, stopped, free])
+    sampled.params = GenerationParams.parse({"temperature": 1.5, "max_new_tokens": 24})
+    out = engine.run([short, stopped, free, sampled])
     assert out[0].finish_reason == "length" and out[0].completion_tokens == 2
     assert out[1].text == "The capital" and out[1].finish_reason == "stop"  # cut before the stop string
     assert out[2].finish_reason == "stop" and out[2].completion_tokens > 2
+    assert out[2].text == engine.run(rows_for(engine, QUESTIONS[2:3]))[0].text  # greedy beside a sampled row
 
 
-def test_batcher_groups_concurrent_requests(generator):
-    from finetune_phi.batching import Batcher
+def test_a_request_joins_a_running_batch_without_waiting_for_it_to_drain(engine):
+    """Continuous batching: a short request sent while others decode ends while they still decode.
+    (A batch run to its end would make it wait for all of them.) Four long rows sampled at a high
+    temperature: the chance that all of them end within the short one's few steps is negligible."""
+    from finetune_phi.generation import GenerationParams
 
-    batcher = Batcher(generator, max_batch_size=8, window_ms=200)
-    try:
-        futures = [batcher.submit(r) for r in rows_for(generator, QUESTIONS * 2)]
-        results = [f.result(timeout=60) for f in futures]
-        assert batcher.rows == 10 and batcher.batches <= 3  # 10 requests in at most 3 decoding passes
-        assert results[0].text == results[5].text  # the same question in two batches, the same answer
-    finally:
-        batcher.close()
+    longs = rows_for(engine, ["Tell me a long story."] * 4)
+    started = threading.Event()
+    for row in longs:
+        row.params = GenerationParams.parse({"temperature": 2.0, "max_new_tokens": 300})
+        row.on_text = lambda piece: started.set()  # streamed, so we see decoding under way
+    (short,) = rows_for(engine, ["Hi"], max_new_tokens=3)
+    long_futures = [engine.submit(r) for r in longs]
+    assert started.wait(120)
+    still_decoding = []
+    done = engine.submit(short)
+    done.add_done_callback(lambda f: still_decoding.append(sum(not lf.done() for lf in long_futures)))
+    assert done.result(timeout=120).completion_tokens == 3
+    for f in long_futures:
+        f.result(timeout=300)
+    assert still_decoding[0] > 0
 
 
-def test_streamed_pieces_add_up_to_the_answer(generator):
+def test_a_cancelled_row_stops_decoding(engine):
+    from finetune_phi.generation import GenerationParams
+
+    (row,) = rows_for(engine, ["Tell me a long story."])
+    row.params = GenerationParams.parse({"temperature": 1.0, "max_new_tokens": 1000})
+    row.on_text = lambda piece: row.cancel.set()  # the client leaves after the first piece
+    done = engine.submit(row).result(timeout=60)
+    assert done.finish_reason == "cancelled" and done.completion_tokens < 50
+
+
+def test_streamed_pieces_add_up_to_the_answer(engine):
     pieces = []
-    (row,) = rows_for(generator, ["Say hello to Maya."], stop=["meet"])
+    (row,) = rows_for(engine, ["Say hello to Maya."], stop=["meet"])
     row.on_text = pieces.append
-    (done,) = generator.run([row])
+    (done,) = engine.run([row])
     assert len(pieces) > 3 and "".join(pieces) == done.text == "Hello Maya! It is great to "
 
 
@@ -150,27 +179,6 @@ def test_limits_answer_with_clear_json_errors(server, body, status, code, words)
     assert all(w in answer["error"]["message"] for w in words)
 
 
-def stream_request(url: str, key: str, body: dict):
-    host, port = url.removeprefix("http://").split(":")
-    conn = httpclient.HTTPConnection(host, int(port), timeout=30)
-    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
-    return conn, conn.getresponse()
-
-
-def test_queue_wait_over_the_limit_is_408(tiny_model, test_root):
-    s = Server(["--deployment", f"only={tiny_model}", "--max-batch-size", "1", "--max-queue-wait-ms", "100"],
-               test_root / "serve-queue.log", env=KEY)
-    try:
-        long = {"input_data": ["x"], "params": {"max_new_tokens": 400, "do_sample": False}}
-        results = concurrent_posts(s.url + "/score", long, s.auth(), 3)
-        codes = Counter(r[0] for r in results)
-        assert codes[200] >= 1 and codes[408] >= 1, codes
-        assert all(r[2]["error"]["code"] == "queue_timeout" for r in results if r[0] == 408)
-    finally:
-        s.stop()
-
-
 def test_timeouts_and_disconnects_never_hang_or_leak_capacity(tiny_model, test_root):
     s = Server(["--deployment", f"only={tiny_model}", "--request-timeout-ms", "800", "--max-concurrent-requests", "1"],
                test_root / "serve-timeout.log", env=KEY)
@@ -185,46 +193,83 @@ def test_timeouts_and_disconnects_never_hang_or_leak_capacity(tiny_model, test_r
         assert response.status == 200 and response.readline().startswith(b"data: ")
         conn.sock.close()
         conn.close()
-        deadline, status = time.time() + 10, None
-        while time.time() < deadline and status != 200:
-            status = http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}}, s.auth())[0]
-            time.sleep(0.2)
-        assert status == 200
+        wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                              s.auth())[0] == 200, "the hung-up stream's slot to come back", 10, log=s.log)
         assert http("GET", s.url + "/ready", headers=s.auth())[0] == 200
     finally:
         s.stop()
 
 
-def test_chat_flow_streams_through_pf_flow_serve(connected, test_root):
-    from conftest import free_port
+class HoldAfterFirstPiece:
+    """A pass-through to the endpoint that forwards its SSE stream line by line, but holds it after the
+    first piece of content until `release` is set (or 60 s have passed: then `gave_up`)."""
 
-    port = free_port()
-    flow = subprocess.Popen([str(BIN / "pf"), "flow", "serve", "--source", str(REPO / "flows" / "chat"), "--host",
-                             "127.0.0.1", "--port", str(port), "--skip-open-browser"],
-                            stdout=(test_root / "pf-stream.log").open("w"), stderr=subprocess.STDOUT)
+    def __init__(self, target: str):
+        gate = self
+        self.held, self.release, self.gave_up = threading.Event(), threading.Event(), False
+
+        class Handler(BaseHTTPRequestHandler):  # HTTP/1.0: the body ends when the connection closes
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() in ("authorization", "content-type", "azureml-model-deployment", "accept")}
+                request = urllib.request.Request(target + self.path, data=self.rfile.read(int(self.headers["Content-Length"])),
+                                                 headers=headers, method="POST")
+                try:
+                    upstream = urllib.request.urlopen(request, timeout=120)
+                except urllib.error.HTTPError as e:
+                    upstream = e
+                with upstream:
+                    self.send_response(upstream.status)
+                    self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/json"))
+                    self.end_headers()
+                    for line in upstream:
+                        content = line.startswith(b"data: {") and has_content(json.loads(line[6:]))
+                        if content and gate.held.is_set() and not gate.release.is_set():
+                            gate.gave_up = not gate.release.wait(60)
+                        self.wfile.write(line)  # unbuffered: on the wire now
+                        if content:
+                            gate.held.set()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_chat_flow_streams_through_pf_flow_serve(connected, test_root, tmp_path):
+    """pf flow serve passes the answer on piece by piece: its first event reaches the client while the
+    endpoint's stream is held after its first piece, so it cannot have come from a buffered answer."""
+    gate = HoldAfterFirstPiece(connected.url)
+    env = {"PF_HOME_DIRECTORY": str(tmp_path / "pf"), "FINETUNE_PHI_API_KEY": connected.key}  # a connection to the gate
+    subprocess.run([str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
+                   check=True, capture_output=True, env={**os.environ, **env}, timeout=120)
+    done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", gate.url + "/score"],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    flow = PfFlowServe(REPO / "flows" / "chat", test_root / "pf-stream.log", env=env)
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if http("GET", f"http://127.0.0.1:{port}/health", timeout=2)[0] == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn = httpclient.HTTPConnection("127.0.0.1", flow.port, timeout=120)
         conn.request("POST", "/score", json.dumps({"question": "Say hello to Maya.", "deployment": "ft"}),
                      {"Content-Type": "application/json", "Accept": "text/event-stream"})
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
-        events = []
+        pieces, before_release = [], None
         for line in response:
             if line.startswith(b"data: "):
-                events.append((time.perf_counter(), json.loads(line[6:])["answer"]))
-        assert len(events) > 3  # incrementally, not one event
-        assert "".join(e[1] for e in events).startswith("Hello Maya")
-        assert events[-1][0] - events[0][0] > 0  # the first piece arrived before the last
+                pieces.append(json.loads(line[6:])["answer"])
+                if before_release is None:
+                    before_release = not gate.release.is_set() and not gate.gave_up
+                    gate.release.set()
+        assert before_release, "pf flow serve sent nothing until the endpoint's answer was complete"
+        assert gate.held.is_set() and not gate.gave_up
+        assert len(pieces) > 3  # the rest came piece by piece too
+        assert "".join(pieces).startswith("Hello Maya")  # the flow samples at the endpoint's temperature
     finally:
-        flow.terminate()
-        flow.wait(timeout=30)
+        gate.release.set()
+        flow.stop()
+        gate.server.shutdown()
 
 
 # --- abuse: fuzzing and load ---------------------------------------------------------------------
