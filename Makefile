@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install maf azmlinfsrv demo test test-fast clean
+.PHONY: install maf azmlinfsrv openvino-export demo test test-fast clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -36,7 +36,7 @@ $(MAF_VENV)/.installed: $(VENV)/.installed flows/chat-maf/requirements.txt flows
 	$(MAF_VENV)/bin/python -m pip install -q -c $(MAF_VENV)/constraints.txt \
 		-r flows/chat-maf/requirements.txt -r flows/eval-maf/requirements.txt
 	$(MAF_VENV)/bin/python -m pip install -q --no-deps -e .
-	$(MAF_VENV)/bin/python -c "import agent_framework, finetune_phi.client, finetune_phi.metrics"
+	$(MAF_VENV)/bin/python -c "import agent_framework, finetune_phi.serving.client, finetune_phi.evaluation.metrics"
 	touch $@
 
 # Azure's own inference server (azmlinfsrv) running deploy/score.py, as a managed online deployment
@@ -58,6 +58,13 @@ $(AZML_VENV)/.installed: $(VENV)/.installed deploy/conda.yml
 	$(AZML_VENV)/bin/python -m pip check
 	$(AZML_VENV)/bin/python -c "import azureml_inference_server_http, torch, transformers"
 	touch $@
+
+# The OpenVINO exporter (`finetune-phi export --format openvino`): optimum-intel needs transformers < 5.6,
+# so it gets a venv of its own (~2.5 min). Not part of `make test`: the export tests skip without it.
+openvino-export: .venv-openvino-export/bin/optimum-cli
+
+.venv-openvino-export/bin/optimum-cli: $(VENV)/.installed
+	TORCH_INDEX=$(TORCH_INDEX) $(BIN)/python -m finetune_phi.modeling.export --setup .venv-openvino-export
 
 # DEMO_ARGS="--base-model tiny": the same loop on the random tiny model in about a minute
 DEMO_ARGS ?=

@@ -20,7 +20,6 @@ import argparse
 import http.client
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from finetune_phi.serving.local import NotReady, free_port, wait_ready  # noqa: E402
 BIN = Path(sys.executable).parent
 ASSETS = REPO.parent / "shared" / "assets" / "ultrachat-sample"
 KEY = "bench-key-0123456789abcdef"  # the endpoint wants >= 16 characters
@@ -55,12 +55,6 @@ TURN5_MAX, PF_MAX_MS = 1.5, 30.0
 
 def log(msg: str):
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(values: list[float], q: int) -> float:
@@ -114,24 +108,11 @@ class Server:
         self.log_path = work / f"{self.label.replace(' ', '-').replace('=', '-').replace('/', '_')}.log"
         self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in self.cmd], stdout=self.log_path.open("w"),
                                      stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise Unavailable(f"exited with {self.proc.returncode}: {self.tail()}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-                conn.request("GET", self.ready_path, headers=self.headers())
-                response = conn.getresponse()
-                body = response.read()
-                conn.close()
-                if response.status == 200:
-                    return
-                if b"load_failed" in body:
-                    raise Unavailable(json.loads(body)["error"]["message"])
-            except (OSError, http.client.HTTPException):
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"{self.label} not ready after {timeout:.0f} s; log: {self.log_path}")
+        try:
+            wait_ready(f"http://127.0.0.1:{self.port}{self.ready_path}", headers=self.headers(), proc=self.proc,
+                       log=self.log_path, timeout=timeout)
+        except NotReady as e:
+            raise Unavailable(str(e).splitlines()[0] + f" | {self.tail()}") from None
 
     def tail(self, lines: int = 3) -> str:
         text = self.log_path.read_text(errors="replace").strip().splitlines() if self.log_path else []
@@ -375,9 +356,9 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
     os.environ["PF_HOME_DIRECTORY"] = str(work / "pf")
     subprocess.run([str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
                    check=True, capture_output=True)
-    from finetune_phi.client import chat_stream
-    from finetune_phi.connection import connect
-    from finetune_phi.generation import GenerationParams
+    from finetune_phi.serving.client import chat_stream
+    from finetune_phi.serving.connection import connect
+    from finetune_phi.serving.generation import GenerationParams
 
     trivial = work / "trivial-flow"
     trivial.mkdir(exist_ok=True)
@@ -514,14 +495,14 @@ def verdict(value: float, target: float, at_most: bool = False) -> str:
 
 
 def exported(spec: str, how: str, work: Path) -> str:
-    """`export:FORMAT:PRECISION` -> a folder made by finetune_phi.export.export(spec, out, FORMAT, PRECISION)."""
+    """`export:FORMAT:PRECISION` -> a folder made by finetune_phi.modeling.export.export(spec, out, FORMAT, PRECISION)."""
     import importlib
 
     _, fmt, precision = (how.split(":") + [""] * 3)[:3]
     try:
-        export = importlib.import_module("finetune_phi.export").export
+        export = importlib.import_module("finetune_phi.modeling.export").export
     except ImportError as e:
-        raise SystemExit(f"{how}: this checkout has no finetune_phi.export ({e}); give the exported folder instead") from None
+        raise SystemExit(f"{how}: this checkout has no finetune_phi.modeling.export ({e}); give the exported folder instead") from None
     out = work / f"export-{fmt}-{precision}".rstrip("-")
     log(f"exporting {spec} as {fmt} {precision} to {out}")
     result = export(spec, out, fmt or None, precision or None)
@@ -529,9 +510,9 @@ def exported(spec: str, how: str, work: Path) -> str:
 
 
 def main():
-    from finetune_phi import models
-    from finetune_phi.engines import ENGINES
-    from finetune_phi.engines.base import DEFAULT_ENGINE
+    from finetune_phi.modeling import models
+    from finetune_phi.serving.engines import ENGINES
+    from finetune_phi.serving.engines.base import DEFAULT_ENGINE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=models.SMOLLM2,
@@ -539,7 +520,7 @@ def main():
     ap.add_argument("--engines", nargs="+", metavar="NAME[=MODEL]", default=None,
                     help=f"engines to run (default: all registered: {' '.join(ENGINES)}; those that cannot run here are "
                          "reported and skipped). =MODEL serves another model with that engine: a folder (an export) or "
-                         "export:FORMAT:PRECISION (finetune_phi.export.export of --model, made in the run's temp dir). "
+                         "export:FORMAT:PRECISION (finetune_phi.modeling.export.export of --model, made in the run's temp dir). "
                          f"Engines other than {DEFAULT_ENGINE} and vllm get the quantized engine's targets")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=20, help="per server and client count")

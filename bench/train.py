@@ -35,7 +35,7 @@ PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
 
 
 def model_for(config: str, work: Path) -> str:
-    from finetune_phi.models import tiny_path
+    from finetune_phi.modeling.models import tiny_path
 
     if config == "tiny":
         return str(tiny_path())
@@ -56,8 +56,8 @@ def run_one(args, name: str) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from finetune_phi import throughput
-    from finetune_phi.train import TrainConfig, build_trainer
+    from finetune_phi.training import throughput
+    from finetune_phi.training.trainer import TrainConfig, build_trainer
 
     spec = VARIANTS[name]
     extra = {"max_steps": args.steps, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 10_000,
@@ -120,7 +120,7 @@ def main():
     if args.one:
         print("RESULT " + json.dumps(run_one(args, args.one)), flush=True)
         return
-    from finetune_phi.data import prepare
+    from finetune_phi.data.prepare import prepare
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     prepare("sample", work / "data", sample_size=1200)

@@ -1,7 +1,7 @@
 """Azure ML online-deployment scoring script: the local endpoint's /score protocol, same code.
 
 Azure ML's inference server calls init() once and run(raw_body) per request. Parsing, parameters
-and generation come from finetune_phi (protocol.py, engines/), exactly as `finetune-phi serve`.
+and generation come from finetune_phi (serving/: request.py, azure_protocol.py, engines/), exactly as `finetune-phi serve`.
 Authentication, traffic and the azureml-model-deployment header are handled by Azure ML itself.
 """
 import json
@@ -11,7 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the deployment's code snapshot is the repo
 
-from finetune_phi.protocol import RequestError, parse_score_request, run_score  # noqa: E402
+from finetune_phi.serving.azure_protocol import parse_score_request, run_score  # noqa: E402
+from finetune_phi.serving.request import RequestError, parse_json  # noqa: E402
 
 engine = None
 
@@ -27,7 +28,7 @@ def find_model_dir(root: Path) -> Path:
 
 def init():
     global engine
-    from finetune_phi.engines import load_engine
+    from finetune_phi.serving.engines import load_engine
 
     model_dir = find_model_dir(Path(os.environ["AZUREML_MODEL_DIR"]))
     # FINETUNE_PHI_ENGINE picks the engine as `finetune-phi serve --engine` does (set it in the deployment's environment_variables)
@@ -37,12 +38,8 @@ def init():
 def handle(raw_data) -> tuple[int, object]:
     """(HTTP status, JSON body) for one request body."""
     try:
-        try:
-            payload = json.loads(raw_data) if isinstance(raw_data, (str, bytes)) else raw_data
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RequestError(400, "invalid_json", f"body is not valid JSON: {e}") from None
-        except RecursionError:  # as the local server answers it; uncaught, the inference server makes it a 500
-            raise RequestError(400, "invalid_json", "body is not valid JSON: nested too deeply") from None
+        # the local server's checks: bad JSON, nesting too deep, lone surrogates -> 400, not the inference server's 500
+        payload = parse_json(raw_data) if isinstance(raw_data, (str, bytes)) else raw_data
         shape, inputs, params = parse_score_request(payload)
         return 200, run_score(engine, shape, inputs, params)
     except RequestError as e:

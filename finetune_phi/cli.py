@@ -10,6 +10,7 @@ import os
 import sys
 from contextlib import contextmanager
 
+from . import project
 from .errors import UserError
 
 
@@ -20,6 +21,7 @@ def _offline_env():
             os.environ.setdefault(var, "1")
 
 
+COMMANDS = ("data", "tiny", "train", "serve", "connect", "deploy", "delete", "compare", "demo", "export")
 MODEL_COMMANDS = ("train", "serve", "demo", "compare", "tiny")
 
 
@@ -36,7 +38,7 @@ def _quiet_libraries():
 
 
 def cmd_data(args):
-    from .data import prepare
+    from .data.prepare import prepare
 
     result = prepare(args.source, args.out, split=args.split, test_split=args.test_split, test_size=args.test_size,
                      seed=args.seed, skip_invalid=args.skip_invalid, sample_size=args.sample_size)
@@ -50,7 +52,7 @@ def cmd_data(args):
 
 
 def cmd_tiny(args):
-    from .models import tiny_path
+    from .modeling.models import tiny_path
 
     print(tiny_path(args.tokenizer))
 
@@ -80,7 +82,7 @@ def cmd_train(args):
     cfg, launch, job = args.train, args.launch, args.job
     if launch.target == "azure":
         from .azureml import ops
-        from .models import DEFAULT_HUB_MODEL
+        from .modeling.models import DEFAULT_HUB_MODEL
 
         if cfg.tokenizer or cfg.resume or cfg.overwrite:
             raise UserError("--tokenizer, --resume and --overwrite are local options; an Azure job starts from "
@@ -92,7 +94,7 @@ def cmd_train(args):
         raise UserError("--dry-run applies to --target azure")
     if launch.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(cfg, launch.nproc, args.debug)
-    from .train import train
+    from .training.trainer import train
 
     r = train(cfg)
     if os.environ.get("RANK", "0") != "0":
@@ -117,7 +119,8 @@ def _flag_errors():
 
 
 def cmd_serve(args):
-    from .serve import Limits, parse_pairs, parse_traffic, serve
+    from .serving.app import serve
+    from .serving.endpoint import Limits, parse_pairs, parse_traffic
 
     with _flag_errors():
         deployments = parse_pairs(args.deployment or ["default=tiny"], "deployment")
@@ -129,7 +132,7 @@ def cmd_serve(args):
 
 
 def cmd_connect(args):
-    from .connection import connect, resolve_key
+    from .serving.connection import connect, resolve_key
 
     if args.target == "azure":
         from .azureml.ops import endpoint_url_and_key
@@ -150,7 +153,7 @@ def cmd_deploy(args):
     from pathlib import Path
 
     from .azureml import ops
-    from .serve import parse_weights
+    from .serving.endpoint import parse_weights
 
     with _flag_errors():
         traffic = parse_weights(args.traffic) if args.traffic else {args.deployment_name: 100}
@@ -170,7 +173,7 @@ def cmd_delete(args):
 
 
 def cmd_compare(args):
-    from .compare import compare
+    from .evaluation.compare import compare
 
     compare(args.base, args.candidate, args.data, args.name, args.base_model, args.candidate_model, args.test_file,
             args.base_connection, args.candidate_connection, args.reports, runner=args.runner, workers=args.workers)
@@ -204,6 +207,9 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune-phi", description="Fine-tune Phi-3 on UltraChat, serve it, chat and evaluate with Prompt flow.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of every error, the one-line ones too")
+    p.add_argument("--project", default=None, metavar="PATH",
+                   help="the finetune-phi checkout whose flows/, deploy/ and venvs to use (default: the current folder, "
+                        "else the source of an editable install)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=parser_class)
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -226,7 +232,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
 
     train_help = "fine-tune with TRL SFT, log to MLflow and register"
     if train_flags:
-        from .config import TRAIN_COMMAND, TrainArguments, add_negations
+        from .training.config import TRAIN_COMMAND, TrainArguments, add_negations
 
         tr = sub.add_parser("train", help=train_help, formatter_class=fmt, dataclass_types=TRAIN_COMMAND)
         add_negations(tr, TrainArguments)
@@ -252,7 +258,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
                    help="longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)")
     s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
     s.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens / max_tokens accepted")
-    from .engines.base import DEFAULT_ENGINE, ENGINES
+    from .serving.engines.base import DEFAULT_ENGINE, ENGINES
 
     s.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
                    help="what decodes: transformers (continuous batching, CPU or GPU), vllm (CUDA GPU); see README")
@@ -296,7 +302,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     _add_azure_flags(de)
     de.set_defaults(func=cmd_delete)
 
-    from .export import add_export_parser
+    from .modeling.export import add_export_parser
 
     add_export_parser(sub)
 
@@ -312,7 +318,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--base-connection", default=None, help="pf connection for the base (default finetune_phi_endpoint)")
     k.add_argument("--candidate-connection", default=None, help="pf connection for the candidate")
     k.add_argument("--reports", default="reports", help="folder for the report")
-    from .compare import DEFAULT_WORKERS
+    from .evaluation.compare import DEFAULT_WORKERS
 
     k.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
                    help="chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)")
@@ -331,6 +337,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_demo)
     for command in sub.choices.values():  # `finetune-phi train ... --debug` works as well as `finetune-phi --debug train`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as finetune-phi --debug")
+        command.add_argument("--project", default=argparse.SUPPRESS, metavar="PATH", help="as finetune-phi --project")
     return p
 
 
@@ -340,7 +347,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser(train_flags="train" in argv)
     args = parser.parse_args(argv)
     if args.command == "train":
-        from .config import AzureJobOptions, TrainConfig, TrainLaunch, from_namespace, load_yaml_defaults
+        from .training.config import AzureJobOptions, TrainConfig, TrainLaunch, from_namespace, load_yaml_defaults
 
         if args.config:
             load_yaml_defaults(parser.train_parser, args.config)
@@ -353,11 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     """Run one command. A UserError (a mistake the message explains) is one line and exit code 2; any
     other exception keeps its traceback, which is what a bug report needs. --debug: tracebacks for all."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = next((a for a in argv if not a.startswith("-")), "")
+    command = next((a for a in argv if a in COMMANDS), "")
     debug = "--debug" in argv
     _offline_env()  # before parsing: train's parser imports transformers, which reads these at import
     try:
         args = parse_args(argv)
+        project.use(args.project)
         if args.command in MODEL_COMMANDS:
             _quiet_libraries()
         return args.func(args) or 0

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-CHAT_FLOW = REPO / "flows" / "chat"
+from . import project
+
 QUESTION = "What is the capital of France?"
 
 # How the demo fine-tunes each kind of base within its budget (2 CPU cores). The tiny model starts
@@ -37,39 +35,10 @@ def _step(i: int, n: int, text: str):
     print(f"\n[{i}/{n}] {text}", flush=True)
 
 
-def free_port(preferred: int = 5000) -> int:
-    for port in (preferred, 0):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
-
-
-def wait_ready(url: str, api_key: str, server: subprocess.Popen, log: Path, timeout: float = 300):
-    """Poll /ready until 200; fail early (with the log's tail) if the server process exits."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the endpoint exited with code {server.returncode}; its log {log} ends:\n"
-                               + "\n".join(log.read_text().splitlines()[-15:]))
-        try:
-            req = urllib.request.Request(url + "/ready", headers={"Authorization": f"Bearer {api_key}"})
-            with urllib.request.urlopen(req, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"the endpoint was not ready within {timeout:.0f} s; see {log}")
-
-
 def pf_chat(question: str, deployment: str) -> str:
     """One chat turn through the chat flow with the real `pf flow test`."""
     pf = Path(sys.executable).with_name("pf")
-    cmd = [str(pf), "flow", "test", "--flow", str(CHAT_FLOW), "--inputs", f"question={question}",
+    cmd = [str(pf), "flow", "test", "--flow", str(project.flow("chat")), "--inputs", f"question={question}",
            f"deployment={deployment}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
@@ -80,7 +49,13 @@ def pf_chat(question: str, deployment: str) -> str:
 
 def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2-135m", tokenizer: str | None = None,
              epochs: float | None = None):
-    from . import compare, connection, data, keys, models, train
+    from .data.prepare import prepare
+    from .evaluation.compare import compare
+    from .modeling import models
+    from .serving import keys
+    from .serving.connection import CONNECTION_NAME, connect
+    from .serving.local import free_port, wait_ready
+    from .training.trainer import TrainConfig, train
 
     t0 = time.time()
     n = 8
@@ -96,7 +71,7 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     train_settings = {**recipe["train"], **({"epochs": epochs} if epochs else {})}
 
     _step(1, n, f"data: generating the offline UltraChat-format sample into {work / 'data'}")
-    prepared = data.prepare("sample", work / "data", sample_size=recipe["sample_size"])
+    prepared = prepare("sample", work / "data", sample_size=recipe["sample_size"])
     print(f"      train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows")
 
     _step(2, n, f"base model: {base_model} (converted/built once, then cached)")
@@ -104,10 +79,10 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     print(f"      {base}")
 
     _step(3, n, "fine-tuning with TRL SFT (assistant-only loss), tracked in MLflow")
-    result = train.train(train.TrainConfig(base_model=base_model, tokenizer=tokenizer,
-                                           train_file=str(work / "data/train.jsonl"),
-                                           eval_file=str(work / "data/test.jsonl"), out=str(work / "models/ft"),
-                                           overwrite=True, **train_settings))
+    result = train(TrainConfig(base_model=base_model, tokenizer=tokenizer,
+                               train_file=str(work / "data/train.jsonl"),
+                               eval_file=str(work / "data/test.jsonl"), out=str(work / "models/ft"),
+                               overwrite=True, **train_settings))
     registered = f"models:/finetune-phi/{result.registered_version}"
     print(f"      {result.steps} steps in {result.seconds:.0f} s; held-out loss {result.base_eval_loss:.3f} -> "
           f"{result.eval_loss:.3f}; registered {registered}")
@@ -124,11 +99,11 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
         server = subprocess.Popen([sys.executable, "-m", "finetune_phi.cli", *serve_args],
                                   stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        wait_ready(url, api_key, server, log)
+        wait_ready(url + "/ready", headers={"Authorization": f"Bearer {api_key}"}, proc=server, log=log)
         print(f"      ready at {url}/score (key from {key_source}; log {log})")
 
-        _step(5, n, f"connection: {connection.CONNECTION_NAME} -> {url}/score")
-        connection.connect(f"{url}/score", api_key)
+        _step(5, n, f"connection: {CONNECTION_NAME} -> {url}/score")
+        connect(f"{url}/score", api_key)
 
         _step(6, n, f"chat flow: one turn per deployment with `pf flow test` - {QUESTION!r}")
         for deployment in ("base", "ft"):
@@ -136,7 +111,7 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
 
         _step(7, n, f"comparison: chat + eval flow batch runs over {prepared.eval} held-out rows per deployment")
         name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
-        summary = compare.compare("base", "ft", work / "data" / "eval.jsonl", name=name, reports=work / "reports",
+        summary = compare("base", "ft", work / "data" / "eval.jsonl", name=name, reports=work / "reports",
                                   losses={"base": result.base_eval_loss, "candidate": result.eval_loss})
     finally:
         server.terminate()
@@ -151,6 +126,7 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
           f"(delta {f1['delta']:+.3f}, 95% CI [{f1['ci_low']:+.3f}, {f1['ci_high']:+.3f}])")
     print(f"      report: {summary['paths']['html']}")
     print(f"      MLflow run {result.run_id} in {os.environ['MLFLOW_TRACKING_URI']}")
+    chat_flow = project.flow("chat")
     print(f"\nDemo finished in {time.time() - t0:.0f} s. To do it yourself:")
     env = f"MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}"
     print(f"  finetune-phi data --source sample --sample-size {recipe['sample_size']} --out {work / 'data'}")
@@ -159,9 +135,9 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
           f"--out {work / 'models/ft'} --overwrite")
     print(f"  {env} finetune-phi {shlex.join(serve_args)} &")
     print(f"  finetune-phi connect --endpoint-url {url}/score")
-    print(f"  pf flow test --flow {CHAT_FLOW} --inputs question={shlex.quote(QUESTION)} deployment=ft")
+    print(f"  pf flow test --flow {chat_flow} --inputs question={shlex.quote(QUESTION)} deployment=ft")
     print(f"  finetune-phi compare --base base --candidate ft --data {work / 'data/eval.jsonl'} "
           f"--base-model {base} --candidate-model {work / 'models/ft'}")
     print(f"  pf run show-metrics --name {summary['runs']['ft']['eval']}")
-    print(f"  pf flow serve --source {CHAT_FLOW} --port 8080 --host 127.0.0.1 --skip-open-browser --engine fastapi   # chat page: http://127.0.0.1:8080/")
+    print(f"  pf flow serve --source {chat_flow} --port 8080 --host 127.0.0.1 --skip-open-browser --engine fastapi   # chat page: http://127.0.0.1:8080/")
     return result

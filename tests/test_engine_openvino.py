@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from finetune_phi.generation import GenerationParams, Row
+from finetune_phi.serving.generation import GenerationParams, Row
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None,
                                 reason="openvino-genai is not installed (pip install 'finetune-phi[openvino]')")
@@ -23,7 +23,7 @@ QUESTIONS = ["What is the capital of France?", "Give me three tips for staying f
 
 
 def _exporter_or_skip():
-    from finetune_phi.export import ExportError, openvino_exporter
+    from finetune_phi.modeling.export import ExportError, openvino_exporter
 
     try:
         return openvino_exporter()
@@ -33,7 +33,7 @@ def _exporter_or_skip():
 
 @pytest.fixture(scope="module")
 def tiny_export(tiny_model, tmp_path_factory):
-    from finetune_phi.export import export
+    from finetune_phi.modeling.export import export
 
     _exporter_or_skip()
     return export(str(tiny_model), tmp_path_factory.mktemp("ov") / "tiny-int8", "openvino", "int8", progress=lambda m: None)
@@ -41,7 +41,7 @@ def tiny_export(tiny_model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(tiny_export):
-    from finetune_phi.engines import load_engine
+    from finetune_phi.serving.engines import load_engine
 
     eng = load_engine("openvino", str(tiny_export))
     yield eng
@@ -66,7 +66,7 @@ def hf_greedy(model_dir, prompts_ids, max_new_tokens):
 def stop_token_ids_of(model_dir):
     from transformers import AutoTokenizer, GenerationConfig
 
-    from finetune_phi.models import stop_token_ids
+    from finetune_phi.modeling.models import stop_token_ids
 
     return stop_token_ids(AutoTokenizer.from_pretrained(model_dir), GenerationConfig.from_pretrained(model_dir))
 
@@ -87,7 +87,7 @@ def agreement(engine, model_dir, max_new_tokens=24):
 def test_export_carries_tokenizer_and_manifest_and_refuses_existing_folder(tiny_export, tiny_model):
     import json
 
-    from finetune_phi.export import ExportError, export
+    from finetune_phi.modeling.export import ExportError, export
 
     manifest = json.loads((tiny_export / "finetune_phi_export.json").read_text())
     assert manifest["format"] == "openvino" and manifest["precision"] == "int8"
@@ -103,7 +103,7 @@ def test_export_carries_tokenizer_and_manifest_and_refuses_existing_folder(tiny_
 
 
 def test_unexported_folder_is_a_clear_error_naming_export(tiny_model):
-    from finetune_phi.engines import EngineUnavailable, load_engine
+    from finetune_phi.serving.engines import EngineUnavailable, load_engine
 
     with pytest.raises(EngineUnavailable, match="finetune-phi export --format openvino"):
         load_engine("openvino", str(tiny_model))
@@ -172,8 +172,8 @@ def test_sampling_rows_run(engine):
 @pytest.mark.skipif(os.environ.get("FINETUNE_PHI_TEST_SMOLLM2_EXPORT") != "1",
                     reason="exporting SmolLM2-135M takes ~2 min; set FINETUNE_PHI_TEST_SMOLLM2_EXPORT=1")
 def test_smollm2_int8_export_stops_at_end_of_turn_and_agrees(smollm2_model, tmp_path):
-    from finetune_phi.engines import load_engine
-    from finetune_phi.export import export
+    from finetune_phi.serving.engines import load_engine
+    from finetune_phi.modeling.export import export
 
     _exporter_or_skip()
     out = export(str(smollm2_model), tmp_path / "smollm2-int8", "openvino", "int8", progress=lambda m: None)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from support import BIN, REPO
-from finetune_phi import compare, metrics
-from finetune_phi.data import read_jsonl
+from finetune_phi.evaluation import compare, metrics
+from finetune_phi.data.prepare import read_jsonl
 
 
 @pytest.mark.parametrize("answer, truth, metric, expected", [

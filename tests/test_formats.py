@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from support import BIN, SHARED_ASSETS, ULTRACHAT40
-from finetune_phi.data import DataError, prepare, read_jsonl
+from finetune_phi.data.prepare import DataError, prepare, read_jsonl
 
 MESSAGES1000 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat1000-messages.jsonl"
 needs_real_rows = pytest.mark.skipif(not (ULTRACHAT40.exists() and MESSAGES1000.exists()),
@@ -105,7 +105,7 @@ def replace(src, dst):
     if str(dst).endswith("train.jsonl"):
         os._exit(9)  # killed: train.jsonl is new, test.jsonl and eval.jsonl are the old ones
 os.replace = replace
-from finetune_phi.data import prepare
+from finetune_phi.data.prepare import prepare
 prepare("sample", sys.argv[1], seed=int(sys.argv[2]))
 """
 
@@ -131,19 +131,19 @@ def test_killed_between_files_the_set_is_refused_and_the_next_run_repairs_it(tmp
 
 
 def test_a_failing_third_write_changes_nothing(tmp_path, monkeypatch):
-    from finetune_phi import data
+    from finetune_phi.data import prepare as prepare_module
 
     out = tmp_path / "data"
     prepare("sample", out, seed=1)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    real = data._write_temp
+    real = prepare_module._write_temp
 
     def full_disk(folder, name, rows):
         if name == "eval.jsonl":
             raise OSError(28, "No space left on device")
         return real(folder, name, rows)
 
-    monkeypatch.setattr(data, "_write_temp", full_disk)
+    monkeypatch.setattr(prepare_module, "_write_temp", full_disk)
     with pytest.raises(DataError, match="No space left on device"):
         prepare("sample", out, seed=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no temp file left, old set intact

@@ -11,7 +11,7 @@ from support import BIN, free_port, http
 def _first_start(config_dir: str) -> str:
     os.environ["FINETUNE_PHI_CONFIG"] = config_dir
     os.environ.pop("FINETUNE_PHI_API_KEY", None)
-    from finetune_phi.keys import get_or_create_key
+    from finetune_phi.serving.keys import get_or_create_key
 
     return get_or_create_key()[0]
 
@@ -61,7 +61,7 @@ def test_empty_bearer_token_is_refused(endpoint):
 
 
 def test_key_check_never_accepts_empty():
-    from finetune_phi.keys import matches
+    from finetune_phi.serving.keys import matches
 
     assert not matches("", "")
     assert not matches(None, "")

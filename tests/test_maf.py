@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from support import BIN, REPO, Process, free_port, http
-from finetune_phi.client import chat_stream, history_to_messages
-from finetune_phi.data import read_jsonl
-from finetune_phi.metrics import METRICS
+from finetune_phi.serving.client import chat_stream, history_to_messages
+from finetune_phi.data.prepare import read_jsonl
+from finetune_phi.evaluation.metrics import METRICS
 
 MAF_PYTHON = Path(os.environ.get("FINETUNE_PHI_MAF_PYTHON") or REPO / ".venv-maf" / "bin" / "python")
 pytestmark = [pytest.mark.slow,
@@ -31,8 +31,8 @@ pytestmark = [pytest.mark.slow,
 
 
 def maf(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """python -m finetune_phi.maf_runner ARGS in .venv-maf."""
-    return subprocess.run([str(MAF_PYTHON), "-m", "finetune_phi.maf_runner", *args], capture_output=True, text=True,
+    """python -m finetune_phi.evaluation.maf_runner ARGS in .venv-maf."""
+    return subprocess.run([str(MAF_PYTHON), "-m", "finetune_phi.evaluation.maf_runner", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
 
 
@@ -84,7 +84,7 @@ class Greedy:
 @pytest.fixture(scope="module")
 def greedy(connected):
     """The greedy pass-through and a Prompt flow connection `greedy_endpoint` to it (the endpoint's key)."""
-    from finetune_phi.connection import connect
+    from finetune_phi.serving.connection import connect
 
     proxy = Greedy(connected.url)
     connect(proxy.url + "/score", connected.key, name="greedy_endpoint")
@@ -102,7 +102,7 @@ def test_chat_twin_answers_with_history_and_streams(greedy, greedy_env, connecte
     question = "What is the opposite of hot?"
     script = f"""
 import asyncio, json, os
-from finetune_phi.maf_runner import CHAT_FLOW, endpoint, load_flow
+from finetune_phi.evaluation.maf_runner import CHAT_FLOW, endpoint, load_flow
 flow = load_flow(CHAT_FLOW)
 url, key = endpoint()
 chat_input = flow.ChatInput({question!r}, {history!r}, "ft")
@@ -204,7 +204,7 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, sam
 
 def test_serve_twin_answers_and_streams_like_pf_flow_serve(greedy, greedy_env, connected, tmp_path):
     port = free_port()
-    proc = Process([MAF_PYTHON, "-m", "finetune_phi.maf_runner", "serve", "--port", port], tmp_path / "serve.log",
+    proc = Process([MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "serve", "--port", port], tmp_path / "serve.log",
                    env={**os.environ, **greedy_env}, cwd=REPO)
     try:
         url = f"http://127.0.0.1:{port}"

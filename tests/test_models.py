@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from support import PHI3_TOKENIZER
-from finetune_phi import models
+from finetune_phi.modeling import models
 
 
 def test_tiny_is_a_real_phi3_with_the_phi3_chat_format(tiny_model):
@@ -51,7 +51,7 @@ def test_user_mistakes_with_models_are_one_line(tmp_path, tiny_model):
     from support import BIN
 
     def serve_model_error(spec):
-        from finetune_phi.models import load
+        from finetune_phi.modeling.models import load
 
         with pytest.raises(models.ModelNotFound) as err:
             load(spec)

@@ -79,8 +79,8 @@ def test_real_model_answers_the_question(real_endpoint):
 
 @pytest.fixture(scope="module")
 def smollm2_finetuned(smollm2_model, test_root):
-    from finetune_phi.data import prepare
-    from finetune_phi.train import TrainConfig, train
+    from finetune_phi.data.prepare import prepare
+    from finetune_phi.training.trainer import TrainConfig, train
 
     data = test_root / "data-small"
     prepare("sample", data, sample_size=40)  # 32 train / 8 test rows: the held-out loss is measured twice
@@ -141,8 +141,8 @@ CONVERSATION = [{"role": "user", "content": "Hi, I am Ann."}, {"role": "assistan
 def test_assistant_mask_derived_from_chatml_covers_exactly_the_replies(smollm2_model):
     from transformers import AutoTokenizer
 
-    from finetune_phi.assistant_mask import tokenize_with_mask, trl_training_template
-    from finetune_phi.models import end_of_turn_token
+    from finetune_phi.training.assistant_mask import tokenize_with_mask, trl_training_template
+    from finetune_phi.modeling.models import end_of_turn_token
 
     tok = AutoTokenizer.from_pretrained(smollm2_model)
     assert trl_training_template(tok) is None  # TRL has no ChatML training template: the mask is derived
@@ -155,8 +155,8 @@ def test_assistant_mask_derived_from_chatml_covers_exactly_the_replies(smollm2_m
 def test_assistant_mask_for_phi3_from_trl_and_derived_agree():
     from transformers import AutoTokenizer
 
-    from finetune_phi.assistant_mask import tokenize_with_mask, trl_training_template
-    from finetune_phi.models import end_of_turn_token
+    from finetune_phi.training.assistant_mask import tokenize_with_mask, trl_training_template
+    from finetune_phi.modeling.models import end_of_turn_token
 
     tok = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
     derived = tokenize_with_mask(tok, CONVERSATION, end_of_turn_token(tok))
@@ -171,7 +171,7 @@ def test_assistant_mask_for_phi3_from_trl_and_derived_agree():
 def test_a_template_that_hides_turns_is_a_clear_error_naming_loss_on_all(smollm2_model):
     from transformers import AutoTokenizer
 
-    from finetune_phi.assistant_mask import TemplateError, tokenize_with_mask
+    from finetune_phi.training.assistant_mask import TemplateError, tokenize_with_mask
 
     tok = AutoTokenizer.from_pretrained(smollm2_model)
     # a template that only shows the last exchange: earlier prefixes are not prefixes of the whole

@@ -11,10 +11,10 @@ import subprocess
 import pytest
 
 from support import BIN, wait_for
-from finetune_phi import registry
+from finetune_phi.modeling import registry
 from finetune_phi.cli import main
 from finetune_phi.errors import UserError
-from finetune_phi.train import TrainConfig, train
+from finetune_phi.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 

@@ -23,7 +23,7 @@ KEY = {"FINETUNE_PHI_API_KEY": "serving-test-key"}
 
 @pytest.fixture(scope="module")
 def engine(trained):
-    from finetune_phi.engines import load_engine
+    from finetune_phi.serving.engines import load_engine
 
     e = load_engine("transformers", str(trained.out))
     yield e
@@ -31,7 +31,7 @@ def engine(trained):
 
 
 def rows_for(engine, questions, **params):
-    from finetune_phi.generation import GenerationParams, Row
+    from finetune_phi.serving.generation import GenerationParams, Row
 
     p = GenerationParams.parse({"temperature": 0, **params}, return_full_text=False)
     return [Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), p), p) for q in questions]
@@ -49,7 +49,7 @@ def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
 
 
 def test_each_row_keeps_its_own_settings_inside_a_batch(engine):
-    from finetune_phi.generation import GenerationParams
+    from finetune_phi.serving.generation import GenerationParams
 
     short, stopped, free, sampled = rows_for(engine, QUESTIONS[:4])
     short.params = GenerationParams.parse({"temperature": 0, "max_new_tokens": 2})
@@ -66,7 +66,7 @@ def test_a_request_joins_a_running_batch_without_waiting_for_it_to_drain(engine)
     """Continuous batching: a short request sent while others decode ends while they still decode.
     (A batch run to its end would make it wait for all of them.) Four long rows sampled at a high
     temperature: the chance that all of them end within the short one's few steps is negligible."""
-    from finetune_phi.generation import GenerationParams
+    from finetune_phi.serving.generation import GenerationParams
 
     longs = rows_for(engine, ["Tell me a long story."] * 4)
     started = threading.Event()
@@ -86,7 +86,7 @@ def test_a_request_joins_a_running_batch_without_waiting_for_it_to_drain(engine)
 
 
 def test_a_cancelled_row_stops_decoding(engine):
-    from finetune_phi.generation import GenerationParams
+    from finetune_phi.serving.generation import GenerationParams
 
     (row,) = rows_for(engine, ["Tell me a long story."])
     row.params = GenerationParams.parse({"temperature": 1.0, "max_new_tokens": 1000})

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from support import BIN, PHI3_TOKENIZER, ULTRACHAT40
-from finetune_phi import models, registry
-from finetune_phi.train import TrainConfig, train
+from finetune_phi.modeling import models, registry
+from finetune_phi.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
@@ -55,7 +55,7 @@ def test_lora_trains_an_adapter_and_saves_a_merged_model(trained, tmp_path):
 
 @pytest.mark.skipif(not (PHI3_TOKENIZER.exists() and ULTRACHAT40.exists()), reason="shared assets not present")
 def test_real_ultrachat_rows_train_with_the_real_tokenizer(tmp_path):
-    from finetune_phi.data import prepare
+    from finetune_phi.data.prepare import prepare
 
     prepare(str(ULTRACHAT40), tmp_path / "data")
     result = train(TrainConfig(base_model="tiny", tokenizer=str(PHI3_TOKENIZER), epochs=3, max_length=256,

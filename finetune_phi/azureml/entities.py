@@ -3,7 +3,7 @@
 `--dry-run` dumps exactly these objects as YAML and the real run submits the same objects, so what
 a user reviews is what Azure receives. The job runs `training/fine_tune.py`, the very entry the
 local `finetune-phi train` uses; the deployment serves `deploy/score.py`, which speaks the local
-endpoint's /score protocol through the same code (finetune_phi.protocol).
+endpoint's /score protocol through the same code (finetune_phi.serving.azure_protocol).
 """
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import logging
 import shlex
 from pathlib import Path
 
+from .. import project
 from ..errors import UserError
 
 # azure-ai-ml warns "experimental class" for schemas it uses internally on every dump: noise to a user
 logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
 
-REPO = Path(__file__).resolve().parents[2]
 COMPUTE_PRESETS = {"gpu": "Standard_NC24ads_A100_v4", "cpu": "Standard_E16s_v3"}
 TRAIN_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
 SERVE_IMAGE_CPU = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
@@ -31,7 +31,7 @@ def compute_size(size: str) -> str:
 def training_environment(image: str = TRAIN_IMAGE):
     from azure.ai.ml.entities import Environment
 
-    return Environment(name="finetune-phi-train", image=image, conda_file=str(REPO / "conda.yml"),
+    return Environment(name="finetune-phi-train", image=image, conda_file=str(project.root() / "conda.yml"),
                        description="finetune-phi training: torch, transformers, trl, peft, mlflow (conda.yml)")
 
 
@@ -44,7 +44,7 @@ def serving_image(instance_type: str) -> str:
 def serving_environment(image: str):
     from azure.ai.ml.entities import Environment
 
-    return Environment(name="finetune-phi-serve", image=image, conda_file=str(REPO / "deploy" / "conda.yml"),
+    return Environment(name="finetune-phi-serve", image=image, conda_file=str(project.root() / "deploy" / "conda.yml"),
                        description="finetune-phi scoring: torch, transformers, azureml-inference-server-http")
 
 
@@ -93,7 +93,7 @@ def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_n
         command += " " + shlex.join(train_args)
     distributed = nodes * gpus_per_node > 1
     return CommandJob(
-        code=str(REPO),  # the repo snapshot (minus .gitignore'd paths): the same code as local runs
+        code=str(project.root()),  # the repo snapshot (minus .gitignore'd paths): the same code as local runs
         command=command,
         inputs={"train_file": data_input(cfg.train_file), "eval_file": data_input(cfg.eval_file)},
         outputs={"model": Output(type="uri_folder")},
@@ -149,7 +149,7 @@ def deployment(name: str, endpoint_name: str, model, environment, instance_type:
     readiness = ProbeSettings(initial_delay=30, period=10, timeout=10, failure_threshold=60, success_threshold=1)
     return ManagedOnlineDeployment(
         name=name, endpoint_name=endpoint_name, model=model, environment=environment,
-        code_configuration=CodeConfiguration(code=str(REPO), scoring_script="deploy/score.py"),
+        code_configuration=CodeConfiguration(code=str(project.root()), scoring_script="deploy/score.py"),
         instance_type=instance_type, instance_count=instance_count,
         request_settings=OnlineRequestSettings(max_concurrent_requests_per_instance=max_concurrent_requests_per_instance,
                                                request_timeout_ms=request_timeout_ms, max_queue_wait_ms=max_queue_wait_ms),

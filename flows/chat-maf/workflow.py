@@ -3,16 +3,16 @@
     flows/chat/flow.dag.yaml                 this file
     inputs: question, chat_history,   ->     InputsExecutor  (@handler on ChatInput)
             deployment
-    python node `chat` (chat.py)      ->     ChatExecutor    (@handler: finetune_phi.client.chat_stream)
+    python node `chat` (chat.py)      ->     ChatExecutor    (@handler: finetune_phi.serving.client.chat_stream)
     outputs: answer (is_chat_output)  ->     ctx.yield_output(answer), or one output per piece when streaming
     connection finetune_phi_endpoint  ->     endpoint_url / api_key given to create_workflow()
-                                             (finetune_phi.maf_runner.endpoint() reads them from the
+                                             (finetune_phi.evaluation.maf_runner.endpoint() reads them from the
                                              Prompt flow connection or FINETUNE_PHI_ENDPOINT_URL /
                                              FINETUNE_PHI_API_KEY; never from a file in the repo)
 
 The call is the one the Prompt flow tool makes (same client, same /v1 streaming request, same
 defaults), so both flows give the same answer from a greedy endpoint. Run it with
-`python -m finetune_phi.maf_runner test|run|serve --flow flows/chat-maf` (README, "After Prompt flow").
+`python -m finetune_phi.evaluation.maf_runner test|run|serve --flow flows/chat-maf` (README, "After Prompt flow").
 A workflow instance runs one input at a time: make one per row (create_workflow is cheap).
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
 from typing_extensions import Never
 
-from finetune_phi.client import EndpointError, chat_stream
+from finetune_phi.serving.client import EndpointError, chat_stream
 
 
 @dataclass
@@ -46,7 +46,7 @@ class InputsExecutor(Executor):
 
 
 class ChatExecutor(Executor):
-    """The python node: the assistant's reply from the scoring endpoint (logic in finetune_phi.client)."""
+    """The python node: the assistant's reply from the scoring endpoint (logic in finetune_phi.serving.client)."""
 
     def __init__(self, endpoint_url: str, api_key: str, stream: bool = False, **kwargs):
         super().__init__(**kwargs)

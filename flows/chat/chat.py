@@ -1,4 +1,4 @@
-"""Chat flow tool: the assistant's reply from the scoring endpoint, streamed (logic in finetune_phi.client).
+"""Chat flow tool: the assistant's reply from the scoring endpoint, streamed (logic in finetune_phi.serving.client).
 
 It returns a generator: `pf flow serve` sends each piece as it comes to clients that ask for
 `text/event-stream`, and joins them for everyone else (pf flow test, batch runs).
@@ -7,7 +7,7 @@ from promptflow.connections import CustomConnection
 from promptflow.core import tool
 from promptflow.exceptions import UserErrorException
 
-from finetune_phi.client import EndpointError, chat_stream
+from finetune_phi.serving.client import EndpointError, chat_stream
 
 
 @tool

@@ -2,8 +2,8 @@
 
     flows/eval/flow.dag.yaml                       this file
     inputs: question, answer, ground_truth   ->    EvalRow (one per line of the batch)
-    line node `score` (score.py)             ->    ScoreExecutor: finetune_phi.metrics.score per row
-    node `aggregate` (aggregation: true,     ->    AggregateExecutor: finetune_phi.metrics.aggregate,
+    line node `score` (score.py)             ->    ScoreExecutor: finetune_phi.evaluation.metrics.score per row
+    node `aggregate` (aggregation: true,     ->    AggregateExecutor: finetune_phi.evaluation.metrics.aggregate,
       log_metric per value)                         yielded as the run's metrics
 
 Prompt flow runs the line node once per row and then the aggregation node over all of them; an Agent
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
 from typing_extensions import Never
 
-from finetune_phi.metrics import aggregate, score
+from finetune_phi.evaluation.metrics import aggregate, score
 
 
 @dataclass

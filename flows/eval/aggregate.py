@@ -1,7 +1,7 @@
 """Aggregation node: means of every metric and counts of scored / failed lines, logged as run metrics."""
 from promptflow.core import log_metric, tool
 
-from finetune_phi.metrics import aggregate as aggregate_scores
+from finetune_phi.evaluation.metrics import aggregate as aggregate_scores
 
 
 @tool

@@ -1,7 +1,7 @@
-"""Line node: score one answer against its reference (logic in finetune_phi.metrics)."""
+"""Line node: score one answer against its reference (logic in finetune_phi.evaluation.metrics)."""
 from promptflow.core import tool
 
-from finetune_phi.metrics import score as score_answer
+from finetune_phi.evaluation.metrics import score as score_answer
 
 
 @tool

@@ -11,7 +11,7 @@ import time
 import uuid
 
 from .generation import GenerationParams, ParamError
-from .protocol import RequestError, check_messages
+from .request import RequestError, check_messages
 
 # accepted and ignored when left at OpenAI's neutral values (clients send them by default)
 NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "user": None, "seed": None,

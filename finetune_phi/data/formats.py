@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-from .data import DataError
+from .prepare import DataError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

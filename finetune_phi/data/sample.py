@@ -89,7 +89,7 @@ def generate_sample(n: int = 600, seed: int = 0) -> list[dict]:
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n:
-            from .errors import UserError
+            from ..errors import UserError
 
             raise UserError(f"cannot make {n} distinct sample conversations; ask for fewer")
         messages = _conversation(rng)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import TrainConfig
-from .errors import UserError
+from ..errors import UserError
 
 try:
     import fcntl
@@ -53,7 +53,7 @@ def load_conversations(path: str, tok=None, end_of_turn: str | None = None):
     """
     import datasets
 
-    from .data import check_set_member, iter_file, load_valid
+    from ..data.prepare import check_set_member, iter_file, load_valid
 
     datasets.disable_progress_bars()  # TRL's per-step map() bars drown the training progress bar
 
@@ -112,7 +112,8 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from . import assistant_mask, models
+    from . import assistant_mask
+    from ..modeling import models
 
     on_gpu = torch.cuda.is_available()
     base_path = models.resolve(cfg.base_model, cfg.tokenizer)
@@ -125,7 +126,7 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     if not cfg.skip_memory_check:
         from transformers import AutoConfig
 
-        from . import memory
+        from ..modeling import memory
 
         estimate = memory.estimate(AutoConfig.from_pretrained(base_path), cfg.batch_size, cfg.max_length,
                                    cfg.lora_r if cfg.lora else None, 2 if on_gpu else 4, checkpointing, cfg.qlora)
@@ -474,7 +475,7 @@ def _explain_failed_checkpoint_writes(trainer):
 
 
 def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
-    from . import models, registry
+    from ..modeling import models, registry
 
     start = time.time()
     out = Path(cfg.out)

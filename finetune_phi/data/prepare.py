@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import UserError
+from ..errors import UserError
 
 ROLES = ("system", "user", "assistant")
 ULTRACHAT_HUB_ID = "HuggingFaceH4/ultrachat_200k"
@@ -31,7 +31,8 @@ class DataError(UserError, ValueError):
 
 
 @dataclass
-class Row:
+class SourceLine:
+    """One record as read from a source (a file line, a parquet row, a hub row), with where it came from."""
     where: str  # "file:line" for error messages
     data: object
     error: str | None = None  # a line that could not be read at all (bad bytes, bad JSON)
@@ -66,10 +67,10 @@ def validate_row(row: object, where: str) -> dict:
     return row
 
 
-def iter_file(path: str | Path) -> Iterator[Row]:
+def iter_file(path: str | Path) -> Iterator[SourceLine]:
     """Yield raw rows of a .jsonl, .json (a list of rows) or .parquet file with their location.
 
-    A UTF-8 byte-order mark is accepted; a line that is not UTF-8 or not JSON comes as a Row with
+    A UTF-8 byte-order mark is accepted; a line that is not UTF-8 or not JSON comes as a SourceLine with
     `error` set, so `--skip-invalid` can skip it like any other bad row.
     """
     path = Path(path)
@@ -86,7 +87,7 @@ def iter_file(path: str | Path) -> Iterator[Row]:
         except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
         for i, record in enumerate(frame.to_dict(orient="records"), start=1):
-            yield Row(f"{path}:row {i}", _plain(record))
+            yield SourceLine(f"{path}:row {i}", _plain(record))
     elif suffix == ".json":
         raw = path.read_bytes()
         try:
@@ -101,7 +102,7 @@ def iter_file(path: str | Path) -> Iterator[Row]:
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of rows")
         for i, record in enumerate(records, start=1):
-            yield Row(f"{path}:item {i}", record)
+            yield SourceLine(f"{path}:item {i}", record)
     elif suffix == ".jsonl":
         with path.open("rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -109,14 +110,14 @@ def iter_file(path: str | Path) -> Iterator[Row]:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    yield Row(where, None, f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                    yield SourceLine(where, None, f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
                     continue
                 if not line.strip():
                     continue
                 try:
-                    yield Row(where, json.loads(line))
+                    yield SourceLine(where, json.loads(line))
                 except json.JSONDecodeError as e:
-                    yield Row(where, None, f"{where}: invalid JSON ({e.msg} at column {e.colno})")
+                    yield SourceLine(where, None, f"{where}: invalid JSON ({e.msg} at column {e.colno})")
     else:
         raise DataError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json or .parquet)")
 
@@ -132,7 +133,7 @@ def _plain(value):
     return value
 
 
-def load_valid(rows: Iterable[Row], skip_invalid: bool = False, convert=None) -> tuple[list[dict], list[str]]:
+def load_valid(rows: Iterable[SourceLine], skip_invalid: bool = False, convert=None) -> tuple[list[dict], list[str]]:
     """Validate rows (converted to UltraChat rows by `convert` first, if given); raise on the first
     bad one, or skip them when asked and return the errors."""
     good, errors = [], []
@@ -304,12 +305,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return rows
 
 
-def load_hub_rows(split: str, dataset: str = ULTRACHAT_HUB_ID) -> list[Row]:
+def load_hub_rows(split: str, dataset: str = ULTRACHAT_HUB_ID) -> list[SourceLine]:
     """Rows of the hub dataset (needs network or a populated HF cache)."""
     import datasets  # lazy: slow import
 
     ds = datasets.load_dataset(dataset, split=split)
-    return [Row(f"{dataset}[{split}]:row {i}", _plain(r)) for i, r in enumerate(ds, start=1)]
+    return [SourceLine(f"{dataset}[{split}]:row {i}", _plain(r)) for i, r in enumerate(ds, start=1)]
 
 
 @dataclass
@@ -351,7 +352,7 @@ def prepare(source: str, out: str | Path, split: str = "train_sft[:1%]", test_sp
     if source == "sample":
         from .sample import generate_sample
 
-        raw = [Row(f"sample:{i}", r) for i, r in enumerate(generate_sample(sample_size, seed=seed), start=1)]
+        raw = [SourceLine(f"sample:{i}", r) for i, r in enumerate(generate_sample(sample_size, seed=seed), start=1)]
         (rows, errors), form = load_valid(raw, skip_invalid), "ultrachat"
     elif source == "ultrachat":
         (rows, errors), form = load_valid(load_hub_rows(split), skip_invalid), "ultrachat"

@@ -7,7 +7,6 @@ its own, so submit() works from any thread like the other engines'.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
 from concurrent.futures import Future
 
@@ -40,7 +39,6 @@ class VLLMEngine(Engine):
         args = AsyncEngineArgs(model=path, dtype="bfloat16", enable_prefix_caching=True,
                                gpu_memory_utilization=gpu_memory_utilization, max_model_len=context_length)
         self.llm = asyncio.run_coroutine_threadsafe(self._create(AsyncLLM, args), self.loop).result()
-        self.ids = itertools.count()
 
     @staticmethod
     async def _create(AsyncLLM, args):
@@ -49,19 +47,10 @@ class VLLMEngine(Engine):
     @classmethod
     def load(cls, spec: str, **options) -> "VLLMEngine":
         _require_vllm()
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from .. import models
+        from ...modeling import models
 
         path = models.resolve(spec)
-        tok = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-        try:
-            generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:  # a folder without generation_config.json
-            generation_config = None
-        context = getattr(config, "max_position_embeddings", None) or tok.model_max_length
-        return cls(path, tok, context, models.stop_token_ids(tok, generation_config), **options)
+        return cls(path, *cls.describe(path), **options)
 
     def submit(self, row: Row) -> Future:
         return asyncio.run_coroutine_threadsafe(self._generate(row), self.loop)
@@ -73,7 +62,7 @@ class VLLMEngine(Engine):
         sampling = SamplingParams(max_tokens=p.max_new_tokens, temperature=float(p.temperature) if p.do_sample else 0.0,
                                   top_p=float(p.top_p) if p.do_sample else 1.0, stop_token_ids=sorted(self.stop_ids),
                                   skip_special_tokens=True)
-        request_id, reason = f"r{next(self.ids)}", "length"
+        request_id, reason = f"r{next(self._ids)}", "length"
         async for output in self.llm.generate({"prompt_token_ids": row.prompt_ids}, sampling, request_id):
             tokens = list(output.outputs[0].token_ids)
             if row.add(tokens[len(row.ids):], self.decode, self.stop_ids):

@@ -8,7 +8,6 @@ client leaves, and text streaming (generation.Row does the last three for every 
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 from concurrent.futures import Future
@@ -16,7 +15,7 @@ from concurrent.futures import Future
 from ..generation import Row
 from .base import Engine
 
-log = logging.getLogger("finetune_phi.engines")
+log = logging.getLogger("finetune_phi.serving.engines")
 
 # Sampling is one switch for the whole manager, so greedy rows sample at a temperature so low that
 # the softmax is one-hot on the argmax: the same token as argmax unless two logits are exactly tied.
@@ -30,7 +29,7 @@ class TransformersEngine(Engine):
                  max_batch_tokens: int = 512):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
-        from ..models import stop_token_ids
+        from ...modeling.models import stop_token_ids
 
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(tokenizer, context, stop_token_ids(tokenizer, model.generation_config))
@@ -50,25 +49,19 @@ class TransformersEngine(Engine):
         starter = threading.Thread(target=self.manager.start, daemon=True)
         starter.start()
         starter.join()
-        self.rows: dict[str, tuple[Row, Future]] = {}
-        self.lock = threading.Lock()
-        self.ids = itertools.count()
-        self.closed = False
         self.dispatcher = threading.Thread(target=self._dispatch, name="engine-results", daemon=True)
         self.dispatcher.start()
 
     @classmethod
     def load(cls, spec: str, **options) -> "TransformersEngine":
-        from .. import models
+        from ...modeling import models
 
         return cls(*models.load(spec), **options)
 
     def submit(self, row: Row) -> Future:
         future: Future = Future()
         future.set_running_or_notify_cancel()  # the manager schedules it at once: it never waits for a batch to drain
-        request_id = f"r{next(self.ids)}"
-        with self.lock:
-            self.rows[request_id] = (row, future)
+        request_id = self._track(row, future)
         p = row.params
         self.manager.add_request(
             row.prompt_ids, request_id=request_id, max_new_tokens=p.max_new_tokens,
@@ -85,22 +78,17 @@ class TransformersEngine(Engine):
                 self._deliver(output)
             elif (error := self.manager.background_thread_status.fatal_error) is not None:
                 self._fail_all(RuntimeError(f"the generation loop stopped: {error}"))
-            with self.lock:
-                cancelled = [rid for rid, (row, _) in self.rows.items() if row.cancel.is_set()]
-            for rid in cancelled:
-                self.manager.cancel_request(rid)
-                self._end(rid, "cancelled")
+            for rid, row, _, _ in self._tracked():
+                if row.cancel.is_set():
+                    self.manager.cancel_request(rid)
+                    self._end(rid, "cancelled")
 
     def _deliver(self, output):
-        with self.lock:
-            entry = self.rows.get(output.request_id)
-        if entry is None:
+        row = self._row(output.request_id)
+        if row is None:
             return  # a row we already ended (cancelled, stop string)
-        row, future = entry
         if output.error is not None:
-            with self.lock:
-                self.rows.pop(output.request_id, None)
-            future.set_exception(RuntimeError(f"generation failed: {output.error}"))
+            self._fail(output.request_id, RuntimeError(f"generation failed: {output.error}"))
             return
         new = output.generated_tokens[len(row.ids):]
         if row.add(new, self.decode, self.stop_ids):
@@ -109,19 +97,6 @@ class TransformersEngine(Engine):
             self._end(output.request_id, row.finish_reason)
         elif output.is_finished():
             self._end(output.request_id, "length")
-
-    def _end(self, request_id: str, reason: str):
-        with self.lock:
-            entry = self.rows.pop(request_id, None)
-        if entry is not None:
-            row, future = entry
-            future.set_result(row.finish(reason, self.decode))
-
-    def _fail_all(self, error: Exception):
-        with self.lock:
-            entries, self.rows = list(self.rows.values()), {}
-        for _, future in entries:
-            future.set_exception(error)
 
     def close(self):
         self.closed = True

@@ -12,7 +12,6 @@ not exported, choosing the engine is a clear error (EngineUnavailable), never a 
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import queue
@@ -23,8 +22,8 @@ from pathlib import Path
 from ..generation import Row
 from .base import Engine, EngineUnavailable
 
-log = logging.getLogger("finetune_phi.engines")
-MANIFEST = "finetune_phi_export.json"  # written by finetune_phi.export
+log = logging.getLogger("finetune_phi.serving.engines")
+MANIFEST = "finetune_phi_export.json"  # written by finetune_phi.modeling.export
 
 
 def _require_openvino():
@@ -37,7 +36,7 @@ def _require_openvino():
 
 def exported_folder(spec: str) -> Path:
     """The exported folder a spec names; EngineUnavailable (naming `finetune-phi export`) for anything else."""
-    from .. import models
+    from ...modeling import models
 
     try:
         path = Path(models.resolve(spec))
@@ -73,31 +72,17 @@ class OpenVINOEngine(Engine):
             props.update(INFERENCE_PRECISION_HINT="f32", KV_CACHE_PRECISION="f32", DYNAMIC_QUANTIZATION_GROUP_SIZE=0)
         self.pipe = ov_genai.ContinuousBatchingPipeline(str(path), scheduler, "CPU", props)
         self._ov_genai = ov_genai
-        self.inbox: queue.Queue = queue.Queue()
-        self.active: dict[int, tuple[Row, Future, object]] = {}
-        self.ids = itertools.count()
-        self.closed = False
+        self.inbox: queue.Queue = queue.Queue()  # submitted rows, taken in by the worker between steps
         self.worker = threading.Thread(target=self._loop, name="openvino-engine", daemon=True)
         self.worker.start()
 
     @classmethod
     def load(cls, spec: str, **options) -> "OpenVINOEngine":
         _require_openvino()
-        from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from .. import models
-
         path = exported_folder(spec)
         manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else {}
-        tok = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-        try:
-            generation_config = GenerationConfig.from_pretrained(path)
-        except OSError:
-            generation_config = None
-        context = getattr(config, "max_position_embeddings", None) or tok.model_max_length
         options.setdefault("precision", manifest.get("precision", "int8"))
-        return cls(path, tok, context, models.stop_token_ids(tok, generation_config), **options)
+        return cls(path, *cls.describe(str(path)), **options)
 
     def _config(self, row: Row):
         p = row.params
@@ -126,7 +111,7 @@ class OpenVINOEngine(Engine):
         while True:
             try:
                 # block while idle; while decoding, take what arrived so it joins at the next step
-                item = self.inbox.get() if not self.active else self.inbox.get_nowait()
+                item = self.inbox.get() if not self._rows else self.inbox.get_nowait()
             except queue.Empty:
                 item = None
             try:
@@ -134,10 +119,10 @@ class OpenVINOEngine(Engine):
                     if item is _STOP:
                         return
                     row, future = item
-                    rid = next(self.ids)
+                    rid = next(self._ids)
                     handle = self.pipe.add_request(rid, ov.Tensor(np.array([row.prompt_ids], dtype=np.int64)),
                                                    self._config(row))
-                    self.active[rid] = (row, future, handle)
+                    self._track(row, future, handle, request_id=rid)
                     try:
                         item = self.inbox.get_nowait()
                     except queue.Empty:
@@ -147,12 +132,12 @@ class OpenVINOEngine(Engine):
                 self._collect()
             except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the engine goes on
                 log.exception("OpenVINO generation step failed")
-                self._fail_all(RuntimeError(f"generation failed: {e}"))
+                self._cancel(self._fail_all(RuntimeError(f"generation failed: {e}")))
 
     def _collect(self):
         """Hand each row its new tokens; end the rows that finished, hit a stop string or were cancelled."""
         status = self._ov_genai.GenerationStatus
-        for rid, (row, future, handle) in list(self.active.items()):
+        for rid, row, _, handle in self._tracked():
             if row.cancel.is_set():
                 handle.cancel()
                 self._end(rid, "cancelled")
@@ -167,25 +152,18 @@ class OpenVINOEngine(Engine):
                     handle.cancel()  # a stop string or stop id: no more tokens wanted
                 self._end(rid, row.finish_reason)
             elif state == status.IGNORED:
-                self.active.pop(rid)
-                future.set_exception(RuntimeError("the request did not fit the KV cache (kv_cache_gb)"))
+                self._fail(rid, RuntimeError("the request did not fit the KV cache (kv_cache_gb)"))
             elif state != status.RUNNING:
                 # the pipeline ended it first: at max_new_tokens, or at a stop id it left out of the output
                 self._end(rid, "length" if len(row.ids) >= row.params.max_new_tokens else "stop")
 
-    def _end(self, rid: int, reason: str):
-        row, future, _ = self.active.pop(rid)
-        future.set_result(row.finish(reason, self.decode))
-
-    def _fail_all(self, error: Exception):
-        entries, self.active = list(self.active.values()), {}
-        for _, future, handle in entries:
+    @staticmethod
+    def _cancel(handles):
+        for handle in handles:
             try:
                 handle.cancel()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001 - the pipeline may already have dropped it
                 pass
-            if not future.done():
-                future.set_exception(error)
 
     def close(self):
         if self.closed:
@@ -193,7 +171,7 @@ class OpenVINOEngine(Engine):
         self.closed = True
         self.inbox.put(_STOP)
         self.worker.join(timeout=10)
-        self._fail_all(RuntimeError("the engine was closed"))
+        self._cancel(self._fail_all(RuntimeError("the engine was closed")))
         while True:
             try:
                 item = self.inbox.get_nowait()

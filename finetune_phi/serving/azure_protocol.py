@@ -9,19 +9,9 @@ from __future__ import annotations
 
 from .engines.base import Engine
 from .generation import MAX_NEW_TOKENS_CAP, ContextLengthError, GenerationParams, ParamError, Row
+from .request import RequestError, check_messages
 
 MAX_INPUTS = 16
-
-
-class RequestError(Exception):
-    """A request the endpoint refuses; carries the HTTP status and a stable error code."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
 
 
 def parse_score_request(payload: object, cap: int = MAX_NEW_TOKENS_CAP) -> tuple[str, object, GenerationParams]:
@@ -42,19 +32,6 @@ def parse_score_request(payload: object, cap: int = MAX_NEW_TOKENS_CAP) -> tuple
         raise RequestError(400, "invalid_parameter", str(e)) from None
     raise RequestError(400, "invalid_request",
                        "'input_data' must be a list of prompts or an object with 'input_string' (chat messages)")
-
-
-def check_messages(messages: object, where: str) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "invalid_request", f"'{where}' must be a non-empty list of messages")
-    for i, m in enumerate(messages):
-        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                or not isinstance(m.get("content"), str)):
-            raise RequestError(400, "invalid_request",
-                               f"'{where}[{i}]' must be {{'role': system|user|assistant, 'content': str}}")
-    if messages[-1]["role"] != "user":
-        raise RequestError(400, "invalid_request", f"the last message of '{where}' must come from the user")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def prompts_of(engine: Engine, shape: str, inputs) -> list[str]:

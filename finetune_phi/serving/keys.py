@@ -13,7 +13,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 KEY_ENV = "FINETUNE_PHI_API_KEY"
 MIN_KEY_LENGTH = 16

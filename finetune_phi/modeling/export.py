@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 FORMATS = {"openvino": ("int8", "int4", "fp16", "fp32")}
 DEFAULT_PRECISION = {"openvino": "int8"}
@@ -53,12 +53,19 @@ class ExportError(UserError):
     """The export could not be made (no exporter, a refused output folder, the converter failed)."""
 
 
-def _repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+def _venvs() -> list[Path]:
+    """Where the export venv is looked for: in the project (what `make openvino-export` makes), then in the cache."""
+    from .. import project
+    from .cache import cache_dir
+
+    try:
+        return [project.root() / EXPORT_VENV, cache_dir() / "venv-openvino-export"]
+    except project.ProjectNotFound:
+        return [cache_dir() / "venv-openvino-export"]
 
 
 def setup_hint(venv: Path | None = None) -> str:
-    venv = venv or _repo_root() / EXPORT_VENV
+    venv = venv or _venvs()[0]
     return (f"python3 -m venv {venv} && {venv}/bin/pip install '{OPENVINO_EXPORT_TORCH}' && "
             f"{venv}/bin/pip install " + " ".join(f"'{r}'" for r in OPENVINO_EXPORT_REQUIREMENTS) +
             f" && {venv}/bin/pip install --no-deps " + " ".join(OPENVINO_EXPORT_NO_DEPS))
@@ -66,11 +73,9 @@ def setup_hint(venv: Path | None = None) -> str:
 
 def openvino_exporter() -> Path:
     """The optimum-cli that converts to OpenVINO: $FINETUNE_PHI_OPENVINO_EXPORTER (a venv or its
-    optimum-cli), else <repo>/.venv-openvino-export, else <cache>/venv-openvino-export."""
-    from .models import cache_dir
-
+    optimum-cli), else <project>/.venv-openvino-export, else <cache>/venv-openvino-export."""
     env = os.environ.get("FINETUNE_PHI_OPENVINO_EXPORTER")
-    candidates = [Path(env)] if env else [_repo_root() / EXPORT_VENV, cache_dir() / "venv-openvino-export"]
+    candidates = [Path(env)] if env else _venvs()
     for c in candidates:
         cli = c if c.name == "optimum-cli" else c / "bin" / "optimum-cli"
         if cli.is_file():
@@ -84,7 +89,7 @@ def openvino_exporter() -> Path:
 
 def setup_export_env(venv: Path | None = None, torch_index: str | None = None) -> Path:
     """Create the OpenVINO export venv (minutes: torch, transformers 5.5, optimum-intel, nncf)."""
-    venv = Path(venv or _repo_root() / EXPORT_VENV)
+    venv = Path(venv or _venvs()[0])
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     (venv / ".gitignore").write_text("*\n")
@@ -189,9 +194,9 @@ def cmd_export(args) -> int:
     return 0
 
 
-if __name__ == "__main__":  # python -m finetune_phi.export --setup [VENV]: create the export venv
+if __name__ == "__main__":  # python -m finetune_phi.modeling.export --setup [VENV]: create the export venv
     if sys.argv[1:2] == ["--setup"]:
         print(setup_export_env(Path(sys.argv[2]) if len(sys.argv) > 2 else None,
                                os.environ.get("TORCH_INDEX") or None))
     else:
-        sys.exit("usage: python -m finetune_phi.export --setup [VENV]   (exports: finetune-phi export --help)")
+        sys.exit("usage: python -m finetune_phi.modeling.export --setup [VENV]   (exports: finetune-phi export --help)")

@@ -1,10 +1,10 @@
 """Runs the Microsoft Agent Framework twins (flows/chat-maf, flows/eval-maf) the way `pf` runs the flows.
 
-    pf flow test --flow flows/chat ...          python -m finetune_phi.maf_runner test --flow flows/chat-maf ...
-    pf run create --flow flows/chat ...         python -m finetune_phi.maf_runner run --flow flows/chat-maf ...
-    pf run create --flow flows/eval --run X     python -m finetune_phi.maf_runner run --flow flows/eval-maf --run X
-    pf run show-metrics --name X                python -m finetune_phi.maf_runner show-metrics --name X
-    pf flow serve --source flows/chat           python -m finetune_phi.maf_runner serve --flow flows/chat-maf
+    pf flow test --flow flows/chat ...          python -m finetune_phi.evaluation.maf_runner test --flow flows/chat-maf ...
+    pf run create --flow flows/chat ...         python -m finetune_phi.evaluation.maf_runner run --flow flows/chat-maf ...
+    pf run create --flow flows/eval --run X     python -m finetune_phi.evaluation.maf_runner run --flow flows/eval-maf --run X
+    pf run show-metrics --name X                python -m finetune_phi.evaluation.maf_runner show-metrics --name X
+    pf flow serve --source flows/chat           python -m finetune_phi.evaluation.maf_runner serve --flow flows/chat-maf
     finetune-phi compare ...                    finetune-phi compare --runner maf ...
 
 agent-framework needs opentelemetry-api>=1.39 and promptflow 1.18.5 breaks above 1.38 (pyproject pins
@@ -30,11 +30,9 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import UserError
+from .. import project
+from ..errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
-CHAT_FLOW = REPO / "flows" / "chat-maf"
-EVAL_FLOW = REPO / "flows" / "eval-maf"
 ENDPOINT_URL_ENV = "FINETUNE_PHI_ENDPOINT_URL"
 MAF_PYTHON_ENV = "FINETUNE_PHI_MAF_PYTHON"  # an interpreter with agent-framework (default .venv-maf)
 PF_PYTHON_ENV = "FINETUNE_PHI_PF_PYTHON"  # an interpreter with promptflow, to read a connection (default .venv)
@@ -53,7 +51,7 @@ def have_agent_framework() -> bool:
 
 
 def maf_python() -> str:
-    python = os.environ.get(MAF_PYTHON_ENV) or str(REPO / ".venv-maf" / "bin" / "python")
+    python = os.environ.get(MAF_PYTHON_ENV) or str(project.root() / ".venv-maf" / "bin" / "python")
     if not Path(python).exists():
         raise MafError(f"no Agent Framework environment at {python}: create it with `make maf` "
                        f"(or point {MAF_PYTHON_ENV} at a python that has agent-framework-core)")
@@ -87,7 +85,7 @@ def is_chat(module) -> bool:
 def endpoint(connection: str | None = None, pf=None) -> tuple[str, str]:
     """(endpoint_url, api_key): FINETUNE_PHI_ENDPOINT_URL with FINETUNE_PHI_API_KEY (else the local
     endpoint's key file) unless a connection is named; else the Prompt flow connection."""
-    from .connection import CONNECTION_NAME
+    from ..serving.connection import CONNECTION_NAME
 
     url = os.environ.get(ENDPOINT_URL_ENV)
     if url and not connection:
@@ -96,7 +94,7 @@ def endpoint(connection: str | None = None, pf=None) -> tuple[str, str]:
 
 
 def _local_key() -> str:
-    from .keys import KEY_ENV, check_key, key_file
+    from ..serving.keys import KEY_ENV, check_key, key_file
 
     if os.environ.get(KEY_ENV):
         return check_key(os.environ[KEY_ENV].strip(), f"${KEY_ENV}")
@@ -117,11 +115,11 @@ def _connection(name: str, pf=None) -> tuple[str, str]:
                            f"or set {ENDPOINT_URL_ENV} and FINETUNE_PHI_API_KEY")
         return conn.configs["endpoint_url"], conn.secrets["api_key"]
     # no promptflow here (.venv-maf): the main venv reads pf's store; the key comes back over a pipe
-    python = os.environ.get(PF_PYTHON_ENV) or str(REPO / ".venv" / "bin" / "python")
+    python = os.environ.get(PF_PYTHON_ENV) or str(project.root() / ".venv" / "bin" / "python")
     if not Path(python).exists():
         raise MafError(f"no endpoint: set {ENDPOINT_URL_ENV} and FINETUNE_PHI_API_KEY (promptflow is not "
                        f"installed here to read the connection {name!r}, nor at {python})")
-    done = subprocess.run([python, "-m", "finetune_phi.maf_runner", "_connection", name],
+    done = subprocess.run([python, "-m", "finetune_phi.evaluation.maf_runner", "_connection", name],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:  # our one-line error, not pf's telemetry chatter around it
         ours = [line for line in done.stderr.splitlines() if "_connection: error: " in line]
@@ -134,7 +132,7 @@ def _connection(name: str, pf=None) -> tuple[str, str]:
 # ---- runs: the twin of `pf run create` and `pf run show-metrics` ------------------------------------
 
 def _read_rows(data: str | Path) -> list[dict]:
-    from .data import read_jsonl
+    from ..data.prepare import read_jsonl
 
     return read_jsonl(Path(data))
 
@@ -164,7 +162,7 @@ def read_run(runs_dir: str | Path, name: str) -> tuple[dict, list[dict], dict | 
 
 
 async def _chat_rows(rows: list[dict], deployment: str, endpoint_url: str, api_key: str, workers: int) -> list[dict]:
-    flow = load_flow(CHAT_FLOW)
+    flow = load_flow(project.flow("chat-maf"))
     gate = asyncio.Semaphore(workers)
 
     async def one(i: int, row: dict) -> dict:
@@ -189,7 +187,7 @@ def run_chat(data: str | Path, name: str, deployment: str = "", runs_dir: str | 
     out = _run_dir(runs_dir, name)
     t = time.time()
     outputs = asyncio.run(_chat_rows(rows, deployment, endpoint_url, api_key, workers))
-    record = {"name": name, "flow": str(CHAT_FLOW), "data": str(Path(data).resolve()), "deployment": deployment,
+    record = {"name": name, "flow": str(project.flow("chat-maf")), "data": str(Path(data).resolve()), "deployment": deployment,
               "lines": len(rows), "failed": sum(o["answer"] is None for o in outputs),
               "seconds": round(time.time() - t, 3), "status": "Completed"}
     _write_run(out, record, outputs)
@@ -199,7 +197,7 @@ def run_chat(data: str | Path, name: str, deployment: str = "", runs_dir: str | 
 def run_eval(data: str | Path, name: str, run: str | None = None, runs_dir: str | Path = RUNS) -> dict:
     """flows/eval-maf over data (question, ground_truth) with answers from the chat run `run` (its failed
     lines left out, as `pf run create --run` does) or from data's own `answer` column."""
-    flow = load_flow(EVAL_FLOW)
+    flow = load_flow(project.flow("eval-maf"))
     rows = _read_rows(data)
     if run is not None:
         answers = {o["line_number"]: o["answer"] for o in read_run(runs_dir, run)[1] if o["answer"] is not None}
@@ -211,7 +209,7 @@ def run_eval(data: str | Path, name: str, run: str | None = None, runs_dir: str 
     batch = [flow.EvalRow(answers[i], rows[i].get("ground_truth") or "", rows[i].get("question") or "") for i in numbers]
     result = asyncio.run(flow.create_workflow().run(batch)).get_outputs()[0]
     outputs = [{"line_number": i, **line} for i, line in zip(numbers, result["lines"])]
-    record = {"name": name, "flow": str(EVAL_FLOW), "data": str(Path(data).resolve()), "run": run,
+    record = {"name": name, "flow": str(project.flow("eval-maf")), "data": str(Path(data).resolve()), "run": run,
               "lines": len(outputs), "seconds": round(time.time() - t, 3), "status": "Completed"}
     _write_run(out, record, outputs, result["metrics"])
     return record
@@ -240,7 +238,7 @@ def compare_side(pf, data: Path, deployment: str, name: str, connection: str | N
         run_eval(data, eval_run, chat_run, runs_dir)
     else:  # the main venv: the twins run in .venv-maf; url and key travel in its environment only
         env = {**os.environ, ENDPOINT_URL_ENV: endpoint_url, "FINETUNE_PHI_API_KEY": api_key}
-        done = subprocess.run([maf_python(), "-m", "finetune_phi.maf_runner", "side", "--data", str(data),
+        done = subprocess.run([maf_python(), "-m", "finetune_phi.evaluation.maf_runner", "side", "--data", str(data),
                                "--chat-run", chat_run, "--eval-run", eval_run, "--deployment", deployment,
                                "--runs-dir", str(runs_dir)], env=env, stdout=sys.stdout, stderr=subprocess.PIPE,
                               text=True)
@@ -262,11 +260,12 @@ def compare_side(pf, data: Path, deployment: str, name: str, connection: str | N
 
 # ---- serve: the twin of `pf flow serve` ----------------------------------------------------------------
 
-def serve(flow: str | Path = CHAT_FLOW, host: str = "127.0.0.1", port: int = 8080, connection: str | None = None):
+def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8080, connection: str | None = None):
     """POST /score {"question", "chat_history", "deployment"} -> {"answer"}; with `Accept: text/event-stream`
     the answer streams as `data: {"answer": "<piece>"}` events, as `pf flow serve` does. GET /health."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+    flow = flow or project.flow("chat-maf")
     module = load_flow(flow)
     if not is_chat(module):
         raise MafError(f"serve takes the chat flow (flows/chat-maf), not {flow}")
@@ -333,14 +332,14 @@ def serve(flow: str | Path = CHAT_FLOW, host: str = "127.0.0.1", port: int = 808
         server.server_close()
 
 
-# ---- command line: python -m finetune_phi.maf_runner ---------------------------------------------------
+# ---- command line: python -m finetune_phi.evaluation.maf_runner ---------------------------------------------------
 
 def main(argv: list[str] | None = None):
-    p = argparse.ArgumentParser(prog="python -m finetune_phi.maf_runner",
+    p = argparse.ArgumentParser(prog="python -m finetune_phi.evaluation.maf_runner",
                                 description="Run the Agent Framework twins of the chat and eval flows as `pf` runs the flows.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("test", help="one input through a flow (pf flow test)")
-    t.add_argument("--flow", default=str(CHAT_FLOW), help="flows/chat-maf or flows/eval-maf")
+    t.add_argument("--flow", default=None, help="flows/chat-maf (default) or flows/eval-maf")
     t.add_argument("--question", default="")
     t.add_argument("--chat-history", default="[]", help="JSON, Prompt flow's shape")
     t.add_argument("--deployment", default="", help="a deployment to pin; empty or * = traffic split")
@@ -361,7 +360,7 @@ def main(argv: list[str] | None = None):
     m.add_argument("--name", required=True)
     m.add_argument("--runs-dir", default=str(RUNS))
     s = sub.add_parser("serve", help="the chat flow over HTTP (pf flow serve)")
-    s.add_argument("--flow", default=str(CHAT_FLOW))
+    s.add_argument("--flow", default=None, help="default: the project's flows/chat-maf")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--connection", default=None)
@@ -382,13 +381,13 @@ def main(argv: list[str] | None = None):
 
 
 def _dispatch(args):
-    from .client import EndpointError
+    from ..serving.client import EndpointError
 
     if args.command == "_connection":
         url, key = _connection(args.name)
         print(json.dumps({"endpoint_url": url, "api_key": key}))
     elif args.command == "test":
-        module = load_flow(args.flow)
+        module = load_flow(args.flow or project.flow("chat-maf"))
         if not is_chat(module):
             result = asyncio.run(module.create_workflow().run([module.EvalRow(args.answer, args.ground_truth, args.question)]))
             print(json.dumps(result.get_outputs()[0]["lines"][0], indent=2))
@@ -409,7 +408,7 @@ def _dispatch(args):
         except EndpointError as e:
             raise MafError(str(e)) from None
     elif args.command == "run":
-        module = load_flow(args.flow)
+        module = load_flow(args.flow or project.flow("chat-maf"))
         if is_chat(module):
             record = run_chat(args.data, args.name, args.deployment, args.runs_dir, connection=args.connection,
                               workers=args.workers)

@@ -18,8 +18,8 @@ from functools import cache
 from pathlib import Path
 from typing import Literal, Union, get_args, get_origin, get_type_hints
 
-from .errors import UserError
-from .registry import REGISTERED_MODEL
+from ..errors import UserError
+from ..modeling.registry import REGISTERED_MODEL
 
 
 def _setting(default, help: str, **argparse_kwargs):

@@ -13,12 +13,10 @@ given (`--tokenizer PATH`). It is built deterministically once and cached.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from .cache import cached_build
 
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 DEFAULT_HUB_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -36,11 +34,6 @@ TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, n
 TINY_VERSION = "1"  # bump when the build recipe changes
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("FINETUNE_PHI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-phi"
-    return Path(root)
-
-
 def build_tokenizer(tokenizer_path: str | None = None):
     """A Phi-3-style tokenizer: the real one from a path, or a small BPE trained on the offline sample."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -50,7 +43,7 @@ def build_tokenizer(tokenizer_path: str | None = None):
     else:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        from .sample import generate_sample
+        from ..data.sample import generate_sample
 
         texts = [m["content"] for row in generate_sample(2000, seed=1234) for m in row["messages"]]
         bpe = Tokenizer(models.BPE())
@@ -125,30 +118,12 @@ def stop_token_ids(tok, generation_config=None) -> list[int]:
     return list(dict.fromkeys(i for i in ids if isinstance(i, int) and i != unk))
 
 
-def _cached_build(name: str, key: str, build) -> Path:
-    """A model folder in the cache, built once by `build(folder)` (atomically: temp dir, then rename)."""
-    target = cache_dir() / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if (target / "config.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        build(tmp)
-        try:
-            tmp.rename(target)
-        except OSError:  # another process built it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def tiny_path(tokenizer_path: str | None = None) -> Path:
     """The cached tiny model folder, built on first use."""
     key = f"{TINY_VERSION}|{sorted(TINY_SHAPE.items())}"
     if tokenizer_path:
         key += "|" + hashlib.sha256(Path(tokenizer_path, "tokenizer.json").read_bytes()).hexdigest()
-    return _cached_build("tiny", key, lambda out: build_tiny(out, tokenizer_path))
+    return cached_build("tiny", key, lambda out: build_tiny(out, tokenizer_path))
 
 
 def smollm2_gguf() -> Path:
@@ -194,7 +169,7 @@ def gguf_path(gguf: str | Path) -> Path:
     gguf = Path(gguf).resolve()
     st = gguf.stat()
     key = f"{GGUF_VERSION}|{gguf}|{st.st_size}|{st.st_mtime_ns}"
-    return _cached_build(gguf.stem.lower().replace(".", "-"), key, lambda out: convert_gguf(gguf, out))
+    return cached_build(gguf.stem.lower().replace(".", "-"), key, lambda out: convert_gguf(gguf, out))
 
 
 def resolve(spec: str, tokenizer_path: str | None = None) -> str:

@@ -11,7 +11,7 @@ Two ways, in order:
 """
 from __future__ import annotations
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class TemplateError(UserError, ValueError):

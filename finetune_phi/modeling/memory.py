@@ -84,7 +84,7 @@ def available_bytes(device: str) -> float:
 
 def check_fits(est: MemoryEstimate, device: str, headroom: float = 0.9):
     """Raise a UserError naming the numbers and the ways out when the estimate exceeds the device."""
-    from .errors import UserError
+    from ..errors import UserError
 
     have = available_bytes(device) * headroom
     if est.total > have:

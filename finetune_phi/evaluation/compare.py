@@ -17,12 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .. import project
+from ..errors import UserError
 from .metrics import METRICS
 
-REPO = Path(__file__).resolve().parents[1]
-CHAT_FLOW = REPO / "flows" / "chat"
-EVAL_FLOW = REPO / "flows" / "eval"
 DEFAULT_WORKERS = 8  # chat lines in flight per batch run
 
 
@@ -36,7 +34,7 @@ def endpoint_deployments(endpoint_url: str, api_key: str, timeout: float = 30) -
     import urllib.error
     import urllib.request
 
-    from .client import scoring_url
+    from ..serving.client import scoring_url
 
     url = scoring_url(endpoint_url).removesuffix("/score") + "/v1/models"
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
@@ -59,7 +57,7 @@ def check_deployments(pf, sides: list[tuple[str, str | None]]):
     """Before any batch run: each (deployment, connection) names a deployment on the endpoint that
     connection points to. Otherwise a misspelt name costs a batch run whose every line fails, and
     ends in Prompt flow's InvalidRunStatusError traceback."""
-    from .connection import CONNECTION_NAME
+    from ..serving.connection import CONNECTION_NAME
 
     for deployment, connection in sides:
         name = connection or CONNECTION_NAME  # the chat flow's default connection
@@ -113,14 +111,14 @@ def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
     t = time.time()
     print(f"  pf run {chat_run}: chat flow over {data} with deployment={deployment}", flush=True)
     with pf_console_quiet():
-        pf.run(flow=str(CHAT_FLOW), data=str(data), name=chat_run, stream=False,
+        pf.run(flow=str(project.flow("chat")), data=str(data), name=chat_run, stream=False,
                column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
                                "deployment": deployment},
                connections={"chat": {"connection": connection}} if connection else None,
                environment_variables={"PF_WORKER_COUNT": str(workers)})
         seconds = time.time() - t
         print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
-        pf.run(flow=str(EVAL_FLOW), data=str(data), run=chat_run, name=eval_run, stream=False,
+        pf.run(flow=str(project.flow("eval")), data=str(data), run=chat_run, name=eval_run, stream=False,
                column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
                                "answer": "${run.outputs.answer}"})
     return chat_run, eval_run, seconds
@@ -260,7 +258,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
     runner="maf" runs the Agent Framework twins (flows/chat-maf, flows/eval-maf; see maf_runner) instead."""
     from promptflow.client import PFClient
 
-    from .data import read_jsonl
+    from ..data.prepare import read_jsonl
 
     data = Path(data).resolve()
     rows = read_jsonl(data)
@@ -286,7 +284,7 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
     base_side, cand_side = sides
 
     if losses is None and base_model and candidate_model:
-        from .train import heldout_loss
+        from ..training.trainer import heldout_loss
 
         test_file = test_file or str(data.with_name("test.jsonl"))
         print(f"  held-out loss on {test_file}", flush=True)

@@ -1,25 +1,28 @@
 """MLflow tracking and the model registry: a local SQLite store by default.
 
-MLFLOW_TRACKING_URI overrides the store (an Azure ML workspace's URI, a server); otherwise runs go
-to sqlite:///mlflow.db and artifacts to ./mlruns in the working directory.
+MLflow's own variables are read when a run starts, never at import: MLFLOW_TRACKING_URI overrides
+the store (an Azure ML workspace's URI, a server; otherwise runs go to sqlite:///mlflow.db and
+artifacts to ./mlruns in the working directory), MLFLOW_REGISTRY_URI the registry,
+MLFLOW_EXPERIMENT_NAME the experiment.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-REGISTERED_MODEL = os.environ.get("FINETUNE_PHI_MODEL_NAME", "finetune-phi")
-EXPERIMENT = os.environ.get("MLFLOW_EXPERIMENT_NAME", "finetune-phi")
+REGISTERED_MODEL = "finetune-phi"  # `train --registered-model NAME` registers elsewhere
+EXPERIMENT = "finetune-phi"
 
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
-def setup(experiment: str = EXPERIMENT):
+def setup(experiment: str | None = None):
     """Point MLflow at the store and the experiment (created with an explicit artifact folder)."""
     import mlflow
 
+    experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
@@ -38,7 +41,7 @@ def log_model(model_dir: str | Path, registered_name: str = REGISTERED_MODEL):
     mlflow = setup()
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     pipe = {"model": transformers.AutoModelForCausalLM.from_pretrained(model_dir),
             "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir)}
@@ -70,7 +73,7 @@ def download_model(uri: str) -> Path:
     import tempfile
 
     mlflow = setup()
-    from .models import cache_dir
+    from .cache import cache_dir
 
     client = mlflow.MlflowClient()
     name, _, ref = uri.removeprefix("models:/").partition("/")
@@ -80,7 +83,7 @@ def download_model(uri: str) -> Path:
     elif ref.isdigit():
         version = client.get_model_version(name, ref).version  # raises if it does not exist
     else:
-        from .errors import UserError
+        from ..errors import UserError
 
         raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
     store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:10]

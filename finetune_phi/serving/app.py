@@ -1,0 +1,206 @@
+"""The local scoring endpoint: Azure ML's online-endpoint protocol on 127.0.0.1, plus an OpenAI-compatible API.
+
+Several deployments (name -> model) share one endpoint; the `azureml-model-deployment` header (or
+the OpenAI `model` field) pins one, otherwise traffic weights choose. Each deployment's model runs in
+an engine (engines/: continuous batching by default), which decodes its concurrent requests together.
+Request limits use Azure ML's names. Models load in the background: /health answers at once, /ready
+turns 200 when every deployment is loaded.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+
+from . import keys
+from .azure_protocol import encode_all, parse_score_request, prompts_of, response_body
+from .endpoint import Endpoint, Limits
+from .engines.base import DEFAULT_ENGINE
+from .generation import Row
+from .request import RequestError, parse_json
+
+log = logging.getLogger("finetune_phi.serve")
+
+
+def create_app(endpoint: Endpoint, load_in_background: bool = True):
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
+
+    from . import openai_api
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if load_in_background:
+            threading.Thread(target=endpoint.load, name="load-models", daemon=True).start()
+        yield
+        for d in endpoint.deployments.values():
+            if d.engine:
+                d.engine.close()
+
+    app = FastAPI(title="finetune-phi endpoint", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    def error(status: int, code: str, message: str, headers: dict | None = None):
+        return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if request.url.path != "/health":
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not keys.matches(token.strip(), endpoint.api_key):
+                return error(401, "unauthorized", "missing or wrong key: send 'Authorization: Bearer <key>'",
+                             {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    app.add_middleware(_BugsAsJSON, error=error)  # added last: it wraps auth and every route
+
+    @app.exception_handler(RequestError)
+    async def refused(request: Request, e: RequestError):
+        return error(e.status, e.code, e.message, {"Retry-After": "1"} if e.status == 429 else None)
+
+    async def json_body(request: Request):
+        limit = endpoint.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refuse before reading a byte of it
+            raise RequestError(413, "body_too_large", f"body has {int(declared)} bytes; the limit is {limit}")
+        body = bytearray()
+        try:
+            async for chunk in request.stream():  # a chunked body has no length up front: stop once past the limit
+                body += chunk
+                if len(body) > limit:
+                    raise RequestError(413, "body_too_large", f"body has more than {limit} bytes; the limit is {limit}")
+        except ClientDisconnect:  # the caller's doing, not a server bug; nobody is left to read the answer
+            raise RequestError(400, "incomplete_body",
+                               "the client closed the connection before the body ended") from None
+        return parse_json(bytes(body))
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        if endpoint.loaded.is_set():
+            return {"status": "ready", "deployments": list(endpoint.deployments)}
+        if endpoint.load_error:
+            return error(503, "load_failed", endpoint.load_error)
+        return error(503, "not_ready", "models are still loading")
+
+    @app.post("/score")
+    async def score(request: Request):
+        shape, inputs, params = parse_score_request(await json_body(request), endpoint.limits.max_new_tokens_cap)
+        deployment = endpoint.choose(request.headers.get("azureml-model-deployment"))
+        prompts = prompts_of(deployment.engine, shape, inputs)
+        rows = [Row(ids, params) for ids in encode_all(deployment.engine, prompts, params)]
+        endpoint.enter()
+        try:
+            completions = await endpoint.generate(deployment, rows)
+        finally:
+            endpoint.leave()
+        return JSONResponse(response_body(shape, prompts, completions, params),
+                            headers={"azureml-model-deployment": deployment.name})
+
+    @app.get("/v1/models")
+    async def list_models():
+        return openai_api.models_body(list(endpoint.deployments))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        model, messages, params, stream, include_usage = openai_api.parse_chat_request(
+            await json_body(request), endpoint.limits.max_new_tokens_cap)
+        deployment = endpoint.choose(model or request.headers.get("azureml-model-deployment"))
+        row = Row(encode_all(deployment.engine, [deployment.engine.chat_prompt(messages)], params)[0], params)
+        headers = {"azureml-model-deployment": deployment.name}
+        endpoint.enter()
+        if not stream:
+            try:
+                (completion,) = await endpoint.generate(deployment, [row])
+            finally:
+                endpoint.leave()
+            return JSONResponse(openai_api.completion_body(deployment.name, completion), headers=headers)
+
+        # leave() exactly once: when the stream ends, or (a client gone before it started) at the timeout
+        release = _once(endpoint.leave)
+        asyncio.get_running_loop().call_later(endpoint.limits.request_timeout_ms / 1000 + 1, release)
+        events = _sse_events(endpoint, deployment, row, include_usage, release)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+
+    return app
+
+
+async def _sse_events(endpoint: Endpoint, deployment, row: Row, include_usage: bool, release):
+    """/v1/chat/completions with stream: true, as OpenAI sends it: role, text pieces, finish, [usage], [DONE]."""
+    from contextlib import aclosing
+
+    from . import openai_api
+    from .generation import Completion
+
+    writer = openai_api.ChunkWriter(deployment.name)
+    try:
+        yield writer.chunk({"role": "assistant", "content": ""})
+        # aclosing: a client that leaves closes the inner stream at once, which stops decoding its row
+        async with aclosing(endpoint.stream(deployment, row)) as items:
+            async for item in items:
+                if isinstance(item, Completion):
+                    yield writer.chunk(finish_reason=item.finish_reason)
+                    if include_usage:
+                        yield writer.chunk(usage_body=openai_api.usage(item))
+                else:
+                    yield writer.chunk({"content": item})
+    except RequestError as e:  # headers are gone: report in the stream, as OpenAI does
+        yield f"data: {json.dumps(e.body())}\n\n"
+    finally:
+        release()
+    yield writer.done()
+
+
+class _BugsAsJSON:
+    """ASGI middleware: an unhandled exception (a bug) is logged once with its traceback, and the
+    caller gets a JSON 500 without it. Not an exception handler for Exception: Starlette re-raises
+    after those, so uvicorn would log the traceback a second time."""
+
+    def __init__(self, app, error):
+        self.app, self.error = app, error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], scope["path"])
+            if not started:  # once a response has begun, uvicorn can only close the connection
+                await self.error(500, "internal_error", "internal error; see the server log")(scope, receive, send)
+
+
+def _once(fn):
+    done = []
+
+    def call():
+        if not done:
+            done.append(True)
+            fn()
+    return call
+
+
+def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = "127.0.0.1", port: int = 5000,
+          limits: Limits | None = None, key_env: str = keys.KEY_ENV, engine: str = DEFAULT_ENGINE):
+    import uvicorn
+
+    api_key, source = keys.get_or_create_key(key_env)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("deployments %s, traffic %s; key from %s", deployments, traffic, source)
+    log.info("scoring URI http://%s:%d/score; OpenAI base URL http://%s:%d/v1", host, port, host, port)
+    app = create_app(Endpoint(deployments, traffic, api_key, limits, engine))
+    uvicorn.run(app, host=host, port=port, log_level="info")
