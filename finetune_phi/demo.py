@@ -31,8 +31,25 @@ RECIPES = {
 }
 
 
-def _step(i: int, n: int, text: str):
-    print(f"\n[{i}/{n}] {text}", flush=True)
+class Stages:
+    """Prints each step as it starts and keeps how long each took (the demo's budget is in minutes)."""
+
+    def __init__(self, n: int):
+        self.n, self.times, self._current, self._start = n, [], None, time.time()
+
+    def step(self, i: int, text: str):
+        self._close()
+        self._current, self._start = text.split(":")[0], time.time()
+        print(f"\n[{i}/{self.n}] {text}", flush=True)
+
+    def _close(self):
+        if self._current is not None:
+            self.times.append((self._current, time.time() - self._start))
+            self._current = None
+
+    def summary(self) -> str:
+        self._close()
+        return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.times)
 
 
 def pf_chat(question: str, deployment: str) -> str:
@@ -58,7 +75,7 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     from .training.trainer import TrainConfig, train
 
     t0 = time.time()
-    n = 8
+    stages = Stages(8)
     work = Path(workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -70,15 +87,15 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     recipe = RECIPES["tiny" if base_model == "tiny" else "real"]
     train_settings = {**recipe["train"], **({"epochs": epochs} if epochs else {})}
 
-    _step(1, n, f"data: generating the offline UltraChat-format sample into {work / 'data'}")
+    stages.step(1, f"data: generating the offline UltraChat-format sample into {work / 'data'}")
     prepared = prepare("sample", work / "data", sample_size=recipe["sample_size"])
     print(f"      train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows")
 
-    _step(2, n, f"base model: {base_model} (converted/built once, then cached)")
+    stages.step(2, f"base model: {base_model} (converted/built once, then cached)")
     base = models.resolve(base_model, tokenizer)
     print(f"      {base}")
 
-    _step(3, n, "fine-tuning with TRL SFT (assistant-only loss), tracked in MLflow")
+    stages.step(3, "fine-tuning with TRL SFT (assistant-only loss), tracked in MLflow")
     result = train(TrainConfig(base_model=base_model, tokenizer=tokenizer,
                                train_file=str(work / "data/train.jsonl"),
                                eval_file=str(work / "data/test.jsonl"), out=str(work / "models/ft"),
@@ -87,7 +104,7 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     print(f"      {result.steps} steps in {result.seconds:.0f} s; held-out loss {result.base_eval_loss:.3f} -> "
           f"{result.eval_loss:.3f}; registered {registered}")
 
-    _step(4, n, f"endpoint: serving deployments base ({base_model}) and ft (the registered model)")
+    stages.step(4, f"endpoint: serving deployments base ({base_model}) and ft (the registered model)")
     port = free_port(port)
     url = f"http://127.0.0.1:{port}"
     api_key, key_source = keys.get_or_create_key()
@@ -102,14 +119,14 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
         wait_ready(url + "/ready", headers={"Authorization": f"Bearer {api_key}"}, proc=server, log=log)
         print(f"      ready at {url}/score (key from {key_source}; log {log})")
 
-        _step(5, n, f"connection: {CONNECTION_NAME} -> {url}/score")
+        stages.step(5, f"connection: {CONNECTION_NAME} -> {url}/score")
         connect(f"{url}/score", api_key)
 
-        _step(6, n, f"chat flow: one turn per deployment with `pf flow test` - {QUESTION!r}")
+        stages.step(6, f"chat flow: one turn per deployment with `pf flow test` - {QUESTION!r}")
         for deployment in ("base", "ft"):
             print(f"      {deployment:>4}: {pf_chat(QUESTION, deployment)!r}")
 
-        _step(7, n, f"comparison: chat + eval flow batch runs over {prepared.eval} held-out rows per deployment")
+        stages.step(7, f"comparison: chat + eval flow batch runs over {prepared.eval} held-out rows per deployment")
         name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
         summary = compare("base", "ft", work / "data" / "eval.jsonl", name=name, reports=work / "reports",
                                   losses={"base": result.base_eval_loss, "candidate": result.eval_loss})
@@ -117,17 +134,18 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
         server.terminate()
         server.wait(timeout=30)
 
-    _step(8, n, "result")
+    stages.step(8, "result")
     print(f"      held-out loss (assistant tokens, {prepared.test} test conversations):")
     print(f"        base        {result.base_eval_loss:.4f}")
     print(f"        fine-tuned  {result.eval_loss:.4f}   ({result.eval_loss / result.base_eval_loss:.1%} of base)")
-    f1 = next(r for r in summary["rows"] if r["metric"] == "f1_score")
-    print(f"      token F1 on held-out answers: base {f1['base']:.3f} -> fine-tuned {f1['candidate']:.3f} "
-          f"(delta {f1['delta']:+.3f}, 95% CI [{f1['ci_low']:+.3f}, {f1['ci_high']:+.3f}])")
+    for metric, label in (("f1_score", "token F1"), ("rouge_l", "ROUGE-L ")):
+        r = next(r for r in summary["rows"] if r["metric"] == metric)
+        print(f"      {label} on held-out answers: base {r['base']:.3f} -> fine-tuned {r['candidate']:.3f} "
+              f"(delta {r['delta']:+.3f}, 95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}])")
     print(f"      report: {summary['paths']['html']}")
     print(f"      MLflow run {result.run_id} in {os.environ['MLFLOW_TRACKING_URI']}")
     chat_flow = project.flow("chat")
-    print(f"\nDemo finished in {time.time() - t0:.0f} s. To do it yourself:")
+    print(f"\nDemo finished in {time.time() - t0:.0f} s ({stages.summary()}). To do it yourself:")
     env = f"MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}"
     print(f"  finetune-phi data --source sample --sample-size {recipe['sample_size']} --out {work / 'data'}")
     flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in train_settings.items())

@@ -28,9 +28,10 @@ def installed(tmp_path_factory):
 
 
 def run(site, code, cwd, *args):
+    """python -P (no current folder on sys.path: from the checkout it would import the source, not the install)."""
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("FINETUNE_PHI_PROJECT", None)
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-P", "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=120)
 
 

@@ -6,8 +6,7 @@ an engine (engines/: continuous batching by default), which decodes its concurre
 Request limits use Azure ML's names. Models load in the background: /health answers at once, /ready
 turns 200 when every deployment is loaded.
 """
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request) at runtime
 import asyncio
 import json
 import logging
