@@ -28,12 +28,15 @@ MODEL_COMMANDS = ("train", "serve", "demo", "compare", "tiny")
 def _quiet_libraries():
     """Commands that load models show their own progress (one bar for training, a line per stage):
     transformers' per-file bars (loading weights, writing shards, converting GGUF) and a deprecation
-    warning raised inside peft/TRL on every run would only bury it."""
+    warning raised inside peft/TRL on every run would only bury it. MLflow's INFO lines (creating its
+    tables) and its warnings about a local model having no hub model card or license say nothing to act on."""
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    # MLflow sets its loggers' level when it is imported (later, inside the command): its own switch says it
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")
     warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 

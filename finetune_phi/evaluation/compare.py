@@ -82,26 +82,40 @@ class Side:
 
 
 @contextmanager
-def pf_console_quiet():
-    """Prompt flow's INFO lines (run submitted, log path, worker start and stop) stay in each run's own
-    log file (`pf run show-details`, ~/.promptflow/.runs/<run>/logs.txt); on the console they would
-    bury the lines this command prints. Warnings and errors still show."""
+def pf_console_quiet(log: Path):
+    """Prompt flow's own lines (run submitted, log paths, worker processes started, "terminated" and "had
+    been terminated" at the end of every run) go to `log`, not the console, where they would bury the
+    lines this command prints. pf writes them to stdout, from its worker processes too, so stdout and
+    stderr are redirected at the file-descriptor level (children inherit them) while a run lasts; a
+    failed run still raises here."""
     import logging
+    import os
+    import sys
 
     names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(("promptflow", "execution"))]
     loggers = [logging.getLogger(n) for n in ["promptflow", *names]]
     saved = [(logger, logger.level) for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for logger, level in saved:
-            logger.setLevel(level)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush(), sys.stderr.flush()
+    console = {fd: os.dup(fd) for fd in (1, 2)}
+    with log.open("a") as f:
+        for fd in console:
+            os.dup2(f.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stdout.flush(), sys.stderr.flush()
+            for fd, saved_fd in console.items():
+                os.dup2(saved_fd, fd)
+                os.close(saved_fd)
+            for logger, level in saved:
+                logger.setLevel(level)
 
 
 def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
-             workers: int = DEFAULT_WORKERS) -> tuple[str, str, float]:
+             workers: int = DEFAULT_WORKERS, log: Path = Path("pf.log")) -> tuple[str, str, float]:
     """The chat run and the eval run over it; returns their names and the chat run's wall time.
 
     The chat run sends `workers` lines at once (Prompt flow's PF_WORKER_COUNT, set for that run only,
@@ -110,14 +124,15 @@ def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
     chat_run, eval_run = f"{name}_chat_{deployment}", f"{name}_eval_{deployment}"
     t = time.time()
     print(f"  pf run {chat_run}: chat flow over {data} with deployment={deployment}", flush=True)
-    with pf_console_quiet():
+    with pf_console_quiet(log):
         pf.run(flow=str(project.flow("chat")), data=str(data), name=chat_run, stream=False,
                column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
                                "deployment": deployment},
                connections={"chat": {"connection": connection}} if connection else None,
                environment_variables={"PF_WORKER_COUNT": str(workers)})
-        seconds = time.time() - t
-        print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
+    seconds = time.time() - t
+    print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
+    with pf_console_quiet(log):
         pf.run(flow=str(project.flow("eval")), data=str(data), run=chat_run, name=eval_run, stream=False,
                column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
                                "answer": "${run.outputs.answer}"})
@@ -276,10 +291,11 @@ def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", nam
             side = compare_side(pf, data, label, name, connection, (Path(reports) / name / "maf-runs").resolve())
             seconds = side.seconds
         else:
-            chat_run, eval_run, seconds = run_side(pf, data, label, name, connection, workers)
+            log = (Path(reports) / name / "pf.log").resolve()
+            chat_run, eval_run, seconds = run_side(pf, data, label, name, connection, workers, log)
             side = collect(pf, label, chat_run, eval_run, len(rows), seconds)
         print(f"  {label}: {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s), "
-              f"{side.lines.count(None)} failed", flush=True)
+              f"{side.lines.count(None)} failed" + ("" if runner == "maf" else f"; Prompt flow's log: {log}"), flush=True)
         sides.append(side)
     base_side, cand_side = sides
 
