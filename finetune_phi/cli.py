@@ -162,9 +162,11 @@ def cmd_deploy(args):
         traffic = parse_weights(args.traffic) if args.traffic else {args.deployment_name: 100}
     if args.deployment_name not in traffic:
         traffic[args.deployment_name] = 0  # created and reachable by header, no traffic yet
+    # the quantized CPU engine runs on a CPU VM (the original tutorial's size); the others on an A100 by default
+    instance_type = args.instance_type or ("Standard_E4s_v3" if args.engine == "openvino" else "Standard_NC24ads_A100_v4")
     ops.deploy(_azure_settings(args), args.endpoint_name, args.deployment_name, args.model, traffic,
-               args.instance_type, args.instance_count, args.max_concurrent_requests, args.request_timeout_ms,
-               args.max_queue_wait_ms, args.image, args.dry_run, Path(args.dry_run_dir))
+               instance_type, args.instance_count, args.max_concurrent_requests, args.request_timeout_ms,
+               args.max_queue_wait_ms, args.image, args.dry_run, Path(args.dry_run_dir), engine=args.engine)
 
 
 def cmd_delete(args):
@@ -285,7 +287,11 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     dp.add_argument("--deployment-name", default="ft", help="deployment to create or update")
     dp.add_argument("--traffic", action="append", metavar="NAME=PCT",
                     help="traffic after the deployment, e.g. --traffic ft=10 --traffic blue=90 (default: all to it)")
-    dp.add_argument("--instance-type", default="Standard_NC24ads_A100_v4", help="VM size of each instance")
+    dp.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
+                    help="what deploy/score.py serves the model with (FINETUNE_PHI_ENGINE in the deployment); "
+                         "openvino takes a folder made by `finetune-phi export --format openvino`")
+    dp.add_argument("--instance-type", default=None,
+                    help="VM size of each instance (default: Standard_E4s_v3 for --engine openvino, else Standard_NC24ads_A100_v4)")
     dp.add_argument("--instance-count", type=int, default=1)
     dp.add_argument("--max-concurrent-requests", type=int, default=1, help="max_concurrent_requests_per_instance")
     dp.add_argument("--request-timeout-ms", type=int, default=90000, help="request_timeout_ms (Azure caps it at 180000)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import BIN, Server
+from support import BIN, Server, exporter_or_skip
 
 
 def _isolate():
@@ -92,6 +92,15 @@ def trained(sample_data, tiny_model, test_root):
 
     return train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
                              eval_file=str(sample_data / "test.jsonl"), out=str(test_root / "models" / "ft")))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_model, test_root):
+    """The tiny model exported to OpenVINO int8 (~40 s), for the openvino engine and its Azure deployment."""
+    from finetune_phi.modeling.export import export
+
+    exporter_or_skip()
+    return export(str(tiny_model), test_root / "exports" / "tiny-int8", "openvino", "int8", progress=lambda m: None)
 
 
 @pytest.fixture(scope="session")

@@ -162,3 +162,19 @@ class Server(Process):
 
     def log_size(self) -> int:
         return len(self.log.read_text())
+
+
+def exporter_or_skip():
+    """The OpenVINO exporter (its own venv: `make openvino-export`), or skip the test saying how to get it."""
+    import importlib.util
+
+    import pytest
+
+    from finetune_phi.modeling.export import ExportError, openvino_exporter
+
+    if importlib.util.find_spec("openvino_genai") is None:
+        pytest.skip("openvino-genai is not installed (pip install 'finetune-phi[openvino]')")
+    try:
+        return openvino_exporter()
+    except ExportError as e:
+        pytest.skip(f"no OpenVINO export venv (`make openvino-export`): {str(e)[:200]}")

@@ -91,6 +91,23 @@ def test_deploy_defaults_send_all_traffic_to_the_new_deployment(trained, tmp_pat
     assert "cpu-inference" in load_online_deployment(tmp_path / "deployment.yml").environment.image
 
 
+@pytest.mark.slow
+def test_deploy_with_the_quantized_engine_takes_an_export_and_a_cpu_vm(trained, tmp_path):
+    done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path / "refused"), "--model", str(trained.out),
+               "--engine", "openvino")
+    assert done.returncode == 2 and "finetune-phi export --format openvino" in done.stderr, done.stderr
+    export = tmp_path / "export"  # what the deploy command checks of an export; serving it: test_azure_server.py
+    export.mkdir()
+    for name in ("config.json", "openvino_model.xml", "openvino_model.bin"):
+        (export / name).write_text("{}")
+    done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path / "yaml"), "--model", str(export), "--engine", "openvino")
+    assert done.returncode == 0, done.stderr[-3000:]
+    dep = load_online_deployment(tmp_path / "yaml" / "deployment.yml")
+    assert dep.environment_variables["FINETUNE_PHI_ENGINE"] == "openvino"
+    assert dep.instance_type == "Standard_E4s_v3" and "cpu-inference" in dep.environment.image
+    assert "openvino-genai" in (REPO / "deploy" / "conda.yml").read_text()  # the scoring environment has the engine
+
+
 @pytest.mark.parametrize("args, message", [
     (["--traffic", "ft=10", "--traffic", "blue=80"], "must add up to 100"),
     (["--traffic", "ft=ten", "--traffic", "blue=90"], "integer from 0 to 100"),

@@ -5,6 +5,8 @@ AZUREML_MODEL_DIR is laid out as Azure mounts a registered model: azureml-models
 registered folder below it (the server reads NAME:VERSION from that path for its telemetry).
 """
 import os
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -21,16 +23,16 @@ pytestmark = [pytest.mark.slow,
                                  reason=f"{AZMLINFSRV.relative_to(REPO)} is absent: `make azmlinfsrv` builds it")]
 
 
-@pytest.fixture(scope="module")
-def azml(tiny_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("azml")
+@contextmanager
+def azmlinfsrv(model_folder, root, engine: str | None = None):
+    """deploy/score.py under azmlinfsrv with model_folder mounted as Azure mounts a registered model."""
     model_dir = root / "azureml-models" / "finetune-phi" / "1"
     model_dir.mkdir(parents=True)
-    (model_dir / "tiny").symlink_to(tiny_model, target_is_directory=True)
+    (model_dir / Path(model_folder).name).symlink_to(model_folder, target_is_directory=True)
     port = free_port()
     log = root / "azmlinfsrv.log"
-    server = Process([AZMLINFSRV, "--entry_script", REPO / "deploy" / "score.py", "--port", port], log, cwd=root,
-                     env={**os.environ, "AZUREML_MODEL_DIR": str(model_dir)})
+    env = {**os.environ, "AZUREML_MODEL_DIR": str(model_dir), **({"FINETUNE_PHI_ENGINE": engine} if engine else {})}
+    server = Process([AZMLINFSRV, "--entry_script", REPO / "deploy" / "score.py", "--port", port], log, cwd=root, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         server.wait_for_url(url + "/", timeout=120)  # GET / is the server's health probe; init() has run once it answers
@@ -38,6 +40,12 @@ def azml(tiny_model, tmp_path_factory):
         yield url, log
     finally:
         server.stop(timeout=60)  # as Azure stops a deployment; gunicorn kills a worker still there after 30 s
+
+
+@pytest.fixture(scope="module")
+def azml(tiny_model, tmp_path_factory):
+    with azmlinfsrv(tiny_model, tmp_path_factory.mktemp("azml")) as served:
+        yield served
 
 
 def test_both_score_shapes_answer_greedy_generate_text(azml, tiny_model):
@@ -92,3 +100,23 @@ def test_refusals_are_the_local_servers_error_object(azml, body, code):
         assert got == refused.value.body()
     assert "Traceback" not in log.read_text()[len(before):]
     assert headers.get("x-ms-run-function-failed") == "False"  # Azure counts it as the client's, not a failed run
+
+
+def test_the_quantized_engine_serves_an_export_as_an_azure_deployment_would(tiny_export, tmp_path):
+    """`finetune-phi deploy --engine openvino`: the deployment's FINETUNE_PHI_ENGINE and an exported folder,
+    with deploy/conda.yml's openvino-genai; greedy answers as the openvino engine gives them locally."""
+    from finetune_phi.serving.engines import load_engine
+    from finetune_phi.serving.generation import GenerationParams, Row
+
+    engine = load_engine("openvino", str(tiny_export))
+    try:
+        messages = [{"role": "user", "content": QUESTION}]
+        params = GenerationParams(max_new_tokens=NEW_TOKENS, do_sample=False)
+        expected = engine.run([Row(engine.encode(engine.chat_prompt(messages), params), params)])[0].text.strip()
+    finally:
+        engine.close()
+    with azmlinfsrv(tiny_export, tmp_path, engine="openvino") as (url, log):
+        status, _, chat = http("POST", url + "/score", {"input_data": {"input_string": messages, "parameters": {
+            "temperature": 0, "max_new_tokens": NEW_TOKENS}}}, JSON)
+        # the export holds no PyTorch weights: only the openvino engine can have answered
+        assert status == 200 and chat == {"output": expected}, chat

@@ -13,6 +13,7 @@ import os
 import pytest
 
 from finetune_phi.serving.generation import GenerationParams, Row
+from support import exporter_or_skip
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None,
                                 reason="openvino-genai is not installed (pip install 'finetune-phi[openvino]')")
@@ -20,23 +21,6 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is No
 QUESTIONS = ["What is the capital of France?", "Give me three tips for staying focused while studying.",
              "How do plants make their food?", "Write a haiku about the sea.",
              "Explain what a neural network is in one paragraph."]
-
-
-def _exporter_or_skip():
-    from finetune_phi.modeling.export import ExportError, openvino_exporter
-
-    try:
-        return openvino_exporter()
-    except ExportError as e:
-        pytest.skip(f"no OpenVINO export venv: {str(e)[:200]}")
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tiny_model, tmp_path_factory):
-    from finetune_phi.modeling.export import export
-
-    _exporter_or_skip()
-    return export(str(tiny_model), tmp_path_factory.mktemp("ov") / "tiny-int8", "openvino", "int8", progress=lambda m: None)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +159,7 @@ def test_smollm2_int8_export_stops_at_end_of_turn_and_agrees(smollm2_model, tmp_
     from finetune_phi.serving.engines import load_engine
     from finetune_phi.modeling.export import export
 
-    _exporter_or_skip()
+    exporter_or_skip()
     out = export(str(smollm2_model), tmp_path / "smollm2-int8", "openvino", "int8", progress=lambda m: None)
     eng = load_engine("openvino", str(out))
     try:

@@ -102,8 +102,9 @@ def test_chat_twin_answers_with_history_and_streams(greedy, greedy_env, connecte
     question = "What is the opposite of hot?"
     script = f"""
 import asyncio, json, os
-from finetune_phi.evaluation.maf_runner import CHAT_FLOW, endpoint, load_flow
-flow = load_flow(CHAT_FLOW)
+from finetune_phi import project
+from finetune_phi.evaluation.maf_runner import endpoint, load_flow
+flow = load_flow(project.flow("chat-maf"))
 url, key = endpoint()
 chat_input = flow.ChatInput({question!r}, {history!r}, "ft")
 answer = asyncio.run(flow.create_workflow(url, key).run(chat_input)).get_outputs()

@@ -108,8 +108,9 @@ def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_n
     )
 
 
-def model_asset(source: str, name: str = MODEL_NAME):
-    """The model to serve: a finished job's output (job:NAME), a local folder, or an azureml:/azureml:// path."""
+def model_asset(source: str, name: str = MODEL_NAME, engine: str = "transformers"):
+    """The model to serve: a finished job's output (job:NAME), a local folder, or an azureml:/azureml:// path.
+    For the openvino engine a local folder must be an export (`finetune-phi export --format openvino`)."""
     from azure.ai.ml.constants import AssetTypes
     from azure.ai.ml.entities import Model
 
@@ -121,6 +122,9 @@ def model_asset(source: str, name: str = MODEL_NAME):
         local = Path(source)
         if not (local / "config.json").exists():
             raise UserError(f"{source}: not a Hugging Face model folder (no config.json)")
+        if engine == "openvino" and not (local / "openvino_model.xml").exists():
+            raise UserError(f"{source}: --engine openvino deploys a folder made by `finetune-phi export --format "
+                            f"openvino {source} OUT` (no openvino_model.xml here); export it, then deploy OUT")
         path = str(local.resolve())
     return Model(name=name, path=path, type=AssetTypes.CUSTOM_MODEL,
                  description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)")

@@ -53,12 +53,13 @@ def train(settings: AzureSettings, cfg, job):
 
 def deploy(settings: AzureSettings, endpoint_name: str, deployment_name: str, model_source: str, traffic: dict[str, int],
            instance_type: str, instance_count: int, max_concurrent: int, request_timeout_ms: int, max_queue_wait_ms: int,
-           image: str, dry_run: bool, dry_run_dir: Path):
-    model = entities.model_asset(model_source)
+           image: str, dry_run: bool, dry_run_dir: Path, engine: str = "transformers"):
+    model = entities.model_asset(model_source, engine=engine)
     env = entities.serving_environment(image or entities.serving_image(instance_type))
     ep = entities.endpoint(endpoint_name, settings.identity, traffic)
     dep = entities.deployment(deployment_name, endpoint_name, model, env, instance_type, instance_count,
-                              max_concurrent, request_timeout_ms, max_queue_wait_ms)
+                              max_concurrent, request_timeout_ms, max_queue_wait_ms,
+                              env_vars={"FINETUNE_PHI_ENGINE": engine})
     if dry_run:
         _show(entities.dump_all({"model": model, "environment": env, "endpoint": ep, "deployment": dep}, dry_run_dir))
         return None
