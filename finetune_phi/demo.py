@@ -26,7 +26,7 @@ QUESTION = "What is the capital of France?"
 # that rambles on would spend the budget on text that only lowers its scores further. 160 rows (128
 # to train on, 16 LoRA steps; 32 held out) keep the real-model demo within 6 minutes on 2 cores.
 RECIPES = {
-    "tiny": dict(sample_size=600, max_new_tokens=128, train={}),
+    "tiny": dict(sample_size=400, max_new_tokens=48, train={}),
     "real": dict(sample_size=160, max_new_tokens=48,
                  train=dict(lora=True, lr=5e-4, batch_size=8, max_length=256, epochs=1)),
 }

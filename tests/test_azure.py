@@ -157,7 +157,8 @@ def test_delete_needs_confirmation():
 
 @pytest.mark.slow
 def test_the_jobs_command_line_runs_locally_on_the_tiny_model(train_dry_run, sample_data, tmp_path):
-    """The very command the Azure job runs, with its inputs/outputs bound to local paths."""
+    """The very command the Azure job runs (training/fine_tune.py, the tutorial's entry point), with its
+    inputs/outputs bound to local paths and no MLFLOW_TRACKING_URI: SQLite in the working directory."""
     out, _ = train_dry_run
     command = load_job(out / "job.yml").command
     bound = (command.replace("${{inputs.train_file}}", shlex.quote(str(sample_data / "train.jsonl")))
@@ -166,11 +167,15 @@ def test_the_jobs_command_line_runs_locally_on_the_tiny_model(train_dry_run, sam
     # the dry run asked for Phi-3-mini from the hub; locally the job's flags run on the tiny model
     bound = bound.replace("microsoft/Phi-3-mini-4k-instruct", "tiny").replace("--epochs 2.0", "--epochs 1")
     assert bound.startswith("python training/fine_tune.py ")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
-    done = subprocess.run(f"{shlex.quote(sys.executable)} {bound.removeprefix('python ')}", shell=True, cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env=env)
+    script = shlex.quote(str(REPO / "training" / "fine_tune.py"))
+    # mlflow.set_tracking_uri/set_registry_uri in this process export MLFLOW_* to children: drop them all
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    done = subprocess.run(f"{shlex.quote(sys.executable)} {script} {bound.removeprefix('python training/fine_tune.py ')}",
+                          shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "adapter").is_dir()  # --lora
+    assert (tmp_path / "mlflow.db").exists() and (tmp_path / "mlruns").is_dir()
+    assert "registered:   models:/finetune-phi/1" in done.stdout
 
 
 @pytest.mark.slow

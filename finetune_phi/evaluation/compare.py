@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -114,6 +115,13 @@ def pf_console_quiet(log: Path):
                 logger.setLevel(level)
 
 
+def eval_workers() -> int:
+    """Worker processes for an eval run: scoring is CPU work, and each worker first imports the metric
+    libraries (azure-ai-evaluation: seconds of CPU), so more workers than cores only add start-up time
+    (8 workers on 2 cores: ~20 s for 40 rows; 2 workers: a few seconds)."""
+    return max(1, min(os.cpu_count() or 1, DEFAULT_WORKERS))
+
+
 def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
              workers: int = DEFAULT_WORKERS, log: Path = Path("pf.log")) -> tuple[str, str, float]:
     """The chat run and the eval run over it; returns their names and the chat run's wall time.
@@ -135,7 +143,8 @@ def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
     with pf_console_quiet(log):
         pf.run(flow=str(project.flow("eval")), data=str(data), run=chat_run, name=eval_run, stream=False,
                column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
-                               "answer": "${run.outputs.answer}"})
+                               "answer": "${run.outputs.answer}"},
+               environment_variables={"PF_WORKER_COUNT": str(eval_workers())})
     return chat_run, eval_run, seconds
 
 
