@@ -163,17 +163,23 @@ def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(tmp_path, pf_home):
         assert row["outputs.failed"] == line["failed"]
 
 
-def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, sample_data, tmp_path, capsys):
+def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, trained, sample_data, tmp_path, capsys):
+    """Both runners over the same rows, one of which fails (longer than the model's context: the endpoint says
+    400): the same answers, scores and table, the failed line counted and the comparison going on."""
     rows = read_jsonl(sample_data / "eval.jsonl")[:6]
+    rows[2] = dict(rows[2], question="word " * 5000)
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     conns = ["--base-connection", "greedy_endpoint", "--candidate-connection", "greedy_endpoint"]
+    losses = {"promptflow": ["--base-model", "tiny", "--candidate-model", str(trained.out),  # held-out loss, once
+                             "--test-file", str(sample_data / "test.jsonl")], "maf": []}
     seconds, summaries = {}, {}
     for runner in ("promptflow", "maf"):
         t = time.time()
         done = subprocess.run([str(BIN / "finetune-phi"), "compare", "--runner", runner, "--base", "base",
                                "--candidate", "ft", "--data", str(data), "--name", f"parity_{runner}",
-                               "--reports", str(tmp_path / runner), *conns], capture_output=True, text=True, timeout=600)
+                               "--reports", str(tmp_path / runner), *conns, *losses[runner]],
+                              capture_output=True, text=True, timeout=600)
         seconds[runner] = time.time() - t
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summaries[runner] = json.loads((tmp_path / runner / f"parity_{runner}" / "summary.json").read_text())
@@ -194,8 +200,14 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, sam
               f"{same_scores}/{len(rows)} with equal scores (to 1e-9; {exact_scores} to the last bit); compare took promptflow {seconds['promptflow']:.1f} s, "
               f"maf {seconds['maf']:.1f} s (chat runs: pf {[round(r['seconds'], 1) for r in summaries['promptflow']['runs'].values()]}"
               f" s, maf {[round(r['seconds'], 1) for r in summaries['maf']['runs'].values()]} s)")
-    assert all(a.strip() for a in pf_lines[answers].to_numpy().ravel())  # every row answered on both sides
+    answered = pf_lines[pf_lines["line"] != 2][answers].to_numpy().ravel()
+    assert all(a.strip() for a in answered)  # every other row answered on both sides
     assert same_answers == len(rows) and same_scores == len(rows)
+    for summary in summaries.values():  # the failed line is counted (scored 0) and the comparison goes on
+        assert summary["runs"]["base"]["failed"] == 1 and summary["runs"]["ft"]["failed"] == 1
+        f1 = next(r for r in summary["rows"] if r["metric"] == "f1_score")
+        assert f1["candidate"] > f1["base"]
+    assert summaries["promptflow"]["losses"]["candidate"] < summaries["promptflow"]["losses"]["base"]
     for pf_row, maf_row in zip(summaries["promptflow"]["rows"], summaries["maf"]["rows"]):  # the same table
         assert pf_row["metric"] == maf_row["metric"]
         assert all(pf_row[k] == pytest.approx(maf_row[k], rel=0, abs=1e-9) for k in pf_row if k != "metric")
