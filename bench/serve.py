@@ -32,6 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from finetune_phi.serving.client import sse_events  # noqa: E402
 from finetune_phi.serving.local import NotReady, free_port, wait_ready  # noqa: E402
 BIN = Path(sys.executable).parent
 ASSETS = REPO.parent / "shared" / "assets" / "ultrachat-sample"
@@ -179,13 +180,7 @@ def chat(server: Server, messages: list[dict], max_tokens: int | None, temperatu
         if response.status != 200:
             return Result(False, error=f"HTTP {response.status} {response.read()[:160].decode(errors='replace')}")
         ttft, pieces, usage = None, [], None
-        for line in response:
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
+        for event in sse_events(response):
             if "error" in event:
                 return Result(False, error=f"stream error {str(event['error'])[:160]}")
             if event.get("usage"):

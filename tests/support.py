@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from finetune_phi.serving.client import sse_events  # noqa: F401 - the tests' too
 from finetune_phi.serving.local import free_port, wait_ready  # noqa: F401 - free_port: the tests' too
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,13 +87,6 @@ def stream_request(url: str, key: str, body: dict):
     conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
                  {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     return conn, conn.getresponse()
-
-
-def sse_events(response):
-    """The SSE events of a chat completion stream as they arrive (each a dict; [DONE] ends it)."""
-    for line in response:
-        if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-            yield json.loads(line[6:])
 
 
 def has_content(event: dict) -> bool:

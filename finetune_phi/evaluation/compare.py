@@ -89,15 +89,8 @@ def pf_console_quiet(log: Path):
     lines this command prints. pf writes them to stdout, from its worker processes too, so stdout and
     stderr are redirected at the file-descriptor level (children inherit them) while a run lasts; a
     failed run still raises here."""
-    import logging
-    import os
     import sys
 
-    names = [n for n in list(logging.root.manager.loggerDict) if n.startswith(("promptflow", "execution"))]
-    loggers = [logging.getLogger(n) for n in ["promptflow", *names]]
-    saved = [(logger, logger.level) for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.WARNING)
     log.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush(), sys.stderr.flush()
     console = {fd: os.dup(fd) for fd in (1, 2)}
@@ -111,8 +104,6 @@ def pf_console_quiet(log: Path):
             for fd, saved_fd in console.items():
                 os.dup2(saved_fd, fd)
                 os.close(saved_fd)
-            for logger, level in saved:
-                logger.setLevel(level)
 
 
 def eval_workers() -> int:

@@ -115,15 +115,20 @@ def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: li
     return _sse_text(response, url)
 
 
+def sse_events(response) -> Iterator[dict]:
+    """The events of an OpenAI-style SSE stream (`data: {...}` lines) as they arrive, until `data: [DONE]`."""
+    for line in response:
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield json.loads(data)
+
+
 def _sse_text(response, url: str) -> Iterator[str]:
     with response:
-        for line in response:
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                return
-            event = json.loads(data)
+        for event in sse_events(response):
             if "error" in event:
                 raise EndpointError(f"{url} failed while streaming: {event['error'].get('message')}")
             for choice in event.get("choices", []):

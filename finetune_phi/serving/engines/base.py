@@ -77,12 +77,6 @@ class Engine(ABC):
             entry = self._rows.get(request_id)
         return entry[0] if entry else None
 
-    def _set_handle(self, request_id: str, handle: object):
-        with self._rows_lock:
-            if request_id in self._rows:
-                row, future, _ = self._rows[request_id]
-                self._rows[request_id] = (row, future, handle)
-
     def _end(self, request_id: str, reason: str):
         """Finish a row with its Completion (once: a row already ended is ignored)."""
         with self._rows_lock:
