@@ -240,7 +240,7 @@ def test_every_flag_spelling_users_typed_before_still_parses():
 def test_defaults_resolve_as_before():
     cfg = parsed(["train"]).resolved()
     assert (cfg.base_model, cfg.train_file, cfg.eval_file, cfg.epochs, cfg.lr, cfg.batch_size, cfg.max_length) == (
-        "tiny", "data/train.jsonl", "data/test.jsonl", 12, 3e-3, 16, 256)
+        "tiny", "data/train.jsonl", "data/test.jsonl", 6, 3e-3, 16, 256)
     real = TrainConfig(base_model="microsoft/Phi-3-mini-4k-instruct", qlora=True).resolved()
     assert (real.lora, real.lr, real.batch_size, real.max_length, real.epochs) == (True, 2e-4, 4, 2048, 1)
 

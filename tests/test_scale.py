@@ -43,19 +43,19 @@ def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data
     """SIGKILL after a checkpoint, --resume, and compare with the same run never stopped."""
     import signal
 
-    args = ["--base-model", "tiny", "--data", str(sample_data), "--epochs", "2", "--save-steps", "10", "--no-register"]
+    args = ["--base-model", "tiny", "--data", str(sample_data), "--epochs", "1", "--save-steps", "5", "--no-register"]
     out = tmp_path / "killed"
     first = subprocess.Popen([str(BIN / "finetune-phi"), "train", *args, "--out", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # killed once its second checkpoint is complete (the event, not a guessed time): 40 of 60 steps to go
-    wait_for(lambda: (latest := latest_complete_checkpoint(out / "checkpoints")) and latest.name != "checkpoint-10",
+    # killed once its second checkpoint is complete (the event, not a guessed time): ~20 of 30 steps to go
+    wait_for(lambda: (latest := latest_complete_checkpoint(out / "checkpoints")) and latest.name != "checkpoint-5",
              "a second complete checkpoint of the run to kill", 300, proc=first)
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not (out / "config.json").exists()  # it died before the end
     latest = latest_complete_checkpoint(out / "checkpoints")
     # a checkpoint half-written when the process died must never be picked
-    partial = out / "checkpoints" / f"checkpoint-{int(latest.name.split('-')[1]) + 10}"
+    partial = out / "checkpoints" / f"checkpoint-{int(latest.name.split('-')[1]) + 5}"
     partial.mkdir(exist_ok=True)
     (partial / "trainer_state.json").write_text('{"global_step": ')
     assert latest_complete_checkpoint(out / "checkpoints") == latest
@@ -65,15 +65,15 @@ def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping incomplete checkpoint" in resumed.stdout + resumed.stderr
     straight = train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
-                                 eval_file=str(sample_data / "test.jsonl"), out=str(tmp_path / "straight"), epochs=2,
-                                 save_steps=10, register=False))
+                                 eval_file=str(sample_data / "test.jsonl"), out=str(tmp_path / "straight"), epochs=1,
+                                 save_steps=5, register=False))
     summary = json.loads((out / "finetune_phi.json").read_text())
     assert summary["mlflow_run_id"] == run_id  # one MLflow run across the crash
     assert summary["base_eval_loss"] == pytest.approx(straight.base_eval_loss)
-    assert summary["steps"] == straight.steps == 60
+    assert summary["steps"] == straight.steps == 30
     assert summary["eval_loss"] == pytest.approx(straight.eval_loss, rel=0.02)
     kept = sorted(p.name for p in (tmp_path / "straight" / "checkpoints").glob("checkpoint-*"))
-    assert len(kept) <= 2 and "checkpoint-60" in kept  # save_total_limit bounds the disk
+    assert len(kept) <= 2 and "checkpoint-30" in kept  # save_total_limit bounds the disk
 
 
 def test_padding_waste_of_constructed_batches():

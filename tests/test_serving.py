@@ -251,7 +251,7 @@ def test_chat_flow_streams_through_pf_flow_serve(connected, test_root, tmp_path)
     flow = PfFlowServe(REPO / "flows" / "chat", test_root / "pf-stream.log", env=env)
     try:
         conn = httpclient.HTTPConnection("127.0.0.1", flow.port, timeout=120)
-        conn.request("POST", "/score", json.dumps({"question": "Say hello to Maya.", "deployment": "ft"}),
+        conn.request("POST", "/score", json.dumps({"question": "What is the capital of Peru?", "deployment": "ft"}),
                      {"Content-Type": "application/json", "Accept": "text/event-stream"})
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
@@ -265,7 +265,7 @@ def test_chat_flow_streams_through_pf_flow_serve(connected, test_root, tmp_path)
         assert before_release, "pf flow serve sent nothing until the endpoint's answer was complete"
         assert gate.held.is_set() and not gate.gave_up
         assert len(pieces) > 3  # the rest came piece by piece too
-        assert "".join(pieces).startswith("Hello Maya")  # the flow samples at the endpoint's temperature
+        assert "".join(pieces).startswith("The capital of")  # sampled at 0.7: a shape the fine-tune is sure of
     finally:
         gate.release.set()
         flow.stop()

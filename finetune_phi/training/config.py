@@ -49,7 +49,7 @@ class TrainArguments:
         "assistant", "assistant: loss on the assistant's tokens only (TRL's training template for the model's chat "
                      "template, else a mask derived from it); all: on whole conversations")
     # None = a default that suits the base (resolved()): the tiny model needs far larger steps than a real one
-    epochs: float | None = _setting(None, "default: 12 for tiny, 1 otherwise")
+    epochs: float | None = _setting(None, "default: 6 for tiny, 1 otherwise")
     lr: float | None = _setting(None, "default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
     batch_size: int | None = _setting(None, "per device; default 16 tiny, 4 otherwise")
     grad_accum: int = _setting(1, "gradient accumulation steps (effective batch: batch size x this x processes)")
@@ -86,7 +86,9 @@ class TrainConfig(TrainArguments):
         cfg = self.with_data_files()
         cfg = replace(cfg, base_model=cfg.base_model or "tiny", lora=cfg.lora or cfg.qlora)
         tiny = cfg.base_model == "tiny"
-        defaults = dict(epochs=12 if tiny else 1,
+        # tiny starts from random weights: 6 epochs of the 600-row sample take the answers' shapes
+        # (held-out loss 6.95 -> 0.59, ~30 s on 2 cores; 12 epochs: 0.39 in twice the time)
+        defaults = dict(epochs=6 if tiny else 1,
                         lr=(1e-2 if cfg.lora else 3e-3) if tiny else (2e-4 if cfg.lora else 5e-6),
                         batch_size=16 if tiny else 4, max_length=256 if tiny else 2048)
         return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
