@@ -158,6 +158,21 @@ class Server(Process):
         return len(self.log.read_text())
 
 
+def run_cli(capsys, *args) -> subprocess.CompletedProcess:
+    """`finetune-phi ARGS` in this process, as its console script runs it (exit code, stdout, stderr),
+    without paying the start-up of Python, torch and azure-ai-ml again: for refusals and dry runs. The
+    tests that need a real process (kill, relaunch, the console script itself) start one."""
+    from finetune_phi.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors exit
+        rc = e.code
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(["finetune-phi", *map(str, args)], rc, said.out, said.err)
+
+
 def exporter_or_skip():
     """The OpenVINO exporter (its own venv: `make openvino-export`), or skip the test saying how to get it."""
     import importlib.util

@@ -9,24 +9,35 @@ import sys
 import pytest
 from azure.ai.ml import load_compute, load_environment, load_job, load_model, load_online_deployment, load_online_endpoint
 
-from support import BIN, REPO
+from support import BIN, REPO, run_cli
 
 AZURE_ENV = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME", "AZURE_LOCATION", "AZUREML_IDENTITY_ID")
 IDENTITY = "/subscriptions/0000/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/phi"
 
 
-def cli(*args, cwd=None, env=None):
-    clean = {k: v for k, v in os.environ.items() if k not in AZURE_ENV}
-    return subprocess.run([str(BIN / "finetune-phi"), *args], capture_output=True, text=True, timeout=300,
-                          cwd=cwd, env={**clean, **(env or {})})
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """`finetune-phi ARGS` in this process (support.run_cli), with no Azure setting from the shell."""
+    def run(*args, cwd=None, env=None):
+        for var in AZURE_ENV:
+            monkeypatch.delenv(var, raising=False)
+        for var, value in (env or {}).items():
+            monkeypatch.setenv(var, value)
+        if cwd:
+            monkeypatch.chdir(cwd)
+        return run_cli(capsys, *args)
+    return run
 
 
 @pytest.fixture(scope="module")
 def train_dry_run(sample_data, tmp_path_factory):
+    """The Azure training job's dry run, by the console script in a process of its own, as a user runs it."""
     out = tmp_path_factory.mktemp("dry") / "train"
-    done = cli("train", "--target", "azure", "--dry-run", "--dry-run-dir", str(out), "--data", str(sample_data),
-               "--nodes", "2", "--gpus-per-node", "4", "--epochs", "2", "--lora", "--base-model",
-               "microsoft/Phi-3-mini-4k-instruct", cwd=tmp_path_factory.mktemp("cwd"))  # no settings, no credentials
+    clean = {k: v for k, v in os.environ.items() if k not in AZURE_ENV}
+    done = subprocess.run([str(BIN / "finetune-phi"), "train", "--target", "azure", "--dry-run", "--dry-run-dir", str(out),
+                           "--data", str(sample_data), "--nodes", "2", "--gpus-per-node", "4", "--epochs", "2", "--lora",
+                           "--base-model", "microsoft/Phi-3-mini-4k-instruct"], capture_output=True, text=True,
+                          timeout=300, env=clean, cwd=tmp_path_factory.mktemp("cwd"))  # no settings, no credentials
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout
 
@@ -58,10 +69,9 @@ def test_environment_and_compute_yaml_round_trip(train_dry_run):
     assert compute.size == "Standard_NC24ads_A100_v4" and compute.max_instances == 2 and compute.min_instances == 0
 
 
-@pytest.mark.slow
-def test_blue_green_deployment_yaml_round_trips(trained, tmp_path):
+def test_blue_green_deployment_yaml_round_trips(cli, tiny_model, tmp_path):
     out = tmp_path / "deploy"
-    done = cli("deploy", "--target", "azure", "--dry-run", "--dry-run-dir", str(out), "--model", str(trained.out),
+    done = cli("deploy", "--target", "azure", "--dry-run", "--dry-run-dir", str(out), "--model", str(tiny_model),
                "--endpoint-name", "phi-ep", "--deployment-name", "green", "--traffic", "green=10", "--traffic", "blue=90",
                "--instance-type", "Standard_NC24ads_A100_v4", "--instance-count", "2", "--max-concurrent-requests", "4",
                "--request-timeout-ms", "60000", "--max-queue-wait-ms", "1000", "--identity", IDENTITY)
@@ -78,11 +88,10 @@ def test_blue_green_deployment_yaml_round_trips(trained, tmp_path):
     assert dep.code_configuration.scoring_script == "deploy/score.py"
     assert "cuda" in dep.environment.image  # a GPU VM size gets a CUDA base image
     model = load_model(out / "model.yml")
-    assert model.type == "custom_model" and model.path == str(trained.out)
+    assert model.type == "custom_model" and model.path == str(tiny_model)
 
 
-@pytest.mark.slow
-def test_deploy_defaults_send_all_traffic_to_the_new_deployment(trained, tmp_path):
+def test_deploy_defaults_send_all_traffic_to_the_new_deployment(cli, tmp_path):
     done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path), "--model", "job:sharp_boat_123",
                "--instance-type", "Standard_E4s_v3")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,9 +100,8 @@ def test_deploy_defaults_send_all_traffic_to_the_new_deployment(trained, tmp_pat
     assert "cpu-inference" in load_online_deployment(tmp_path / "deployment.yml").environment.image
 
 
-@pytest.mark.slow
-def test_deploy_with_the_quantized_engine_takes_an_export_and_a_cpu_vm(trained, tmp_path):
-    done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path / "refused"), "--model", str(trained.out),
+def test_deploy_with_the_quantized_engine_takes_an_export_and_a_cpu_vm(cli, tiny_model, tmp_path):
+    done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path / "refused"), "--model", str(tiny_model),
                "--engine", "openvino")
     assert done.returncode == 2 and "finetune-phi export --format openvino" in done.stderr, done.stderr
     export = tmp_path / "export"  # what the deploy command checks of an export; serving it: test_azure_server.py
@@ -113,9 +121,8 @@ def test_deploy_with_the_quantized_engine_takes_an_export_and_a_cpu_vm(trained, 
     (["--traffic", "ft=ten", "--traffic", "blue=90"], "integer from 0 to 100"),
     (["--instance-count", "0"], "--instance-count must be at least 1"),
 ])
-@pytest.mark.slow
-def test_bad_deploy_flags_are_named(trained, tmp_path, args, message):
-    done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path), "--model", str(trained.out), *args)
+def test_bad_deploy_flags_are_named(cli, tiny_model, tmp_path, args, message):
+    done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path), "--model", str(tiny_model), *args)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
@@ -125,8 +132,7 @@ def test_bad_deploy_flags_are_named(trained, tmp_path, args, message):
     ["delete", "--target", "azure", "--yes"],
     ["connect", "--target", "azure", "--endpoint-name", "phi-ep"],
 ])
-@pytest.mark.slow
-def test_missing_settings_are_named_with_how_to_set_them(command, sample_data, tmp_path):
+def test_missing_settings_are_named_with_how_to_set_them(cli, command, sample_data, tmp_path):
     if command[0] == "train":
         command = command + ["--data", str(sample_data)]
     done = cli(*command, cwd=tmp_path, env={"AZURE_SUBSCRIPTION_ID": "0000"})
@@ -149,8 +155,7 @@ def test_settings_come_from_a_dotenv_file_but_the_shell_wins(tmp_path, monkeypat
     assert (s.subscription_id, s.resource_group, s.workspace) == ("from-dotenv", "rg-shell", "ws-flag")
 
 
-@pytest.mark.slow
-def test_delete_needs_confirmation():
+def test_delete_needs_confirmation(cli):
     done = cli("delete", "--target", "azure", "--endpoint-name", "phi-ep")
     assert done.returncode == 2 and "--yes" in done.stderr
 

@@ -44,11 +44,10 @@ def test_tiny_around_the_real_phi3_tokenizer():
 
 
 @pytest.mark.slow
-def test_user_mistakes_with_models_are_one_line(tmp_path, tiny_model):
+def test_user_mistakes_with_models_are_one_line(tmp_path, tiny_model, capsys):
     import shutil
-    import subprocess
 
-    from support import BIN
+    from support import run_cli
 
     def serve_model_error(spec):
         from finetune_phi.modeling.models import load
@@ -74,6 +73,5 @@ def test_user_mistakes_with_models_are_one_line(tmp_path, tiny_model):
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a copy cut short
     assert "weights file is damaged or incomplete" in serve_model_error(str(broken))
-    done = subprocess.run([str(BIN / "finetune-phi"), "train", "--base-model", str(broken), "--out",
-                           str(tmp_path / "o")], capture_output=True, text=True, timeout=300)
+    done = run_cli(capsys, "train", "--base-model", broken, "--out", tmp_path / "o")
     assert done.returncode == 2 and "damaged or incomplete" in done.stderr and "Traceback" not in done.stderr

@@ -3,13 +3,12 @@ import http.client as httpclient
 import json
 import shutil
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
-from support import BIN, Server, has_content, http, stream_request, wait_for
+from support import Server, has_content, http, run_cli, stream_request, wait_for
 from support import sse_events as events
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
@@ -210,10 +209,9 @@ def test_dropped_streams_leave_no_unretrieved_futures_and_the_server_ready(stric
     assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
 
 
-def test_compare_with_a_misspelt_deployment_stops_before_any_run_with_one_line(connected, sample_data, tmp_path):
-    done = subprocess.run([str(BIN / "finetune-phi"), "compare", "--base", "base", "--candidate", "fx",
-                           "--data", str(sample_data / "eval.jsonl"), "--name", "misspelt",
-                           "--reports", str(tmp_path / "reports")], capture_output=True, text=True, timeout=300)
+def test_compare_with_a_misspelt_deployment_stops_before_any_run_with_one_line(connected, sample_data, tmp_path, capsys):
+    done = run_cli(capsys, "compare", "--base", "base", "--candidate", "fx", "--data", sample_data / "eval.jsonl",
+                   "--name", "misspelt", "--reports", tmp_path / "reports")
     assert done.returncode != 0
     assert done.stderr.strip() == (f"finetune-phi compare: error: no deployment named 'fx' on {connected.url}/score; "
                                    "it has ['base', 'ft']")

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from support import BIN, wait_for
+from support import BIN, run_cli, wait_for
 from finetune_phi.modeling import registry
 from finetune_phi.cli import main
 from finetune_phi.errors import UserError
@@ -42,10 +42,8 @@ def cli_train(data, out, *flags, timeout=300):
 
 def main_train(data, out, *flags, capsys) -> subprocess.CompletedProcess:
     """`finetune-phi train` in this process: as the command runs, without starting Python and torch again."""
-    rc = main(["train", "--base-model", "tiny", "--data", str(data), "--out", str(out), "--save-steps", "2",
-               "--no-register", *flags])
-    said = capsys.readouterr()
-    return subprocess.CompletedProcess(["finetune-phi", "train"], rc, said.out, said.err)
+    return run_cli(capsys, "train", "--base-model", "tiny", "--data", data, "--out", out, "--save-steps", "2",
+                   "--no-register", *flags)
 
 
 def one_line_error(done) -> str:
