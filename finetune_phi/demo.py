@@ -25,9 +25,10 @@ QUESTION = "What is the capital of France?"
 # each answer at the endpoint: the sample's answers are one sentence (6-11 tokens), and a base model
 # that rambles on would spend the budget on text that only lowers its scores further. 160 rows (128
 # to train on, 16 LoRA steps; 32 held out) keep the real-model demo within 6 minutes on 2 cores.
+# The tiny run shows the mechanics only: 40 held-out rows are enough to compare on.
 RECIPES = {
-    "tiny": dict(sample_size=400, max_new_tokens=48, train={}),
-    "real": dict(sample_size=160, max_new_tokens=48,
+    "tiny": dict(sample_size=400, test_size=0.1, max_new_tokens=48, train={}),
+    "real": dict(sample_size=160, test_size=0.2, max_new_tokens=48,
                  train=dict(lora=True, lr=5e-4, batch_size=8, max_length=256, epochs=1)),
 }
 
@@ -89,7 +90,7 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     train_settings = {**recipe["train"], **({"epochs": epochs} if epochs else {})}
 
     stages.step(1, f"data: generating the offline UltraChat-format sample into {work / 'data'}")
-    prepared = prepare("sample", work / "data", sample_size=recipe["sample_size"])
+    prepared = prepare("sample", work / "data", sample_size=recipe["sample_size"], test_size=recipe["test_size"])
     print(f"      train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows")
 
     stages.step(2, f"base model: {base_model} (converted/built once, then cached)")
@@ -148,7 +149,8 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     chat_flow = project.flow("chat")
     print(f"\nDemo finished in {time.time() - t0:.0f} s ({stages.summary()}). To do it yourself:")
     env = f"MLFLOW_TRACKING_URI={shlex.quote(os.environ['MLFLOW_TRACKING_URI'])}"
-    print(f"  finetune-phi data --source sample --sample-size {recipe['sample_size']} --out {work / 'data'}")
+    print(f"  finetune-phi data --source sample --sample-size {recipe['sample_size']} --test-size {recipe['test_size']} "
+          f"--out {work / 'data'}")
     flags = "".join(f" --{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in train_settings.items())
     print(f"  {env} finetune-phi train --base-model {base_model}{tok_flag}{flags} --data {work / 'data'} "
           f"--out {work / 'models/ft'} --overwrite")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from support import BIN, Server, exporter_or_skip
+from support import BIN, EVAL_ROWS, REPO, Server, exporter_or_skip
 
 
 def _isolate():
@@ -37,7 +37,7 @@ TEST_ROOT = _isolate()
 
 # Fixtures that train, start a process or load SmolLM2: a test using one is an integration test and
 # must be marked slow, so `pytest -m "not slow"` (make test-fast) stays a minutes-long unit suite.
-SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected",
+SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected", "eval_flow_run",
                  "tiny_export"}  # test_engine_openvino: an export in its own venv, ~40 s
 
 
@@ -146,3 +146,20 @@ def connected(endpoint, pf_home):
     assert done.returncode == 0, done.stderr
     assert endpoint.key not in done.stdout + done.stderr
     return endpoint
+
+
+@pytest.fixture(scope="session")
+def eval_flow_run(pf_home, test_root):
+    """One batch run of the eval flow over EVAL_ROWS, with `pf run create` as a user types it: its name and
+    data file. test_eval checks its metrics, test_maf the Agent Framework twin against it."""
+    import json
+
+    data = test_root / "eval-rows.jsonl"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EVAL_ROWS))
+    name = "eval_rows"
+    done = subprocess.run([str(BIN / "pf"), "run", "create", "--flow", str(REPO / "flows" / "eval"), "--data", str(data),
+                           "--name", name, "--column-mapping", "question=${data.question}",
+                           "ground_truth=${data.ground_truth}", "answer=${data.answer}"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return name, data

@@ -29,6 +29,14 @@ BIN = Path(sys.executable).parent
 
 T = TypeVar("T")
 
+# Answers with known scores for the eval flow (and its Agent Framework twin): a perfect one, a partial
+# one, an empty answer (scored 0), a line without a reference (failed, counted) and a non-ASCII one.
+EVAL_ROWS = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
+             {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
+             {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
+             {"question": "q4", "ground_truth": "", "answer": "no reference to score against"},
+             {"question": "q5", "ground_truth": "東京 は 首都 です", "answer": "東京 は 首都"}]
+
 
 def log_tail(log: Path | None, chars: int = 3000) -> str:
     if log is None or not log.exists():

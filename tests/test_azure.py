@@ -166,8 +166,11 @@ def test_the_jobs_command_line_runs_locally_on_the_tiny_model(train_dry_run, sam
     inputs/outputs bound to local paths and no MLFLOW_TRACKING_URI: SQLite in the working directory."""
     out, _ = train_dry_run
     command = load_job(out / "job.yml").command
-    bound = (command.replace("${{inputs.train_file}}", shlex.quote(str(sample_data / "train.jsonl")))
-                    .replace("${{inputs.eval_file}}", shlex.quote(str(sample_data / "test.jsonl")))
+    # 64 conversations to train on (4 steps) and 16 held out: enough to show the job trains, registers and saves
+    for name, n in (("train", 64), ("test", 16)):
+        (tmp_path / f"{name}.jsonl").write_text("".join((sample_data / f"{name}.jsonl").read_text().splitlines(keepends=True)[:n]))
+    bound = (command.replace("${{inputs.train_file}}", shlex.quote(str(tmp_path / "train.jsonl")))
+                    .replace("${{inputs.eval_file}}", shlex.quote(str(tmp_path / "test.jsonl")))
                     .replace("${{outputs.model}}", shlex.quote(str(tmp_path / "model"))))
     # the dry run asked for Phi-3-mini from the hub; locally the job's flags run on the tiny model
     bound = bound.replace("microsoft/Phi-3-mini-4k-instruct", "tiny").replace("--epochs 2.0", "--epochs 1")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from support import BIN, REPO
+from support import BIN, EVAL_ROWS, REPO
 from finetune_phi.evaluation import compare, metrics
 from finetune_phi.data.prepare import read_jsonl
 
@@ -43,23 +43,14 @@ def test_aggregate_means_and_counts():
 
 
 @pytest.mark.slow
-def test_eval_flow_batch_run_logs_means_and_counts(tmp_path, pf_home):
-    rows = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
-            {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
-            {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
-            {"question": "q4", "ground_truth": "", "answer": "no reference to score against"}]
-    data = tmp_path / "answers.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    name = f"eval_test_{tmp_path.name}"
-    done = subprocess.run([str(BIN / "pf"), "run", "create", "--flow", str(REPO / "flows" / "eval"), "--data", str(data),
-                           "--name", name, "--column-mapping", "question=${data.question}",
-                           "ground_truth=${data.ground_truth}", "answer=${data.answer}"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    shown = subprocess.run([str(BIN / "pf"), "run", "show-metrics", "--name", name], capture_output=True, text=True, timeout=120)
-    logged = json.loads(shown.stdout[shown.stdout.index("{"):])
-    expected = metrics.aggregate([metrics.score(r["answer"], r["ground_truth"]) for r in rows[:3]] + [None])
-    assert logged["lines_scored"] == 3 and logged["lines_failed"] == 1
+def test_eval_flow_batch_run_logs_means_and_counts(eval_flow_run):
+    from promptflow.client import PFClient
+
+    name, _ = eval_flow_run
+    logged = PFClient().get_metrics(name)  # what `pf run show-metrics` prints (the CLI: test_pf_run_create_...)
+    scored = [None if not r["ground_truth"] else metrics.score(r["answer"], r["ground_truth"]) for r in EVAL_ROWS]
+    expected = metrics.aggregate(scored)
+    assert logged["lines_scored"] == 4 and logged["lines_failed"] == 1  # the line without a reference
     for m in metrics.METRICS:
         assert logged[m] == pytest.approx(expected[m])
 

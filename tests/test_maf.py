@@ -133,21 +133,12 @@ def test_chat_twin_reads_the_prompt_flow_connection_and_reports_endpoint_errors(
     assert "x" * 32 not in bad.stderr
 
 
-def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(tmp_path, pf_home):
+def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(eval_flow_run, tmp_path):
     from promptflow.client import PFClient
 
-    rows = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
-            {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
-            {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
-            {"question": "q4", "ground_truth": "", "answer": "no reference to score against"},
-            {"question": "q5", "ground_truth": "東京 は 首都 です", "answer": "東京 は 首都"}]
-    data = tmp_path / "answers.jsonl"
-    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    name, data = eval_flow_run
     pf = PFClient()
-    run = pf.run(flow=str(REPO / "flows" / "eval"), data=str(data), name=f"eval_pf_{tmp_path.name}", stream=False,
-                 column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
-                                 "answer": "${data.answer}"})
-    logged = pf.get_metrics(run.name)
+    logged = pf.get_metrics(name)
     runs = tmp_path / "runs"
     done = maf("run", "--flow", "flows/eval-maf", "--data", str(data), "--name", "eval_maf", "--runs-dir", str(runs))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -155,7 +146,7 @@ def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(tmp_path, pf_home):
     metrics = json.loads(shown.stdout)
     assert metrics["lines_scored"] == 4 and metrics["lines_failed"] == 1
     assert set(metrics) == set(logged) and all(metrics[k] == logged[k] for k in logged), (metrics, logged)
-    details = pf.get_details(run.name)
+    details = pf.get_details(name)
     twin = [json.loads(line) for line in (runs / "eval_maf" / "outputs.jsonl").read_text().splitlines()]
     for (_, row), line in zip(details.iterrows(), twin):
         # pf.get_details reads outputs with pandas' read_json, whose float parser keeps ~10 digits (0.33333333330000003)
@@ -171,8 +162,10 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, tra
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     conns = ["--base-connection", "greedy_endpoint", "--candidate-connection", "greedy_endpoint"]
-    losses = {"promptflow": ["--base-model", "tiny", "--candidate-model", str(trained.out),  # held-out loss, once
-                             "--test-file", str(sample_data / "test.jsonl")], "maf": []}
+    test_file = tmp_path / "test.jsonl"  # held-out loss, once: on 16 conversations
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(sample_data / "test.jsonl")[:16]))
+    losses = {"promptflow": ["--base-model", "tiny", "--candidate-model", str(trained.out), "--test-file", str(test_file)],
+              "maf": []}
     seconds, summaries = {}, {}
     for runner in ("promptflow", "maf"):
         t = time.time()

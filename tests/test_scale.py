@@ -6,7 +6,7 @@ import subprocess
 import pytest
 import torch
 
-from support import BIN, wait_for
+from support import BIN, run_cli, wait_for
 from finetune_phi.modeling import memory
 from finetune_phi.cli import main
 from finetune_phi.training import throughput
@@ -39,8 +39,9 @@ def test_two_gloo_processes_train_like_one_with_the_same_global_batch(sample_dat
 
 
 @pytest.mark.slow
-def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data, tiny_model, tmp_path):
-    """SIGKILL after a checkpoint, --resume, and compare with the same run never stopped."""
+def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data, tiny_model, tmp_path, capsys):
+    """SIGKILL after a checkpoint, --resume, and compare with the same run never stopped (the killed run is a
+    process of its own; the resumed and the reference run go on in this one)."""
     import signal
 
     args = ["--base-model", "tiny", "--data", str(sample_data), "--epochs", "1", "--save-steps", "5", "--no-register"]
@@ -61,7 +62,7 @@ def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data
     assert latest_complete_checkpoint(out / "checkpoints") == latest
     run_id = (out / "checkpoints" / "mlflow_run_id").read_text()
 
-    resumed = cli_train(*args, "--out", str(out), "--resume")
+    resumed = run_cli(capsys, "train", *args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping incomplete checkpoint" in resumed.stdout + resumed.stderr
     straight = train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
