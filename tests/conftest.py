@@ -79,9 +79,8 @@ def test_root() -> Path:
 
 @pytest.fixture(scope="session")
 def pf_home(test_root):
-    """A private Prompt flow home with telemetry and the trace service off (no network here)."""
-    subprocess.run([str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
-                   check=True, capture_output=True, timeout=120)
+    """The session's private Prompt flow home. No `pf config set` needed: pf reads the project's pf.yaml
+    (telemetry and the trace service off: no network here) from the working directory upwards."""
     return Path(os.environ["PF_HOME_DIRECTORY"])
 
 

@@ -71,8 +71,6 @@ def test_pf_flow_serve_chats_with_history(connected, test_root):
 @pytest.mark.parametrize("case", ["endpoint down", "wrong key"])
 def test_endpoint_failures_are_named_clearly(connected, tmp_path, case):
     env = {"PF_HOME_DIRECTORY": str(tmp_path / "pf"), "FINETUNE_PHI_API_KEY": "wrong-key-wrong-key-wrong"}
-    subprocess.run([str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
-                   check=True, capture_output=True, env={**os.environ, **env}, timeout=120)
     url = f"http://127.0.0.1:{free_port()}/score" if case == "endpoint down" else connected.url + "/score"
     assert finetune_phi("connect", "--endpoint-url", url, env=env).returncode == 0
     done = pf_test(f"question={QUESTION}", env=env)

@@ -40,8 +40,23 @@ def _load(path: str):
 
 
 @pytest.fixture(scope="module")
-def real_endpoint(smollm2_model, tiny_model, test_root):
-    server = Server(["--deployment", f"smollm2={smollm2_model}", "--deployment", f"tiny={tiny_model}"],
+def smollm2_finetuned(smollm2_model, test_root):
+    from finetune_phi.data.prepare import prepare
+    from finetune_phi.training.trainer import TrainConfig, train
+
+    data = test_root / "data-small"
+    prepare("sample", data, sample_size=40)  # 32 train / 8 test rows: the held-out loss is measured twice
+    return train(TrainConfig(base_model="smollm2-135m", train_file=str(data / "train.jsonl"),
+                             eval_file=str(data / "test.jsonl"), out=str(test_root / "models" / "smollm2-ft"),
+                             lora=True, lr=3e-4, batch_size=4, max_length=128, registered_model="smollm2-ft",
+                             extra={"max_steps": 3, "eval_strategy": "no"}))
+
+
+@pytest.fixture(scope="module")
+def real_endpoint(smollm2_model, smollm2_finetuned, tiny_model, test_root):
+    """One endpoint for the module: the real model, its short fine-tune (ft) and the tiny model."""
+    server = Server(["--deployment", f"smollm2={smollm2_model}", "--deployment", f"ft={smollm2_finetuned.out}",
+                     "--deployment", f"tiny={tiny_model}"],
                     test_root / "serve-real.log", env={"FINETUNE_PHI_API_KEY": "real-model-test-key"})
     yield server
     server.stop()
@@ -77,21 +92,8 @@ def test_real_model_answers_the_question(real_endpoint):
     assert body["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.fixture(scope="module")
-def smollm2_finetuned(smollm2_model, test_root):
-    from finetune_phi.data.prepare import prepare
-    from finetune_phi.training.trainer import TrainConfig, train
-
-    data = test_root / "data-small"
-    prepare("sample", data, sample_size=40)  # 32 train / 8 test rows: the held-out loss is measured twice
-    return train(TrainConfig(base_model="smollm2-135m", train_file=str(data / "train.jsonl"),
-                             eval_file=str(data / "test.jsonl"), out=str(test_root / "models" / "smollm2-ft"),
-                             lora=True, lr=3e-4, batch_size=4, max_length=128, registered_model="smollm2-ft",
-                             extra={"max_steps": 3, "eval_strategy": "no"}))
-
-
 @pytest.mark.slow
-def test_fine_tuned_real_model_stops_at_end_of_turn_everywhere(smollm2_finetuned, smollm2_model, test_root):
+def test_fine_tuned_real_model_stops_at_end_of_turn_everywhere(smollm2_finetuned, smollm2_model, real_endpoint):
     """The bug the toy hid: a fine-tuned ChatML model saved with eos_token_id [] never stopped."""
     out = smollm2_finetuned.out
     from transformers import AutoTokenizer
@@ -117,14 +119,9 @@ def test_fine_tuned_real_model_stops_at_end_of_turn_everywhere(smollm2_finetuned
     assert answer.strip() == text.strip()
 
     # 3. our endpoint
-    server = Server(["--deployment", f"ft={out}"], test_root / "serve-real-ft.log",
-                    env={"FINETUNE_PHI_API_KEY": "real-model-test-key"})
-    try:
-        status, _, body = http("POST", server.url + "/v1/chat/completions",
-                               {"messages": [{"role": "user", "content": QUESTIONS[0]}], "temperature": 0,
-                                "max_tokens": 64}, server.auth())
-    finally:
-        server.stop()
+    status, _, body = http("POST", real_endpoint.url + "/v1/chat/completions",
+                           {"model": "ft", "messages": [{"role": "user", "content": QUESTIONS[0]}], "temperature": 0,
+                            "max_tokens": 64}, real_endpoint.auth())
     assert status == 200 and body["choices"][0]["finish_reason"] == "stop"
     assert body["choices"][0]["message"]["content"] == text.strip()
 

@@ -243,8 +243,6 @@ def test_chat_flow_streams_through_pf_flow_serve(connected, test_root, tmp_path)
     endpoint's stream is held after its first piece, so it cannot have come from a buffered answer."""
     gate = HoldAfterFirstPiece(connected.url)
     env = {"PF_HOME_DIRECTORY": str(tmp_path / "pf"), "FINETUNE_PHI_API_KEY": connected.key}  # a connection to the gate
-    subprocess.run([str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
-                   check=True, capture_output=True, env={**os.environ, **env}, timeout=120)
     done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", gate.url + "/score"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr
