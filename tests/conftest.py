@@ -6,6 +6,7 @@ session temp folder, so the suite never touches the user's ~/.cache, ~/.config o
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,9 +68,14 @@ def _start_smollm2_conversion():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _conversion is not None and _conversion.poll() is None:  # a run stopped before the tests that need it
+    # a run stopped before the tests that needed it
+    if _conversion is not None and _conversion.poll() is None:
         _conversion.kill()
         _conversion.wait()
+    if exitstatus == 0:  # models, stores and logs of a green run are not worth gigabytes of /tmp
+        shutil.rmtree(TEST_ROOT, ignore_errors=True)
+    else:
+        print(f"\nthe tests' files and server logs are kept in {TEST_ROOT}")
 
 
 @pytest.fixture(scope="session")
