@@ -302,22 +302,22 @@ def test_fuzzed_requests_never_get_a_5xx(tiny_model, test_root):
         seen[status] += 1
         assert status < 500, (path, body, answer)
 
-    run = settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    run = settings(max_examples=200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     try:
         run(given(score_bodies)(lambda body: check("/score", body)))()
         run(given(chat_bodies)(lambda body: check("/v1/chat/completions", body)))()
-        settings(max_examples=60, deadline=None, database=None)(given(st.binary(max_size=200))(
+        settings(max_examples=40, deadline=None, database=None)(given(st.binary(max_size=200))(
             lambda raw: check("/score", raw, raw=True)))()
-        assert sum(seen.values()) >= 600 and seen[200] > 0 and seen[400] > 0
+        assert sum(seen.values()) >= 400 and seen[200] > 0 and seen[400] > 0
         assert http("GET", s.url + "/ready", headers=s.auth())[0] == 200
     finally:
         s.stop()
 
 
-def test_64_clients_for_15_seconds_get_200_or_429_and_the_server_stays_ready(server):
+def test_64_clients_for_10_seconds_get_200_or_429_and_the_server_stays_ready(server):
     statuses = Counter()
     lock = threading.Lock()
-    stop = time.time() + 15
+    stop = time.time() + 10
 
     def client(i):
         while time.time() < stop:
@@ -341,5 +341,5 @@ def test_64_clients_for_15_seconds_get_200_or_429_and_the_server_stays_ready(ser
     for t in threads:
         t.join()
     assert set(statuses) <= {200, 429}, statuses
-    assert statuses[200] > 100
+    assert statuses[200] > 100  # measured 301 (and 2188 refusals) on 2 cores
     assert http("GET", server.url + "/ready", headers=server.auth())[0] == 200
