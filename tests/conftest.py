@@ -61,10 +61,10 @@ _conversion: subprocess.Popen | None = None
 
 def _start_smollm2_conversion():
     global _conversion
-    log = (TEST_ROOT / "smollm2-conversion.log").open("w")
-    _conversion = subprocess.Popen([sys.executable, "-c", "from finetune_phi.modeling.models import resolve; "
-                                    "resolve('smollm2-135m')"], stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "OMP_NUM_THREADS": "1"})  # leave the other core to the tests
+    with (TEST_ROOT / "smollm2-conversion.log").open("w") as log:  # the child keeps its own copy
+        _conversion = subprocess.Popen([sys.executable, "-c", "from finetune_phi.modeling.models import resolve; "
+                                        "resolve('smollm2-135m')"], stdout=log, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # leave the other core to the tests
 
 
 def pytest_sessionfinish(session, exitstatus):

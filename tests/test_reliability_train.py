@@ -12,7 +12,6 @@ import pytest
 
 from support import BIN, run_cli, wait_for
 from finetune_phi.modeling import registry
-from finetune_phi.cli import main
 from finetune_phi.errors import UserError
 from finetune_phi.training.trainer import TrainConfig, train
 
@@ -204,11 +203,12 @@ def test_a_read_only_out_is_one_line(data, tmp_path):
 
 def test_user_errors_are_one_line_and_library_errors_keep_their_traceback(finished, data, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
-    assert main(["train", "--data", str(data), "--out", str(out)]) == 2
-    assert capsys.readouterr().err.strip().endswith("use --resume to continue its run or --overwrite to replace it")
+    done = run_cli(capsys, "train", "--data", data, "--out", out)
+    assert done.returncode == 2
+    assert done.stderr.strip().endswith("use --resume to continue its run or --overwrite to replace it")
     with pytest.raises(UserError):
         train(config(data, out, resume=True, overwrite=True))
 
     # a ValueError from inside transformers is no user message of ours: main lets it show its traceback
     with pytest.raises(ValueError, match="Unknown `fsdp` option: bogus"):
-        main(["train", "--data", str(data), "--out", str(tmp_path / "new"), "--fsdp", "bogus", "--no-register"])
+        run_cli(capsys, "train", "--data", data, "--out", tmp_path / "new", "--fsdp", "bogus", "--no-register")

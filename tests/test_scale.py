@@ -1,6 +1,5 @@
 """Training that scales and survives: several processes (gloo), checkpoints, memory estimates."""
 import json
-import os
 import subprocess
 
 import pytest
@@ -8,7 +7,6 @@ import torch
 
 from support import BIN, run_cli, wait_for
 from finetune_phi.modeling import memory
-from finetune_phi.cli import main
 from finetune_phi.training import throughput
 from finetune_phi.training.trainer import TrainConfig, latest_complete_checkpoint, train
 
@@ -17,8 +15,7 @@ PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
 
 
 def cli_train(*args, timeout=600):
-    env = {k: v for k, v in os.environ.items()}
-    return subprocess.run([str(BIN / "finetune-phi"), "train", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([str(BIN / "finetune-phi"), "train", *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
@@ -107,13 +104,13 @@ def test_memory_estimate_on_known_shapes(tiny_model):
 
 
 def test_a_fine_tune_that_cannot_fit_is_refused_before_training(sample_data, tiny_model, tmp_path, capsys):
-    code = main(["train", "--base-model", "tiny", "--data", str(sample_data), "--out", str(tmp_path / "x"),
-                 "--batch-size", "100000", "--max-length", "4096"])
-    err = capsys.readouterr().err
-    assert code == 2 and "needs ~" in err and "GiB available" in err and "--lora" in err
+    done = run_cli(capsys, "train", "--base-model", "tiny", "--data", sample_data, "--out", tmp_path / "x",
+                   "--batch-size", "100000", "--max-length", "4096")
+    err = done.stderr
+    assert done.returncode == 2 and "needs ~" in err and "GiB available" in err and "--lora" in err
     assert not (tmp_path / "x" / "checkpoints").exists() and "Traceback" not in err
 
 
 def test_qlora_without_a_gpu_is_a_clear_error(sample_data, tiny_model, tmp_path, capsys):
-    code = main(["train", "--base-model", "tiny", "--data", str(sample_data), "--out", str(tmp_path / "q"), "--qlora"])
-    assert code == 2 and "--qlora needs a CUDA GPU" in capsys.readouterr().err
+    done = run_cli(capsys, "train", "--base-model", "tiny", "--data", sample_data, "--out", tmp_path / "q", "--qlora")
+    assert done.returncode == 2 and "--qlora needs a CUDA GPU" in done.stderr
