@@ -42,7 +42,7 @@ def test_make_demo_runs_the_whole_loop_from_a_fresh_copy(tmp_path):
     # connection finetune_phi_endpoint at its endpoint, which must not touch the session's. That home
     # is new and unconfigured, as a user's is: the clone's pf.yaml keeps pf offline.
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PF_HOME_DIRECTORY": str(tmp_path / "pf")}
-    # the tiny model keeps the suite within its 15 minutes; the real-model demo (8-9 min on 2 cores)
+    # the tiny model keeps the suite within its 15 minutes; the real-model demo (5-6 min on 2 cores)
     # is the same code, and smollm2-135m itself is covered by test_real_model.py
     done = subprocess.run(["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed", "DEMO_ARGS=--base-model tiny"],
                           cwd=clone,
