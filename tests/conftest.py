@@ -59,7 +59,7 @@ SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected",
 
 # Under pytest-xdist's --dist loadgroup (`make test`), the tests that share an expensive session
 # fixture run on one worker, so it is built once per session: the first of these a test uses names
-# its group. Every other test goes to whichever worker is free.
+# its group. Every other test goes to whichever worker is free. (test_readme checks the grouping works.)
 XDIST_GROUPS = {"trained": "tiny-fine-tune", "smollm2_model": "smollm2", "tiny_export": "tiny-export",
                 "eval_flow_run": "eval-flow-run"}
 

@@ -33,6 +33,15 @@ def test_readme_names_the_two_make_targets():
     assert "make test" in ci
 
 
+@pytest.mark.xdist_group("tiny-fine-tune")
+def test_make_test_runs_the_tests_around_one_trained_model_on_one_worker(request):
+    """`make test`'s two workers: conftest groups the tests that share the tiny fine-tune, so it is trained once."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not under pytest-xdist's --dist loadgroup (make test)")
+    assert request.node.nodeid.endswith("@tiny-fine-tune"), \
+        "pytest-xdist ignored the group (pytest-xdist#1386: pytest 9.2 with pytest-xdist 3.8); see pyproject.toml's pin"
+
+
 @pytest.mark.slow
 def test_make_demo_runs_the_whole_loop_from_a_fresh_copy(tmp_path):
     clone = fresh_copy(tmp_path / "clone")
