@@ -42,7 +42,8 @@ def _isolate() -> tuple[Path, Path]:
         # The cores split between the workers, for them and every process they start: two torch
         # processes each running a thread per core thrash (OpenMP spin-waits; a tiny training step
         # was measured 16x slower).
-        threads = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     os.environ.pop("FINETUNE_PHI_API_KEY", None)
     os.environ.update(env)
