@@ -131,6 +131,9 @@ def test_chat_twin_reads_the_prompt_flow_connection_and_reports_endpoint_errors(
     bad = maf("test", "--question", "hi", env={**greedy_env, "FINETUNE_PHI_API_KEY": "x" * 32})
     assert bad.returncode == 2 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr
     assert "x" * 32 not in bad.stderr
+    # a main venv somewhere else (make VENV=...): the error names the setting that points at it
+    lost = maf("test", "--question", "hi", env={"FINETUNE_PHI_PF_PYTHON": str(REPO / "no-such-venv" / "bin" / "python")})
+    assert lost.returncode == 2 and "point FINETUNE_PHI_PF_PYTHON at the main venv's python" in lost.stderr
 
 
 def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(eval_flow_run, tmp_path):

@@ -118,7 +118,8 @@ def _connection(name: str, pf=None) -> tuple[str, str]:
     python = os.environ.get(PF_PYTHON_ENV) or str(project.root() / ".venv" / "bin" / "python")
     if not Path(python).exists():
         raise MafError(f"no endpoint: set {ENDPOINT_URL_ENV} and FINETUNE_PHI_API_KEY (promptflow is not "
-                       f"installed here to read the connection {name!r}, nor at {python})")
+                       f"installed here to read the connection {name!r}, nor at {python}: point {PF_PYTHON_ENV} "
+                       "at the main venv's python)")
     done = subprocess.run([python, "-m", "finetune_phi.evaluation.maf_runner", "_connection", name],
                           capture_output=True, text=True, timeout=300)
     if done.returncode != 0:  # our one-line error, not pf's telemetry chatter around it
