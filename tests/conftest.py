@@ -121,6 +121,17 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nthe tests' files and server logs are kept in {SESSION_ROOT}")
 
 
+def pytest_terminal_summary(terminalreporter):
+    """What tests measured (`record_property("figure", ...)`), after the run: from whichever worker ran them."""
+    figures = [(report.nodeid, value) for reports in terminalreporter.stats.values() for report in reports
+               if getattr(report, "when", None) == "call" for name, value in getattr(report, "user_properties", ())
+               if name == "figure"]
+    if figures:
+        terminalreporter.section("figures")
+        for nodeid, value in figures:
+            terminalreporter.write_line(f"{nodeid.split('::')[-1].split('@')[0]}: {value}")
+
+
 @pytest.fixture(scope="session")
 def test_root() -> Path:
     return TEST_ROOT

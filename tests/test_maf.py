@@ -157,7 +157,7 @@ def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(eval_flow_run, tmp_
         assert row["outputs.failed"] == line["failed"]
 
 
-def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, trained, sample_data, tmp_path, capsys):
+def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, trained, sample_data, tmp_path, record_property):
     """Both runners over the same rows, one of which fails (longer than the model's context: the endpoint says
     400): the same answers, scores and table, the failed line counted and the comparison going on."""
     rows = read_jsonl(sample_data / "eval.jsonl")[:6]
@@ -191,11 +191,11 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(greedy, tra
     # the pf runner reads scores through pf.get_details, i.e. pandas' read_json: ~10 digits (0.33333333330000003)
     same_scores = int(np.isclose(pf_lines[metric_cols], maf_lines[metric_cols], rtol=0, atol=1e-9).all(axis=1).sum())
     exact_scores = int((pf_lines[metric_cols] == maf_lines[metric_cols]).all(axis=1).sum())
-    with capsys.disabled():
-        print(f"\nparity on {len(rows)} rows x 2 deployments: {same_answers}/{len(rows)} rows with identical answers, "
-              f"{same_scores}/{len(rows)} with equal scores (to 1e-9; {exact_scores} to the last bit); compare took promptflow {seconds['promptflow']:.1f} s, "
-              f"maf {seconds['maf']:.1f} s (chat runs: pf {[round(r['seconds'], 1) for r in summaries['promptflow']['runs'].values()]}"
-              f" s, maf {[round(r['seconds'], 1) for r in summaries['maf']['runs'].values()]} s)")
+    record_property("figure", f"parity on {len(rows)} rows x 2 deployments: {same_answers}/{len(rows)} rows with identical "
+                    f"answers, {same_scores}/{len(rows)} with equal scores (to 1e-9; {exact_scores} to the last bit); compare "
+                    f"took promptflow {seconds['promptflow']:.1f} s, maf {seconds['maf']:.1f} s (chat runs: pf "
+                    f"{[round(r['seconds'], 1) for r in summaries['promptflow']['runs'].values()]} s, maf "
+                    f"{[round(r['seconds'], 1) for r in summaries['maf']['runs'].values()]} s)")
     answered = pf_lines[pf_lines["line"] != 2][answers].to_numpy().ravel()
     assert all(a.strip() for a in answered)  # every other row answered on both sides
     assert same_answers == len(rows) and same_scores == len(rows)
