@@ -98,10 +98,10 @@ _conversion: subprocess.Popen | None = None
 def _start_smollm2_conversion():
     global _conversion
     try:
-        os.close(os.open(SESSION_ROOT / "smollm2-conversion.log", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        log = (SESSION_ROOT / "smollm2-conversion.log").open("x")  # created by one worker only
     except FileExistsError:  # another worker's
         return
-    with (SESSION_ROOT / "smollm2-conversion.log").open("w") as log:  # the child keeps its own copy
+    with log:  # the child keeps its own copy
         _conversion = subprocess.Popen(
             [sys.executable, "-c", "from filelock import FileLock; from finetune_phi.modeling.models import resolve\n"
              f"with FileLock({str(SMOLLM2_LOCK)!r}): resolve('smollm2-135m')"],
@@ -123,13 +123,16 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter):
     """What tests measured (`record_property("figure", ...)`), after the run: from whichever worker ran them."""
-    figures = [(report.nodeid, value) for reports in terminalreporter.stats.values() for report in reports
-               if getattr(report, "when", None) == "call" for name, value in getattr(report, "user_properties", ())
-               if name == "figure"]
+    figures = []
+    for reports in terminalreporter.stats.values():  # passed, failed, ...: test reports and others
+        for report in reports:
+            if getattr(report, "when", None) == "call":
+                test = report.nodeid.split("::")[-1].split("@")[0]  # without pytest-xdist's group
+                figures += [f"{test}: {value}" for name, value in report.user_properties if name == "figure"]
     if figures:
         terminalreporter.section("figures")
-        for nodeid, value in figures:
-            terminalreporter.write_line(f"{nodeid.split('::')[-1].split('@')[0]}: {value}")
+        for line in figures:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
