@@ -178,10 +178,18 @@ def cmd_delete(args):
 
 
 def cmd_compare(args):
-    from .evaluation.compare import compare
+    from .evaluation.compare import CompareConfig, compare, parse_share
 
-    compare(args.base, args.candidate, args.data, args.name, args.base_model, args.candidate_model, args.test_file,
-            args.base_connection, args.candidate_connection, args.reports, runner=args.runner, workers=args.workers)
+    if args.resume:
+        compare(CompareConfig(base="", candidate="", name=args.resume, reports=args.reports), resume=True)
+        return
+    if not (args.base and args.candidate):
+        raise UserError("compare needs --base and --candidate (deployment names), or --resume NAME")
+    compare(CompareConfig(
+        base=args.base, candidate=args.candidate, data=args.data, name=args.name, base_model=args.base_model,
+        candidate_model=args.candidate_model, test_file=args.test_file, base_connection=args.base_connection,
+        candidate_connection=args.candidate_connection, reports=args.reports, runner=args.runner, workers=args.workers,
+        temperature=args.temperature, max_tokens=args.max_tokens, max_failed=parse_share(args.max_failed)))
 
 
 def cmd_demo(args):
@@ -317,8 +325,8 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
 
     k = sub.add_parser("compare", help="base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report",
                        formatter_class=fmt)
-    k.add_argument("--base", required=True, help="deployment name answering as the base (e.g. base)")
-    k.add_argument("--candidate", required=True, help="deployment name answering as the fine-tuned model (e.g. ft)")
+    k.add_argument("--base", default=None, help="deployment name answering as the base (e.g. base)")
+    k.add_argument("--candidate", default=None, help="deployment name answering as the fine-tuned model (e.g. ft)")
     k.add_argument("--data", default="data/eval.jsonl", help="eval rows (question, chat_history, ground_truth)")
     k.add_argument("--name", default=None, help="prefix of the pf run names and the report folder (default: timestamped)")
     k.add_argument("--base-model", default=None, help="model of the base deployment, to report held-out loss too")
@@ -334,6 +342,14 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--runner", choices=["promptflow", "maf"], default="promptflow",
                    help="promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework "
                         "twins flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
+    k.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature of both sides; 0 = greedy, so the same compare gives the same table")
+    k.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (default: the endpoint's)")
+    k.add_argument("--max-failed", default="5%",
+                   help="exit non-zero (after writing the report) when a side fails more than this share of lines")
+    k.add_argument("--resume", metavar="NAME", default=None,
+                   help="continue the comparison NAME (in --reports) with its saved settings: only lines that "
+                        "have no answer are asked again")
     k.set_defaults(func=cmd_compare)
 
     m = sub.add_parser("demo", help="the whole loop offline on a real model (SmolLM2-135M-Instruct)", formatter_class=fmt)

@@ -69,7 +69,7 @@ def pf_chat(question: str, deployment: str) -> str:
 def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2-135m", tokenizer: str | None = None,
              epochs: float | None = None):
     from .data.prepare import prepare
-    from .evaluation.compare import compare
+    from .evaluation.compare import CompareConfig, compare
     from .modeling import models
     from .serving import keys
     from .serving.connection import CONNECTION_NAME, connect
@@ -130,8 +130,9 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
 
         stages.step(7, f"comparison: chat + eval flow batch runs over {prepared.eval} held-out rows per deployment")
         name = f"demo_{time.strftime('%Y%m%d_%H%M%S')}"
-        summary = compare("base", "ft", work / "data" / "eval.jsonl", name=name, reports=work / "reports",
-                                  losses={"base": result.base_eval_loss, "candidate": result.eval_loss})
+        summary = compare(CompareConfig("base", "ft", str(work / "data" / "eval.jsonl"), name=name,
+                                        reports=str(work / "reports")),  # greedy: the same table every time
+                          losses={"base": result.base_eval_loss, "candidate": result.eval_loss})
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -75,11 +75,23 @@ def test_pairing_finds_a_small_consistent_gain_that_noise_between_lines_would_hi
     assert row["base"] == pytest.approx(0.5) and row["candidate"] == pytest.approx(0.55)
 
 
-def test_failed_lines_score_zero_and_are_counted():
-    base, cand = side("base", [0.2] * 4), side("ft", [0.8] * 4, failed={3})
+def test_a_line_failed_on_one_side_is_left_out_on_both_and_counted():
+    base, cand = side("base", [0.2, 0.2, 0.2, 0.9]), side("ft", [0.8, 0.8, 0.8, 0.0], failed={3})
     row = next(r for r in compare.table(base, cand) if r["metric"] == "rouge_l")
-    assert row["candidate"] == pytest.approx(0.6) and row["delta"] == pytest.approx(0.4)
-    assert "ft 1" in compare.format_table(compare.table(base, cand), base, cand, None)
+    # line 3 (base 0.9, ft no answer) counts against neither side: 3 paired lines
+    assert row["base"] == pytest.approx(0.2) and row["candidate"] == pytest.approx(0.8) and row["delta"] == pytest.approx(0.6)
+    assert compare.line_counts(base, cand) == {"total": 4, "paired": 3, "failed": {"base": 0, "ft": 1}}
+    assert "3 of 4 paired; failed: base 0, ft 1" in compare.format_table(compare.table(base, cand), base, cand, None)
+    nothing = compare.table(base, side("ft", [0.5] * 4, failed={0, 1, 2, 3}))
+    assert all(r["delta"] is None and r["base"] is None for r in nothing)
+
+
+def test_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    rows = [{"question": "=HYPERLINK(\"http://x\",\"y\")", "ground_truth": "@SUM(A1)"}, {"question": "-2+3", "ground_truth": "ok"}]
+    base, cand = side("base", [0.5, 0.5]), side("ft", [0.5, 0.5])
+    frame = compare.per_line_frame(rows, base, cand)
+    assert set(frame["question"]) == {"'=HYPERLINK(\"http://x\",\"y\")", "'-2+3"} and "'@SUM(A1)" in set(frame["ground_truth"])
+    assert compare.spreadsheet_safe("fine") == "fine" and compare.spreadsheet_safe(0.5) == 0.5
 
 
 def test_report_files_work_offline_and_list_worst_regressions_first(tmp_path):

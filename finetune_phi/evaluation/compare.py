@@ -1,11 +1,14 @@
 """`finetune-phi compare`: base vs fine-tuned on the same held-out rows, the Prompt flow way.
 
 For each side it runs the chat flow over eval.jsonl against one deployment (a named `pf` run), then
-the eval flow over that run, exactly as a user would with `pf run create`. Both sides answer the
-same rows, so per-line differences are paired: the table gives the mean delta of each metric with
-a 95% paired-bootstrap interval. A line whose chat call failed scores 0 on every metric (the user
-got no answer) and is counted. The report (Markdown, an offline HTML page, a PNG chart and the
-per-line CSV, worst regressions first) goes to reports/<name>/.
+the eval flow over that run, exactly as a user would with `pf run create`. Comparisons are fair by
+construction: both sides decode greedily unless --temperature says otherwise, the flows' client
+retries transient endpoint failures (serving.client.RetryPolicy), and only paired lines (answered
+on both sides) enter the means, deltas and 95% paired-bootstrap intervals; a line that failed on
+either side is counted, kept in lines.csv with its error, and left out on both sides. A comparison
+that was killed, or whose endpoint went away, continues with `--resume NAME`: only lines without an
+answer are asked again. The report (Markdown, an offline HTML page, a PNG chart, the per-line CSV
+with worst regressions first and summary.json) goes to reports/<name>/.
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ import json
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .. import project
@@ -23,6 +26,8 @@ from ..errors import UserError
 from .metrics import METRICS
 
 DEFAULT_WORKERS = 8  # chat lines in flight per batch run
+ROLES = ("base", "candidate")
+STATE = "state.json"  # reports/<name>/state.json: the settings and the runs so far, for --resume
 
 
 class CompareError(UserError):
@@ -72,14 +77,78 @@ def check_deployments(pf, sides: list[tuple[str, str | None]]):
 
 
 @dataclass
+class CompareConfig:
+    """Everything one comparison needs; saved in reports/<name>/state.json so `--resume NAME` continues it
+    with the same settings."""
+
+    base: str  # deployment answering as the base
+    candidate: str  # deployment answering as the fine-tuned model
+    data: str = "data/eval.jsonl"
+    name: str | None = None  # default: compare_<timestamp>
+    base_model: str | None = None  # for held-out loss
+    candidate_model: str | None = None
+    test_file: str | None = None  # default: test.jsonl beside data
+    base_connection: str | None = None  # default: finetune_phi_endpoint
+    candidate_connection: str | None = None
+    reports: str = "reports"
+    runner: str = "promptflow"  # or "maf": the Agent Framework twins
+    workers: int = DEFAULT_WORKERS
+    temperature: float = 0.0  # greedy: the same table every time
+    max_tokens: int | None = None  # None: the endpoint's default
+    max_failed: float = 0.05  # a side failing more of its lines than this makes compare exit non-zero
+
+    def __post_init__(self):
+        if not 0 <= self.temperature <= 2:
+            raise CompareError(f"--temperature must be from 0 (greedy) to 2, got {self.temperature}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise CompareError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if not 0 <= self.max_failed <= 1:
+            raise CompareError(f"--max-failed must be a share of the lines from 0 to 1 (or 0% to 100%), got {self.max_failed}")
+        if self.workers < 1:
+            raise CompareError(f"--workers must be at least 1, got {self.workers}")
+        if self.runner not in ("promptflow", "maf"):
+            raise CompareError(f"--runner must be promptflow or maf, got {self.runner!r}")
+
+    def deployment(self, role: str) -> str:
+        return self.base if role == "base" else self.candidate
+
+    def connection(self, role: str) -> str | None:
+        return self.base_connection if role == "base" else self.candidate_connection
+
+    def labels(self) -> tuple[str, str]:
+        """What the table calls each side: the deployment names, told apart when they are the same name
+        (on two connections)."""
+        if self.base != self.candidate:
+            return self.base, self.candidate
+        return f"{self.base}_base", f"{self.candidate}_candidate"
+
+    def run_name(self, kind: str, role: str) -> str:
+        """The pf run names carry the side, so the same deployment name on two connections cannot clash."""
+        return f"{self.name}_{kind}_{role}_{self.deployment(role)}"
+
+
+def parse_share(text: str) -> float:
+    """--max-failed: '5%' or 0.05."""
+    try:
+        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
+    except ValueError:
+        raise CompareError(f"--max-failed takes a share of the lines such as 5% or 0.05, got {text!r}") from None
+
+
+@dataclass
 class Side:
     label: str  # what the table calls it: the deployment name
     chat_run: str
     eval_run: str
-    lines: list[dict | None]  # per data line: metric scores, or None where the chat call failed
+    lines: list[dict | None]  # per data line: metric scores, or None where the line failed
     answers: list[str | None]
     seconds: float
     metrics: dict  # what the eval run logged
+    errors: list[str | None] = field(default_factory=list)  # per data line: why it failed (status, message, attempts)
+
+    @property
+    def failed(self) -> int:
+        return self.lines.count(None)
 
 
 @contextmanager
@@ -113,43 +182,182 @@ def eval_workers() -> int:
     return max(1, min(os.cpu_count() or 1, DEFAULT_WORKERS))
 
 
-def run_side(pf, data: Path, deployment: str, name: str, connection: str | None,
-             workers: int = DEFAULT_WORKERS, log: Path = Path("pf.log")) -> tuple[str, str, float]:
-    """The chat run and the eval run over it; returns their names and the chat run's wall time.
+def chat_run_lines(pf, run: str) -> dict[int, tuple[str | None, str | None]]:
+    """line number -> (answer, error) of every line a chat run finished, read from the run's own line
+    records (what `pf run show-details` reads): the lines of a run that was killed half way too."""
+    from promptflow._sdk.operations._local_storage_operations import LocalStorageOperations
 
-    The chat run sends `workers` lines at once (Prompt flow's PF_WORKER_COUNT, set for that run only,
-    as `pf run create --environment-variables` does): the endpoint decodes concurrent requests in
-    one batch, so more lines in flight finish sooner than Prompt flow's default of 4."""
-    chat_run, eval_run = f"{name}_chat_{deployment}", f"{name}_eval_{deployment}"
-    t = time.time()
-    print(f"  pf run {chat_run}: chat flow over {data} with deployment={deployment}", flush=True)
+    found = {}
+    for info in LocalStorageOperations(pf.runs.get(run)).load_detail()["flow_runs"]:
+        if info.get("status") == "Completed" and isinstance(info.get("output"), dict):
+            found[int(info["index"])] = (info["output"].get("answer"), None)
+        else:
+            error = info.get("error") or {}
+            found[int(info["index"])] = (None, error.get("message") or f"line status {info.get('status')}")
+    return found
+
+
+def _pf_run(pf, name: str):
+    try:
+        return pf.runs.get(name)
+    except Exception as e:  # promptflow's RunNotFoundError
+        if type(e).__name__ == "RunNotFoundError":
+            return None
+        raise
+
+
+@contextmanager
+def _resumable(pf, run: str):
+    """Prompt flow resumes only a run whose status is Completed; one whose process was killed stays
+    Running in pf's store for ever, without the outputs file pf writes at the end. That file is written
+    from the lines the run recorded, and while it is resumed from the run is shown as Completed; then
+    Canceled (or what it was: Failed)."""
+    from promptflow._sdk._orm import RunInfo
+    from promptflow._sdk.operations._local_storage_operations import LocalStorageOperations
+
+    status = pf.runs.get(run).status
+    if status == "Completed":
+        yield
+        return
+    # the inputs/outputs files pf writes when a run ends, from the line records the run left
+    LocalStorageOperations(pf.runs.get(run)).dump_inputs_and_outputs()
+    RunInfo.get(run).update(status="Completed")
+    try:
+        yield
+    finally:
+        RunInfo.get(run).update(status="Canceled" if status in ("NotStarted", "Preparing", "Running", "CancelRequested")
+                                else status)
+
+
+def run_chat(pf, data: Path, config: CompareConfig, role: str, name: str, log: Path, resume_from: str | None = None):
+    """The chat flow over data against one side's deployment (`pf run create --flow flows/chat ...`), or
+    `--resume-from` an earlier run of it: only the lines that have no answer are asked again.
+
+    The run sends `workers` lines at once (Prompt flow's PF_WORKER_COUNT, set for that run only, as
+    `pf run create --environment-variables` does): the endpoint decodes concurrent requests in one
+    batch, so more lines in flight finish sooner than Prompt flow's default of 4."""
+    from promptflow.entities import Run
+
+    connection = config.connection(role)
+    # the same run pf.run() makes, or with resume_from (`pf run create --resume-from`): pf.run() refuses
+    # connections and environment variables beside resume_from, and a resumed run would lose the
+    # original's --connections, so the run is built whole and submitted
+    run = Run(flow=str(project.flow("chat")), data=str(data), name=name, resume_from=resume_from,
+              column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
+                              "deployment": config.deployment(role), "temperature": config.temperature,
+                              "max_tokens": config.max_tokens or 0},
+              connections={"chat": {"connection": connection}} if connection else None,
+              environment_variables={"PF_WORKER_COUNT": str(config.workers)})
     with pf_console_quiet(log):
-        pf.run(flow=str(project.flow("chat")), data=str(data), name=chat_run, stream=False,
-               column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
-                               "deployment": deployment},
-               connections={"chat": {"connection": connection}} if connection else None,
-               environment_variables={"PF_WORKER_COUNT": str(workers)})
-    seconds = time.time() - t
-    print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
+        if resume_from:
+            with _resumable(pf, resume_from):
+                pf.runs.create_or_update(run)
+        else:
+            pf.runs.create_or_update(run)
+
+
+def run_eval(pf, data: Path, chat_run: str, name: str, log: Path):
+    """The eval flow over a chat run's answers (`pf run create --flow flows/eval --run CHAT ...`)."""
     with pf_console_quiet(log):
-        pf.run(flow=str(project.flow("eval")), data=str(data), run=chat_run, name=eval_run, stream=False,
+        pf.run(flow=str(project.flow("eval")), data=str(data), run=chat_run, name=name, stream=False,
                column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
                                "answer": "${run.outputs.answer}"},
                environment_variables={"PF_WORKER_COUNT": str(eval_workers())})
-    return chat_run, eval_run, seconds
 
 
-def collect(pf, label: str, chat_run: str, eval_run: str, n_rows: int, seconds: float) -> Side:
-    """Per-line scores from the eval run; lines it lacks are the chat run's failures."""
-    details = pf.get_details(eval_run, all_results=True)
+def eval_workers() -> int:
+    """Worker processes for an eval run: scoring is CPU work, and each worker first imports the metric
+    libraries (azure-ai-evaluation: seconds of CPU), so more workers than cores only add start-up time
+    (8 workers on 2 cores: ~20 s for 40 rows; 2 workers: a few seconds)."""
+    return max(1, min(os.cpu_count() or 1, DEFAULT_WORKERS))
+
+
+def pf_side(pf, data: Path, n_rows: int, config: CompareConfig, role: str, label: str, state: "State", log: Path) -> Side:
+    """One side through Prompt flow: the chat run (continued from the last one when resuming and lines
+    are missing), then the eval run over it. A side whose every line failed gets no eval run (there is
+    nothing to score) and the comparison goes on."""
+    runs = state.runs(role)
+    t = time.time()
+    previous = next((r for r in reversed(runs["chat"]) if _pf_run(pf, r) is not None), None)
+    done = chat_run_lines(pf, previous) if previous else {}
+    missing = [i for i in range(n_rows) if done.get(i, (None, None))[0] is None]
+    if previous is None or missing:
+        name = config.run_name("chat", role) + (f"_resume{len(runs['chat'])}" if runs["chat"] else "")
+        if _pf_run(pf, name) is not None:
+            raise CompareError(f"a Prompt flow run named {name!r} already exists (an earlier comparison named "
+                               f"{config.name!r}?): pick another --name, or continue it with --resume {config.name}")
+        how = (f"resuming {previous} ({len(missing)} of {n_rows} lines to ask again)" if previous else
+               f"chat flow over {data} with deployment={config.deployment(role)}")
+        print(f"  pf run {name}: {how}", flush=True)
+        runs["chat"].append(name)
+        runs["eval"] = None
+        state.save()
+        run_chat(pf, data, config, role, name, log, resume_from=previous)
+        done = chat_run_lines(pf, name)
+    chat_run = runs["chat"][-1]
+    seconds = time.time() - t
+    answers = [done.get(i, (None, None))[0] for i in range(n_rows)]
+    errors = [done.get(i, (None, "no answer recorded"))[1] for i in range(n_rows)]
     lines: list[dict | None] = [None] * n_rows
-    answers: list[str | None] = [None] * n_rows
-    for _, row in details.iterrows():
-        i = int(row["inputs.line_number"])
-        if row.get("outputs.failed") in (False, 0):  # pf writes "(Failed)" for a line that raised
-            lines[i] = {m: float(row[f"outputs.{m}"]) for m in METRICS}
-            answers[i] = row["inputs.answer"]
-    return Side(label, chat_run, eval_run, lines, answers, seconds, pf.get_metrics(eval_run))
+    metrics = {}
+    if any(a is not None for a in answers):
+        eval_run = runs["eval"] or config.run_name("eval", role) + chat_run.removeprefix(config.run_name("chat", role))
+        if runs["eval"] is None or _pf_run(pf, eval_run) is None or pf.runs.get(eval_run).status != "Completed":
+            if _pf_run(pf, eval_run) is not None:  # an eval run cut short: score again under a new name
+                eval_run += f"_{time.strftime('%H%M%S')}"
+            print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
+            runs["eval"] = eval_run
+            state.save()
+            run_eval(pf, data, chat_run, eval_run, log)
+        details = pf.get_details(eval_run, all_results=True)
+        for _, row in details.iterrows():
+            i = int(row["inputs.line_number"])
+            if row.get("outputs.failed") in (False, 0):  # pf writes "(Failed)" for a line that raised
+                lines[i] = {m: float(row[f"outputs.{m}"]) for m in METRICS}
+            elif answers[i] is not None:
+                errors[i] = "the eval flow could not score it (no reference answer)"
+        metrics = pf.get_metrics(eval_run)
+    else:
+        eval_run = ""
+        print(f"  {label}: every line failed; no eval run", flush=True)
+    seconds = state.add_seconds(role, seconds)
+    return Side(label, chat_run, eval_run, lines, [a if lines[i] else None for i, a in enumerate(answers)],
+                seconds, metrics, [None if lines[i] else errors[i] for i in range(n_rows)])
+
+
+class State:
+    """reports/<name>/state.json: the settings and each side's runs so far, written atomically as runs
+    start, so a comparison killed at any point can be continued with --resume."""
+
+    def __init__(self, path: Path, config: CompareConfig, sides: dict | None = None):
+        self.path, self.config = path, config
+        self.sides = sides or {role: {"chat": [], "eval": None, "seconds": 0.0} for role in ROLES}
+
+    @classmethod
+    def load(cls, path: Path) -> "State":
+        try:
+            raw = json.loads(path.read_text())
+            known = {f.name for f in fields(CompareConfig)}
+            return cls(path, CompareConfig(**{k: v for k, v in raw["config"].items() if k in known}), raw["sides"])
+        except FileNotFoundError:
+            raise CompareError(f"nothing to resume: {path} does not exist (was the comparison started with "
+                               "another --reports folder?)") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise CompareError(f"{path} is not a comparison's state ({e}); start a new comparison instead") from None
+
+    def runs(self, role: str) -> dict:
+        return self.sides[role]
+
+    def add_seconds(self, role: str, seconds: float) -> float:
+        self.sides[role]["seconds"] = self.sides[role].get("seconds", 0.0) + seconds
+        self.save()
+        return self.sides[role]["seconds"]
+
+    def save(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"config": asdict(self.config), "sides": self.sides}, indent=2))
+        os.replace(tmp, self.path)
 
 
 def paired_bootstrap(deltas, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -165,47 +373,85 @@ def paired_bootstrap(deltas, n_boot: int = 2000, seed: int = 0, level: float = 0
     return float(d.mean()), float(np.quantile(means, alpha)), float(np.quantile(means, 1 - alpha))
 
 
+def paired_lines(base: Side, cand: Side) -> list[int]:
+    """The lines both sides answered and the eval flow scored: the only ones any paired statistic uses."""
+    return [i for i, (b, c) in enumerate(zip(base.lines, cand.lines)) if b is not None and c is not None]
+
+
 def table(base: Side, cand: Side) -> list[dict]:
-    """One row per metric: base mean, candidate mean, paired delta and its 95% interval (failed = 0)."""
-    zero = {m: 0.0 for m in METRICS}
+    """One row per metric over the paired lines: base mean, candidate mean, paired delta and its 95%
+    interval. A line that failed on either side is left out on both (None everywhere if none is paired)."""
+    paired = paired_lines(base, cand)
     rows = []
     for m in METRICS:
-        b = [(line or zero)[m] for line in base.lines]
-        c = [(line or zero)[m] for line in cand.lines]
+        b = [base.lines[i][m] for i in paired]
+        c = [cand.lines[i][m] for i in paired]
+        if not paired:
+            rows.append({"metric": m, "base": None, "candidate": None, "delta": None, "ci_low": None, "ci_high": None})
+            continue
         delta, lo, hi = paired_bootstrap([y - x for x, y in zip(b, c)])
         rows.append({"metric": m, "base": sum(b) / len(b), "candidate": sum(c) / len(c), "delta": delta,
                      "ci_low": lo, "ci_high": hi})
     return rows
 
 
+def line_counts(base: Side, cand: Side) -> dict:
+    return {"total": len(base.lines), "paired": len(paired_lines(base, cand)),
+            "failed": {base.label: base.failed, cand.label: cand.failed}}
+
+
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value):
+    """A text cell that a spreadsheet would run as a formula (=HYPERLINK(...), +cmd, @SUM, ...) gets a
+    leading apostrophe, as OWASP's CSV-injection advice says; other values are left alone."""
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
+
+
 def per_line_frame(rows: list[dict], base: Side, cand: Side):
-    """question, ground truth, both answers and scores per line; worst regressions (F1, then ROUGE-L) first."""
+    """Every line: question, ground truth, both answers, scores and errors. Paired lines first, worst
+    regressions (F1, then ROUGE-L) first; failed lines after them, with empty scores on the failed side
+    and no delta."""
     import pandas as pd
 
     records = []
     for i, row in enumerate(rows):
-        rec = {"line": i, "question": row["question"], "ground_truth": row["ground_truth"],
-               f"answer_{base.label}": base.answers[i], f"answer_{cand.label}": cand.answers[i]}
+        paired = base.lines[i] is not None and cand.lines[i] is not None
+        rec = {"line": i, "paired": paired, "question": row["question"], "ground_truth": row["ground_truth"],
+               f"answer_{base.label}": base.answers[i], f"answer_{cand.label}": cand.answers[i],
+               f"error_{base.label}": base.errors[i] if base.errors else None,
+               f"error_{cand.label}": cand.errors[i] if cand.errors else None}
         for m in METRICS:
-            b = (base.lines[i] or {}).get(m, 0.0)
-            c = (cand.lines[i] or {}).get(m, 0.0)
-            rec |= {f"{m}_{base.label}": b, f"{m}_{cand.label}": c, f"{m}_delta": c - b}
-        records.append(rec)
-    return pd.DataFrame(records).sort_values(["f1_score_delta", "rouge_l_delta", "line"]).reset_index(drop=True)
+            b = (base.lines[i] or {}).get(m)
+            c = (cand.lines[i] or {}).get(m)
+            rec |= {f"{m}_{base.label}": b, f"{m}_{cand.label}": c, f"{m}_delta": c - b if paired else None}
+        records.append({k: spreadsheet_safe(v) for k, v in rec.items()})
+    frame = pd.DataFrame(records)
+    return frame.sort_values(["paired", "f1_score_delta", "rouge_l_delta", "line"],
+                             ascending=[False, True, True, True]).reset_index(drop=True)
 
 
-def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None) -> str:
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None, loss_error: str | None = None) -> str:
     head = f"{'metric':<16}{base.label:>10}{cand.label:>12}{'delta':>10}   95% CI (paired bootstrap)"
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['metric']:<16}{r['base']:>10.3f}{r['candidate']:>12.3f}{r['delta']:>+10.3f}"
-                     f"   [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+        ci = "" if r["delta"] is None else f"   [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        lines.append(f"{r['metric']:<16}{_num(r['base'], '.3f'):>10}{_num(r['candidate'], '.3f'):>12}"
+                     f"{_num(r['delta'], '+.3f'):>10}{ci}")
     if losses:
         lines.append(f"{'held-out loss':<16}{losses['base']:>10.3f}{losses['candidate']:>12.3f}"
                      f"{losses['candidate'] - losses['base']:>+10.3f}")
-    n = len(base.lines)
-    lines.append(f"lines: {n}; failed (no answer, scored 0): {base.label} {base.lines.count(None)}, "
-                 f"{cand.label} {cand.lines.count(None)}")
+    elif loss_error:
+        lines.append(f"held-out loss: not measured ({loss_error})")
+    counts = line_counts(base, cand)
+    lines.append(f"lines: {counts['paired']} of {counts['total']} paired; failed: {base.label} {base.failed}, "
+                 f"{cand.label} {cand.failed}" + (" (left out on both sides; errors in lines.csv)"
+                                                 if counts["paired"] < counts["total"] else ""))
     return "\n".join(lines)
 
 
@@ -215,7 +461,8 @@ def chart(rows: list[dict], base: Side, cand: Side, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["metric"] != "answer_length"]  # the [0, 1] metrics share one axis
+    # the [0, 1] metrics share one axis; with no paired line there is nothing to draw
+    shown = [r for r in rows if r["metric"] != "answer_length" and r["delta"] is not None]
     names = [r["metric"] for r in shown]
     x = range(len(shown))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -236,17 +483,19 @@ def chart(rows: list[dict], base: Side, cand: Side, path: Path):
     plt.close(fig)
 
 
-def write_report(out: Path, name: str, rows: list[dict], base: Side, cand: Side, losses: dict | None, frame) -> dict:
+def write_report(out: Path, name: str, rows: list[dict], base: Side, cand: Side, losses: dict | None, frame,
+                 loss_error: str | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    text = format_table(rows, base, cand, losses)
+    text = format_table(rows, base, cand, losses, loss_error)
     paths = {"md": out / "compare.md", "html": out / "compare.html", "png": out / "compare.png", "csv": out / "lines.csv"}
     frame.to_csv(paths["csv"], index=False)
     chart(rows, base, cand, paths["png"])
     runs = (f"chat runs `{base.chat_run}`, `{cand.chat_run}`; eval runs `{base.eval_run}`, `{cand.eval_run}` "
             + ("(`pf run show-details --name ...`)" if "/" not in base.chat_run else "(folders of the maf runner)"))
     paths["md"].write_text(f"# {name}: {cand.label} vs {base.label}\n\n```\n{text}\n```\n\n{runs}\n\n"
-                           f"![metrics](compare.png)\n\nPer-line scores: `lines.csv` (worst regressions first).\n")
-    worst = frame.head(10)
+                           f"![metrics](compare.png)\n\nPer-line scores: `lines.csv` (paired lines, worst regressions "
+                           "first; then the failed lines with their errors).\n")
+    worst = frame[frame["paired"]].head(10)
     cols = ["question", "ground_truth", f"answer_{base.label}", f"answer_{cand.label}", "f1_score_delta"]
     cells = "".join("<tr>" + "".join(f"<td>{html.escape(str(r[c]))}</td>" for c in cols) + "</tr>" for _, r in worst.iterrows())
     png = base64.b64encode(paths["png"].read_bytes()).decode()
@@ -263,56 +512,82 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertic
     return paths
 
 
-def compare(base: str, candidate: str, data: str | Path = "data/eval.jsonl", name: str | None = None,
-            base_model: str | None = None, candidate_model: str | None = None, test_file: str | None = None,
-            base_connection: str | None = None, candidate_connection: str | None = None,
-            reports: str | Path = "reports", losses: dict | None = None, runner: str = "promptflow",
-            workers: int = DEFAULT_WORKERS) -> dict:
-    """Run both sides, print the table, write the report. `losses` ({"base", "candidate"}) may be
-    passed when already known (the demo has them from training) instead of giving the models.
-    runner="maf" runs the Agent Framework twins (flows/chat-maf, flows/eval-maf; see maf_runner) instead."""
+def compare(config: CompareConfig, losses: dict | None = None, resume: bool = False) -> dict:
+    """Run both sides, print the table, write the report. `losses` ({"base", "candidate"}) may be passed
+    when already known (the demo has them from training) instead of giving the models. resume=True
+    continues reports/<config.name>/ with the settings saved there. Raises CompareError after writing
+    the report when a side failed more than config.max_failed of its lines."""
     from promptflow.client import PFClient
 
     from ..data.prepare import read_jsonl
 
-    data = Path(data).resolve()
+    state_path = Path(config.reports) / (config.name or "") / STATE
+    if resume:
+        state = State.load(state_path)
+        config = state.config
+        print(f"  resuming {config.name}: {config.base} vs {config.candidate} over {config.data}", flush=True)
+    else:
+        config.name = config.name or f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
+        if len(config.name) > 100 or not config.name.replace("_", "").replace("-", "").isalnum():
+            raise CompareError(f"--name {config.name[:40]!r}...: use at most 100 letters, digits, '_' and '-' "
+                               "(it names Prompt flow runs and a folder)")
+        state_path = Path(config.reports) / config.name / STATE
+        if state_path.exists():
+            raise CompareError(f"a comparison named {config.name!r} exists in {state_path.parent}: continue it with "
+                               f"`finetune-phi compare --resume {config.name}`, or pick another --name")
+        state = State(state_path, config)
+    data = Path(config.data).resolve()
     rows = read_jsonl(data)
+    if not rows:
+        raise CompareError(f"{data} has no rows to compare on")
     for i, row in enumerate(rows, start=1):
         if not {"question", "ground_truth"} <= set(row):
             raise CompareError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
-    name = name or f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
     pf = PFClient()
-    check_deployments(pf, [(base, base_connection), (candidate, candidate_connection)])
+    check_deployments(pf, [(config.base, config.base_connection), (config.candidate, config.candidate_connection)])
+    state.save()
+    out = Path(config.reports) / config.name
+    labels = dict(zip(ROLES, config.labels()))
     sides = []
-    for label, connection in ((base, base_connection), (candidate, candidate_connection)):
-        if runner == "maf":  # same rows, same client and metrics code, same Side: the same table and report
+    for role in ROLES:
+        if config.runner == "maf":  # same rows, same client and metrics code, same Side: the same table and report
             from .maf_runner import compare_side
 
-            side = compare_side(pf, data, label, name, connection, (Path(reports) / name / "maf-runs").resolve())
-            seconds = side.seconds
+            side = compare_side(pf, data, config, role, labels[role], (out / "maf-runs").resolve(), state)
         else:
-            log = (Path(reports) / name / "pf.log").resolve()
-            chat_run, eval_run, seconds = run_side(pf, data, label, name, connection, workers, log)
-            side = collect(pf, label, chat_run, eval_run, len(rows), seconds)
-        print(f"  {label}: {len(rows)} rows in {seconds:.1f} s ({len(rows) / seconds:.1f} rows/s), "
-              f"{side.lines.count(None)} failed" + ("" if runner == "maf" else f"; Prompt flow's log: {log}"), flush=True)
+            side = pf_side(pf, data, len(rows), config, role, labels[role], state, (out / "pf.log").resolve())
+        print(f"  {side.label}: {len(rows)} rows in {side.seconds:.1f} s, {side.failed} failed"
+              + ("" if config.runner == "maf" else f"; Prompt flow's log: {(out / 'pf.log').resolve()}"), flush=True)
         sides.append(side)
     base_side, cand_side = sides
 
-    if losses is None and base_model and candidate_model:
+    loss_error = None
+    if losses is None and config.base_model and config.candidate_model:
         from ..training.trainer import heldout_loss
 
-        test_file = test_file or str(data.with_name("test.jsonl"))
+        test_file = config.test_file or str(data.with_name("test.jsonl"))
         print(f"  held-out loss on {test_file}", flush=True)
-        losses = {"base": heldout_loss(base_model, test_file), "candidate": heldout_loss(candidate_model, test_file)}
+        try:  # an optional figure: its failure is reported, never a reason to lose both sides' answers
+            losses = {"base": heldout_loss(config.base_model, test_file),
+                      "candidate": heldout_loss(config.candidate_model, test_file)}
+        except Exception as e:
+            loss_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"  held-out loss failed: {loss_error}", flush=True)
 
     result_rows = table(base_side, cand_side)
     frame = per_line_frame(rows, base_side, cand_side)
-    paths = write_report(Path(reports) / name, name, result_rows, base_side, cand_side, losses, frame)
-    print("\n" + format_table(result_rows, base_side, cand_side, losses))
+    paths = write_report(out, config.name, result_rows, base_side, cand_side, losses, frame, loss_error)
+    print("\n" + format_table(result_rows, base_side, cand_side, losses, loss_error))
     print(f"\nreport: {paths['md']}  {paths['html']}  {paths['png']}  {paths['csv']}")
-    summary = {"name": name, "runner": runner, "rows": result_rows, "losses": losses, "paths": {k: str(v) for k, v in paths.items()},
-               "runs": {s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds,
-                                  "failed": s.lines.count(None)} for s in sides}}
-    (Path(reports) / name / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary = {"name": config.name, "runner": config.runner, "temperature": config.temperature,
+               "max_tokens": config.max_tokens, "rows": result_rows, "lines": line_counts(base_side, cand_side),
+               "losses": losses, "loss_error": loss_error, "paths": {k: str(v) for k, v in paths.items()},
+               "runs": {s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds, "failed": s.failed}
+                        for s in sides}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    too_many = [f"{s.label} {s.failed} of {len(rows)}" for s in sides if s.failed > config.max_failed * len(rows)]
+    if too_many:
+        raise CompareError(f"too many lines failed ({', '.join(too_many)}; --max-failed {config.max_failed:.0%}): the "
+                           f"report in {out} leaves them out, but says little. Their errors are in lines.csv; "
+                           f"`finetune-phi compare --resume {config.name}` asks them again")
     return summary

@@ -138,9 +138,9 @@ def _read_rows(data: str | Path) -> list[dict]:
     return read_jsonl(Path(data))
 
 
-def _run_dir(runs_dir: str | Path, name: str) -> Path:
+def _run_dir(runs_dir: str | Path, name: str, resume: bool = False) -> Path:
     out = Path(runs_dir) / name
-    if (out / "run.json").exists():
+    if (out / "run.json").exists() and not resume:
         raise MafError(f"a run named {name!r} already exists in {runs_dir}; pick another --name")
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -162,35 +162,66 @@ def read_run(runs_dir: str | Path, name: str) -> tuple[dict, list[dict], dict | 
     return json.loads((out / "run.json").read_text()), outputs, metrics
 
 
-async def _chat_rows(rows: list[dict], deployment: str, endpoint_url: str, api_key: str, workers: int) -> list[dict]:
+LINES = "lines.jsonl"  # a chat run's lines as they finish (appended), so a run killed half way can be resumed
+
+
+def _answered(out: Path) -> dict[int, dict]:
+    """The lines of a chat run (finished or cut short) that have an answer, by line number."""
+    found = {}
+    if (out / LINES).exists():
+        for line in (out / LINES).read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # the last line of a run killed mid-write
+                continue
+            if record.get("answer") is not None:
+                found[record["line_number"]] = record
+    return found
+
+
+async def _chat_rows(rows: list[dict], todo: list[int], deployment: str, endpoint_url: str, api_key: str,
+                     workers: int, temperature: float, max_tokens: int, record) -> list[dict]:
     flow = load_flow(project.flow("chat-maf"))
     gate = asyncio.Semaphore(workers)
 
-    async def one(i: int, row: dict) -> dict:
+    async def one(i: int) -> dict:
+        row = rows[i]
         async with gate:  # a workflow instance runs one input at a time: one per row
             try:
                 result = await flow.create_workflow(endpoint_url, api_key).run(
-                    flow.ChatInput(row["question"], row.get("chat_history") or [], deployment))
-                return {"line_number": i, "answer": result.get_outputs()[0]}
+                    flow.ChatInput(row["question"], row.get("chat_history") or [], deployment, temperature, max_tokens))
+                outcome = {"line_number": i, "answer": result.get_outputs()[0]}
             except Exception as e:  # the line fails, the run goes on (as in a pf batch run)
-                return {"line_number": i, "answer": None, "error": f"{type(e).__name__}: {e}"}
+                outcome = {"line_number": i, "answer": None, "error": f"{type(e).__name__}: {e}"}
+        record(outcome)
+        return outcome
 
-    return list(await asyncio.gather(*(one(i, row) for i, row in enumerate(rows))))
+    return list(await asyncio.gather(*(one(i) for i in todo)))
 
 
 def run_chat(data: str | Path, name: str, deployment: str = "", runs_dir: str | Path = RUNS,
              endpoint_url: str | None = None, api_key: str | None = None, connection: str | None = None,
-             workers: int = WORKERS) -> dict:
-    """flows/chat-maf over every row of data (question, chat_history); failed lines are recorded, not raised."""
+             workers: int = WORKERS, temperature: float = 0.7, max_tokens: int = 0, resume: bool = False) -> dict:
+    """flows/chat-maf over every row of data (question, chat_history); failed lines are recorded, not raised.
+    resume=True continues the run `name`: only lines without an answer are asked again."""
     if endpoint_url is None or api_key is None:
         endpoint_url, api_key = endpoint(connection)
     rows = _read_rows(data)
-    out = _run_dir(runs_dir, name)
+    out = _run_dir(runs_dir, name, resume)
+    kept = _answered(out) if resume else {}
+    todo = [i for i in range(len(rows)) if i not in kept]
     t = time.time()
-    outputs = asyncio.run(_chat_rows(rows, deployment, endpoint_url, api_key, workers))
+    with (out / LINES).open("a" if resume else "w", encoding="utf-8") as lines:
+        def record(outcome: dict):
+            lines.write(json.dumps(outcome, ensure_ascii=False) + "\n")
+            lines.flush()
+
+        asked = asyncio.run(_chat_rows(rows, todo, deployment, endpoint_url, api_key, workers, temperature, max_tokens,
+                                       record))
+    outputs = sorted([*kept.values(), *asked], key=lambda o: o["line_number"])
     record = {"name": name, "flow": str(project.flow("chat-maf")), "data": str(Path(data).resolve()), "deployment": deployment,
-              "lines": len(rows), "failed": sum(o["answer"] is None for o in outputs),
-              "seconds": round(time.time() - t, 3), "status": "Completed"}
+              "temperature": temperature, "max_tokens": max_tokens, "lines": len(rows), "asked": len(todo),
+              "failed": sum(o["answer"] is None for o in outputs), "seconds": round(time.time() - t, 3), "status": "Completed"}
     _write_run(out, record, outputs)
     return record
 
@@ -205,7 +236,7 @@ def run_eval(data: str | Path, name: str, run: str | None = None, runs_dir: str 
     else:
         answers = {i: row.get("answer") for i, row in enumerate(rows)}
     numbers = sorted(answers)
-    out = _run_dir(runs_dir, name)
+    out = _run_dir(runs_dir, name, resume=True)  # scoring again replaces an eval run's files
     t = time.time()
     batch = [flow.EvalRow(answers[i], rows[i].get("ground_truth") or "", rows[i].get("question") or "") for i in numbers]
     result = asyncio.run(flow.create_workflow().run(batch)).get_outputs()[0]
@@ -225,38 +256,50 @@ def show_metrics(name: str, runs_dir: str | Path = RUNS) -> dict:
 
 # ---- compare --runner maf ----------------------------------------------------------------------------
 
-def compare_side(pf, data: Path, deployment: str, name: str, connection: str | None, runs_dir: Path):
-    """One side of `finetune-phi compare` through the twins; the same Side the Prompt flow runner builds."""
+def compare_side(pf, data: Path, config, role: str, label: str, runs_dir: Path, state):
+    """One side of `finetune-phi compare` through the twins; the same Side the Prompt flow runner builds.
+    A run that exists (a comparison being resumed) is continued: only lines without an answer are asked."""
     from .compare import Side
     from .metrics import METRICS
 
-    chat_run, eval_run = f"{name}_chat_{deployment}", f"{name}_eval_{deployment}"
-    endpoint_url, api_key = endpoint(connection, pf)
-    print(f"  maf run {chat_run}: flows/chat-maf over {data} with deployment={deployment}", flush=True)
+    chat_run, eval_run = config.run_name("chat", role), config.run_name("eval", role)
+    resume = (Path(runs_dir) / chat_run).exists()
+    runs = state.runs(role)
+    runs["chat"], runs["eval"] = [str(Path(runs_dir) / chat_run)], str(Path(runs_dir) / eval_run)
+    state.save()
+    endpoint_url, api_key = endpoint(config.connection(role), pf)
+    t = time.time()
+    print(f"  maf run {chat_run}: flows/chat-maf over {data} with deployment={config.deployment(role)}"
+          + (" (resumed: only lines without an answer)" if resume else ""), flush=True)
+    settings = dict(deployment=config.deployment(role), temperature=config.temperature, max_tokens=config.max_tokens or 0,
+                    workers=config.workers)
     if have_agent_framework():
-        run_chat(data, chat_run, deployment, runs_dir, endpoint_url, api_key)
+        run_chat(data, chat_run, runs_dir=runs_dir, endpoint_url=endpoint_url, api_key=api_key, resume=resume, **settings)
         print(f"  maf run {eval_run}: flows/eval-maf over {chat_run}", flush=True)
         run_eval(data, eval_run, chat_run, runs_dir)
     else:  # the main venv: the twins run in .venv-maf; url and key travel in its environment only
         env = {**os.environ, ENDPOINT_URL_ENV: endpoint_url, "FINETUNE_PHI_API_KEY": api_key}
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()] + (["--resume"] if resume else [])
         done = subprocess.run([maf_python(), "-m", "finetune_phi.evaluation.maf_runner", "side", "--data", str(data),
-                               "--chat-run", chat_run, "--eval-run", eval_run, "--deployment", deployment,
-                               "--runs-dir", str(runs_dir)], env=env, stdout=sys.stdout, stderr=subprocess.PIPE,
-                              text=True)
+                               "--chat-run", chat_run, "--eval-run", eval_run, "--runs-dir", str(runs_dir), *flags],
+                              env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise MafError(f"the Agent Framework runner failed: {done.stderr.strip()[-2000:]}")
     chat, chat_outputs, _ = read_run(runs_dir, chat_run)
     _, eval_outputs, metrics = read_run(runs_dir, eval_run)
-    answers_by_line = {o["line_number"]: o["answer"] for o in chat_outputs}
     n = len(chat_outputs)
+    answers: list[str | None] = [o["answer"] for o in chat_outputs]
+    errors: list[str | None] = [o.get("error") for o in chat_outputs]
     lines: list[dict | None] = [None] * n
-    answers: list[str | None] = [None] * n
     for o in eval_outputs:
         if not o["failed"]:
             lines[o["line_number"]] = {m: float(o[m]) for m in METRICS}
-            answers[o["line_number"]] = answers_by_line[o["line_number"]]
-    return Side(deployment, str(Path(runs_dir) / chat_run), str(Path(runs_dir) / eval_run), lines, answers,
-                chat["seconds"], metrics)
+        else:
+            errors[o["line_number"]] = "the eval flow could not score it (no reference answer)"
+    seconds = state.add_seconds(role, time.time() - t)
+    return Side(label, str(Path(runs_dir) / chat_run), str(Path(runs_dir) / eval_run), lines,
+                [a if lines[i] else None for i, a in enumerate(answers)], seconds, metrics,
+                [None if lines[i] else errors[i] for i in range(n)])
 
 
 # ---- serve: the twin of `pf flow serve` ----------------------------------------------------------------
@@ -292,7 +335,8 @@ def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
             try:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
                 chat_input = module.ChatInput(body["question"], body.get("chat_history") or [],
-                                              body.get("deployment") or "")
+                                              body.get("deployment") or "", float(body.get("temperature", 0.7)),
+                                              int(body.get("max_tokens") or 0))
             except (ValueError, KeyError, TypeError) as e:
                 return self._json(400, {"error": {"code": "invalid_input",
                                                   "message": f"expected {{\"question\": ..., \"chat_history\": [...]}}: {e}"}})
@@ -335,6 +379,12 @@ def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
 
 # ---- command line: python -m finetune_phi.evaluation.maf_runner ---------------------------------------------------
 
+def _add_sampling_flags(p):
+    p.add_argument("--temperature", type=float, default=0.7, help="chat flow: 0 = greedy (flows/chat-maf's default 0.7)")
+    p.add_argument("--max-tokens", type=int, default=0, help="chat flow: longest answer in tokens; 0 = the endpoint's")
+    p.add_argument("--resume", action="store_true", help="chat flow: continue the run --name; ask only lines without an answer")
+
+
 def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(prog="python -m finetune_phi.evaluation.maf_runner",
                                 description="Run the Agent Framework twins of the chat and eval flows as `pf` runs the flows.")
@@ -346,6 +396,8 @@ def main(argv: list[str] | None = None):
     t.add_argument("--deployment", default="", help="a deployment to pin; empty or * = traffic split")
     t.add_argument("--connection", default=None, help="Prompt flow connection (default finetune_phi_endpoint)")
     t.add_argument("--stream", action="store_true", help="print the answer piece by piece")
+    t.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (flows/chat-maf's default 0.7)")
+    t.add_argument("--max-tokens", type=int, default=0, help="longest answer in tokens; 0 = the endpoint's")
     t.add_argument("--answer", default="", help="eval flow: the answer to score")
     t.add_argument("--ground-truth", default="", help="eval flow: the reference answer")
     r = sub.add_parser("run", help="a batch run over a jsonl (pf run create [--run])")
@@ -357,6 +409,7 @@ def main(argv: list[str] | None = None):
     r.add_argument("--connection", default=None, help="chat flow: Prompt flow connection (default finetune_phi_endpoint)")
     r.add_argument("--runs-dir", default=str(RUNS))
     r.add_argument("--workers", type=int, default=WORKERS, help="chat flow: rows in flight at once")
+    _add_sampling_flags(r)
     m = sub.add_parser("show-metrics", help="an eval run's metrics (pf run show-metrics)")
     m.add_argument("--name", required=True)
     m.add_argument("--runs-dir", default=str(RUNS))
@@ -371,6 +424,8 @@ def main(argv: list[str] | None = None):
     c.add_argument("--eval-run", required=True)
     c.add_argument("--deployment", required=True)
     c.add_argument("--runs-dir", required=True)
+    c.add_argument("--workers", type=int, default=WORKERS)
+    _add_sampling_flags(c)
     k = sub.add_parser("_connection", help=argparse.SUPPRESS)  # for .venv-maf: a connection's url and key, on stdout
     k.add_argument("name")
     args = p.parse_args(argv)
@@ -394,7 +449,8 @@ def _dispatch(args):
             print(json.dumps(result.get_outputs()[0]["lines"][0], indent=2))
             return
         url, key = endpoint(args.connection)
-        chat_input = module.ChatInput(args.question, json.loads(args.chat_history), args.deployment)
+        chat_input = module.ChatInput(args.question, json.loads(args.chat_history), args.deployment, args.temperature,
+                                      args.max_tokens)
         try:
             if args.stream:
                 async def stream():
@@ -412,7 +468,8 @@ def _dispatch(args):
         module = load_flow(args.flow or project.flow("chat-maf"))
         if is_chat(module):
             record = run_chat(args.data, args.name, args.deployment, args.runs_dir, connection=args.connection,
-                              workers=args.workers)
+                              workers=args.workers, temperature=args.temperature, max_tokens=args.max_tokens,
+                              resume=args.resume)
         else:
             record = run_eval(args.data, args.name, args.run, args.runs_dir)
         print(json.dumps(record, indent=2))
@@ -421,7 +478,8 @@ def _dispatch(args):
     elif args.command == "serve":
         serve(args.flow, args.host, args.port, args.connection)
     elif args.command == "side":
-        run_chat(args.data, args.chat_run, args.deployment, args.runs_dir)
+        run_chat(args.data, args.chat_run, args.deployment, args.runs_dir, workers=args.workers,
+                 temperature=args.temperature, max_tokens=args.max_tokens, resume=args.resume)
         print(f"  maf run {args.eval_run}: flows/eval-maf over {args.chat_run}", flush=True)
         run_eval(args.data, args.eval_run, args.chat_run, args.runs_dir)
 

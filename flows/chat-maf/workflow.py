@@ -2,7 +2,8 @@
 
     flows/chat/flow.dag.yaml                 this file
     inputs: question, chat_history,   ->     InputsExecutor  (@handler on ChatInput)
-            deployment
+            deployment, temperature,
+            max_tokens
     python node `chat` (chat.py)      ->     ChatExecutor    (@handler: finetune_phi.serving.client.chat_stream)
     outputs: answer (is_chat_output)  ->     ctx.yield_output(answer), or one output per piece when streaming
     connection finetune_phi_endpoint  ->     endpoint_url / api_key given to create_workflow()
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
 from typing_extensions import Never
 
-from finetune_phi.serving.client import EndpointError, chat_stream
+from finetune_phi.serving.client import EndpointError, chat_stream, flow_inputs
 
 
 @dataclass
@@ -33,16 +34,18 @@ class ChatInput:
     question: str
     chat_history: list = field(default_factory=list)
     deployment: str = ""  # empty or "*": the endpoint's traffic split; a name pins that deployment
+    temperature: float = 0.7  # flows/chat's default; 0 = greedy
+    max_tokens: int = 0  # 0 = the endpoint's default
 
 
 class InputsExecutor(Executor):
-    """The flow's inputs: the same defaults and deployment rule as flows/chat."""
+    """The flow's inputs: the same defaults and rules (finetune_phi.serving.client.flow_inputs) as flows/chat."""
 
     @handler
     async def receive(self, chat_input: ChatInput, ctx: WorkflowContext[ChatInput]) -> None:
-        pinned = (chat_input.deployment or "").strip()
-        await ctx.send_message(ChatInput(chat_input.question, list(chat_input.chat_history or []),
-                                         "" if pinned == "*" else pinned))
+        pinned, _ = flow_inputs(chat_input.deployment, None, None)
+        await ctx.send_message(ChatInput(chat_input.question, list(chat_input.chat_history or []), pinned or "",
+                                         chat_input.temperature, chat_input.max_tokens))
 
 
 class ChatExecutor(Executor):
@@ -55,8 +58,9 @@ class ChatExecutor(Executor):
     @handler
     async def chat(self, chat_input: ChatInput, ctx: WorkflowContext[Never, str]) -> None:
         # The client is blocking (urllib): run it in a thread so rows of a batch overlap.
+        pinned, parameters = flow_inputs(chat_input.deployment, chat_input.temperature, chat_input.max_tokens)
         pieces = await asyncio.to_thread(chat_stream, self._endpoint_url, self._api_key, chat_input.question,
-                                         chat_input.chat_history, chat_input.deployment or None)
+                                         chat_input.chat_history, pinned, parameters)
         answer = []
         while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
             if self._stream:

@@ -7,17 +7,17 @@ from promptflow.connections import CustomConnection
 from promptflow.core import tool
 from promptflow.exceptions import UserErrorException
 
-from finetune_phi.serving.client import EndpointError, chat_stream
+from finetune_phi.serving.client import EndpointError, chat_stream, flow_inputs
 
 
 @tool
-def chat(connection: CustomConnection, question: str, chat_history: list = None, deployment: str = ""):
-    # empty (the default) or "*" (what the served chat page sends: it insists on a value) = traffic split
-    pinned = (deployment or "").strip()
-    try:  # connection and HTTP errors surface here, before the first piece
+def chat(connection: CustomConnection, question: str, chat_history: list = None, deployment: str = "",
+         temperature: float = 0.7, max_tokens: int = 0):
+    pinned, parameters = flow_inputs(deployment, temperature, max_tokens)
+    try:  # connection and HTTP errors surface here, before the first piece (transient ones retried first)
         pieces = chat_stream(connection.configs["endpoint_url"], connection.secrets["api_key"], question,
-                             chat_history or [], deployment=None if pinned in ("", "*") else pinned)
-    except EndpointError as e:  # a user-facing error (URL, HTTP status), not a bug in the tool
+                             chat_history or [], deployment=pinned, parameters=parameters)
+    except EndpointError as e:  # a user-facing error (URL, HTTP status, attempts), not a bug in the tool
         raise UserErrorException(message=str(e)) from None
     return _as_user_errors(pieces)
 
@@ -25,5 +25,5 @@ def chat(connection: CustomConnection, question: str, chat_history: list = None,
 def _as_user_errors(pieces):
     try:
         yield from pieces
-    except EndpointError as e:
+    except EndpointError as e:  # the stream was cut off: an error, never a finished-looking answer
         raise UserErrorException(message=str(e)) from None
