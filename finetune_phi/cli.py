@@ -19,6 +19,10 @@ def _offline_env():
     if os.environ.get("FINETUNE_PHI_OFFLINE", "") == "1":
         for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ.setdefault(var, "1")
+    # Prompt flow's Azure Monitor exporter asks settings.sdk.monitor.azure.com (and retries in vain
+    # offline) unless told not to; every command that runs pf in-process (compare, connect, demo) inherits this
+    for var in ("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL"):
+        os.environ.setdefault(var, "true")
 
 
 COMMANDS = ("data", "tiny", "train", "serve", "connect", "deploy", "delete", "compare", "demo", "export")

@@ -82,8 +82,6 @@ def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2
     work.mkdir(parents=True, exist_ok=True)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ.setdefault(var, "1")  # the demo never needs the hub
-    for var in ("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL"):
-        os.environ.setdefault(var, "true")  # nor Prompt flow's telemetry exporter (it retries in vain offline)
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlflow.db'}")
     tok_flag = f" --tokenizer {shlex.quote(tokenizer)}" if tokenizer else ""
     recipe = RECIPES["tiny" if base_model == "tiny" else "real"]

@@ -204,3 +204,20 @@ def test_scoring_script_speaks_the_endpoint_protocol(trained, monkeypatch):
     assert score.handle("{oops")[0] == 400
     status, body = score.handle(json.dumps({"input_data": ["x"], "params": {"max_new_tokens": 0}}))
     assert status == 400 and body["error"]["code"] == "invalid_parameter"
+
+
+def test_the_job_and_deployment_code_snapshot_leaves_every_venv_out(tmp_path):
+    """azure-ai-ml uploads `code:` (the repo) minus what its root ignore file names: the venvs next to the
+    code (.venv 2.5 GB, .venv-openvino-export 2.4 GB, .venv-azml, .venv-maf) must never travel with a job."""
+    import shutil
+
+    from azure.ai.ml._utils._asset_utils import get_directory_size, get_ignore_file
+
+    shutil.copy(REPO / ".gitignore", tmp_path / ".gitignore")
+    for venv in (".venv", ".venv-maf", ".venv-azml", ".venv-openvino-export"):
+        (tmp_path / venv / "lib").mkdir(parents=True)
+        (tmp_path / venv / "lib" / "big.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "finetune_phi").mkdir()
+    (tmp_path / "finetune_phi" / "cli.py").write_text("code")
+    size, files = get_directory_size(tmp_path, get_ignore_file(tmp_path))
+    assert sorted(os.path.relpath(f, tmp_path) for f in files) == [".gitignore", "finetune_phi/cli.py"]

@@ -111,3 +111,41 @@ def test_cli_reports_bad_input_without_a_traceback(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert f"{src}:2: no assistant reply" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_write_that_fails_half_way_puts_the_previous_set_back_byte_for_byte(tmp_path, monkeypatch):
+    """A full disk (or an immutable file) at the second file's rename: readers that know nothing of the
+    manifest (`pf run create --data`, pandas) must not find a new train.jsonl beside the old test.jsonl."""
+    import os
+
+    out = tmp_path / "data"
+    prepare("sample", out, sample_size=60)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_replace, renames = os.replace, []
+
+    def full_disk_at_the_second_file(src, dst):
+        renames.append(dst)
+        if str(dst).endswith("test.jsonl") and len([r for r in renames if str(r).endswith("test.jsonl")]) == 1:
+            raise OSError(28, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk_at_the_second_file)
+    with pytest.raises(Exception, match="No space left"):
+        prepare("sample", out, sample_size=80, seed=1)
+    monkeypatch.undo()
+    assert any(str(r).endswith("train.jsonl") for r in renames)  # the new train.jsonl had been put in place
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # ... and the old one is back, nothing else left
+    assert len(read_jsonl(out / "train.jsonl")) + len(read_jsonl(out / "test.jsonl")) == 60
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_data_files_follow_the_umask(tmp_path, umask, mode):
+    import os
+
+    old = os.umask(umask)
+    try:
+        prepare("sample", tmp_path / "data", sample_size=40)
+        prepare("sample", tmp_path / "data", sample_size=40, seed=2)  # a re-run keeps the modes too
+    finally:
+        os.umask(old)
+    assert {oct(p.stat().st_mode & 0o777) for p in (tmp_path / "data").iterdir()} == {oct(mode)}

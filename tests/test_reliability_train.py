@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -212,3 +213,42 @@ def test_user_errors_are_one_line_and_library_errors_keep_their_traceback(finish
     # a ValueError from inside transformers is no user message of ours: main lets it show its traceback
     with pytest.raises(ValueError, match="Unknown `fsdp` option: bogus"):
         run_cli(capsys, "train", "--data", data, "--out", tmp_path / "new", "--fsdp", "bogus", "--no-register")
+
+
+REGISTER_AND_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from finetune_phi.modeling import registry
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+if sys.argv[2] == "changed":  # another fine-tune: other weights
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(sys.argv[3])
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[3])
+registry.log_model(sys.argv[3] if sys.argv[2] == "changed" else sys.argv[1])
+folder = registry.download_model("models:/finetune-phi/1")
+print("FOLDER", folder, float(next(AutoModelForCausalLM.from_pretrained(folder).parameters()).sum()))
+"""
+
+
+@pytest.mark.slow
+def test_a_registry_made_again_never_serves_the_old_version_1_from_the_cache(tiny_model, tmp_path):
+    """Run the demo, delete its mlflow.db, run it again: the new version 1 is another model, and it is the
+    one loaded (the download cache is keyed by what the version is, not only its number)."""
+    import shutil
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+    def register(kind: str) -> tuple[str, float]:
+        done = subprocess.run([sys.executable, "-c", REGISTER_AND_LOAD, str(tiny_model), kind, str(tmp_path / "other")],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        _, folder, total = next(line for line in done.stdout.splitlines() if line.startswith("FOLDER")).split()
+        return folder, float(total)
+
+    first = register("same")
+    (tmp_path / "mlflow.db").unlink()
+    shutil.rmtree(tmp_path / "mlruns")
+    second = register("changed")
+    assert second[0] != first[0] and second[1] != pytest.approx(first[1])

@@ -343,3 +343,26 @@ def test_64_clients_for_10_seconds_get_200_or_429_and_the_server_stays_ready(ser
     assert set(statuses) <= {200, 429}, statuses
     assert statuses[200] > 100  # measured 301 (and 2188 refusals) on 2 cores
     assert http("GET", server.url + "/ready", headers=server.auth())[0] == 200
+
+
+def test_a_non_streamed_request_whose_client_hangs_up_frees_its_slot(tiny_model, test_root):
+    """One slot, a long request timeout: a client that asks for 1000 tokens without streaming and hangs up
+    must not hold the slot until its answer would have ended (~20 s on 2 cores); decoding stops."""
+    s = Server(["--deployment", f"only={tiny_model}", "--max-concurrent-requests", "1", "--request-timeout-ms", "120000"],
+               test_root / "serve-hangup.log", env=KEY)
+    try:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000,
+                                                     "temperature": 0}),
+                           ("/score", {"input_data": ["x"], "params": {"max_new_tokens": 1000, "do_sample": False}})):
+            conn = httpclient.HTTPConnection("127.0.0.1", s.port, timeout=10)
+            conn.request("POST", path, json.dumps(body), s.auth())
+            wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"]}, s.auth())[0] == 429,
+                     "the long request to take the only slot", 10, log=s.log)
+            conn.sock.shutdown(2)
+            conn.close()
+            t = time.monotonic()
+            wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                                  s.auth())[0] == 200, f"the hung-up {path} request's slot to come back", 30, log=s.log)
+            assert time.monotonic() - t < 5, f"{path}: the slot came back only after {time.monotonic() - t:.1f} s"
+    finally:
+        s.stop()

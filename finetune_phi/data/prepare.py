@@ -11,6 +11,7 @@ parquet readers import their libraries only when used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -193,9 +194,22 @@ MANIFEST = "dataset.json"  # written last: lists the set's files with their size
 SET_FILES = ("train.jsonl", "test.jsonl", "eval.jsonl")
 
 
+def _file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 less the umask): temp files are made 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _mkstemp(prefix: str, folder: Path) -> tuple[int, str]:
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
+    os.fchmod(fd, _file_mode())  # the file the user gets follows their umask, as if written in place
+    return fd, tmp
+
+
 def _write_temp(folder: Path, name: str, rows: Iterable[dict]) -> tuple[Path, int]:
     """Rows as JSON lines in a temp file beside `name`, flushed to disk: (temp path, row count)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    fd, tmp = _mkstemp(f".{name}.", folder)
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -219,7 +233,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json_atomic(path: Path, value: dict):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(f".{path.name}.", path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(value, f, indent=2)
@@ -237,14 +251,21 @@ def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str,
     Every file is first written whole to a temp file. Then the manifest is marked "writing", the
     files are renamed into place, and the manifest is rewritten "complete" with each file's size
     and sha256. A run killed between two renames leaves a "writing" manifest, which readers refuse
-    (check_set_member), so a new train split is never used beside an old test split.
+    (check_set_member), so a new train split is never used beside an old test split. A rename or
+    write that fails (a full disk, an immutable file) puts the previous set back, byte for byte, so
+    readers that know nothing of the manifest (`pf run create --data`, pandas) never see a mix either.
     """
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temp_files(out)
     written: dict[str, tuple[Path, int]] = {}
+    previous: dict[str, Path] = {}  # name -> a hard link to the file it replaces, until the set is complete
     try:
         for name, rows in files.items():
             written[name] = _write_temp(out, name, rows)
+        for name in (*written, MANIFEST):
+            if (out / name).exists():
+                previous[name] = out / f".{name}.previous.tmp"
+                os.link(out / name, previous[name])
         _write_json_atomic(out / MANIFEST, {"state": "writing", "files": {}})
         for name, (tmp, _) in written.items():
             os.replace(tmp, out / name)
@@ -253,9 +274,18 @@ def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str,
             "files": {name: {"rows": n, "bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                       for name, (_, n) in written.items()}})
     except BaseException:
+        for name in (*written, MANIFEST):  # the previous set back in place; files it did not have removed
+            with contextlib.suppress(OSError):  # one that cannot be put back must not stop the others
+                if name in previous:
+                    os.replace(previous[name], out / name)
+                elif name == MANIFEST or not written[name][0].exists():
+                    (out / name).unlink(missing_ok=True)
         for tmp, _ in written.values():
             tmp.unlink(missing_ok=True)
         raise
+    finally:
+        for link in previous.values():
+            link.unlink(missing_ok=True)
     return {name: n for name, (_, n) in written.items()}
 
 

@@ -65,8 +65,10 @@ def _version(package: str) -> str:
 def download_model(uri: str) -> Path:
     """A registered model (models:/NAME/VERSION or models:/NAME@ALIAS) as a local HF folder.
 
-    Downloads are cached per tracking store, name and version; an alias is resolved first, so
-    moving it (e.g. @champion) is seen at the next load.
+    Downloads are cached per tracking store, name, version and what the version *is* (its run, its
+    source and when it was registered): a store deleted and made again numbers its versions from 1
+    again, and its new version 1 must never be served from the old one's cache entry. An alias is
+    resolved first, so moving it (e.g. @champion) is seen at the next load.
     """
     import hashlib
     import shutil
@@ -79,15 +81,17 @@ def download_model(uri: str) -> Path:
     name, _, ref = uri.removeprefix("models:/").partition("/")
     if "@" in name:
         name, alias = name.split("@", 1)
-        version = client.get_model_version_by_alias(name, alias).version
+        found = client.get_model_version_by_alias(name, alias)
     elif ref.isdigit():
-        version = client.get_model_version(name, ref).version  # raises if it does not exist
+        found = client.get_model_version(name, ref)  # raises if it does not exist
     else:
         from ..errors import UserError
 
         raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    version = found.version
     store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:10]
-    target = cache_dir() / "registry" / store / name / str(version)
+    identity = hashlib.sha256(f"{found.run_id}|{found.source}|{found.creation_timestamp}".encode()).hexdigest()[:10]
+    target = cache_dir() / "registry" / store / name / f"{version}-{identity}"
     if (target / "config.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

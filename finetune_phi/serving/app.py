@@ -97,7 +97,7 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         rows = [Row(ids, params) for ids in encode_all(deployment.engine, prompts, params)]
         endpoint.enter()
         try:
-            completions = await endpoint.generate(deployment, rows)
+            completions = await _while_connected(request, endpoint.generate(deployment, rows))
         finally:
             endpoint.leave()
         return JSONResponse(response_body(shape, prompts, completions, params),
@@ -117,7 +117,7 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         endpoint.enter()
         if not stream:
             try:
-                (completion,) = await endpoint.generate(deployment, [row])
+                (completion,) = await _while_connected(request, endpoint.generate(deployment, [row]))
             finally:
                 endpoint.leave()
             return JSONResponse(openai_api.completion_body(deployment.name, completion), headers=headers)
@@ -181,6 +181,18 @@ class _BugsAsJSON:
             log.exception("unhandled error on %s %s", scope["method"], scope["path"])
             if not started:  # once a response has begun, uvicorn can only close the connection
                 await self.error(500, "internal_error", "internal error; see the server log")(scope, receive, send)
+
+
+async def _while_connected(request, work, poll: float = 0.25):
+    """Await a non-streamed generation; if the client hangs up first, cancel it, so its rows stop decoding
+    at the next token and its slot is free for others (a stream stops the same way when it is closed)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=poll)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            raise RequestError(499, "client_closed", "the client closed the connection before the answer")
+    return task.result()
 
 
 def _once(fn):
