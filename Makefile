@@ -29,13 +29,13 @@ $(VENV)/.installed: pyproject.toml
 MAF_VENV ?= .venv-maf
 maf: $(MAF_VENV)/.installed
 
-$(MAF_VENV)/.installed: $(VENV)/.installed flows/chat-maf/requirements.txt flows/eval-maf/requirements.txt
+$(MAF_VENV)/.installed: $(VENV)/.installed flows/chat-maf/requirements.txt flows/eval-maf/requirements.txt flows/judge-maf/requirements.txt
 	$(PYTHON) -m venv $(MAF_VENV)
 	echo '*' > $(MAF_VENV)/.gitignore
 	$(MAF_VENV)/bin/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(opentelemetry|promptflow)|@' > $(MAF_VENV)/constraints.txt
 	$(MAF_VENV)/bin/python -m pip install -q -c $(MAF_VENV)/constraints.txt \
-		-r flows/chat-maf/requirements.txt -r flows/eval-maf/requirements.txt
+		-r flows/chat-maf/requirements.txt -r flows/eval-maf/requirements.txt -r flows/judge-maf/requirements.txt
 	$(MAF_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(MAF_VENV)/bin/python -c "import agent_framework, finetune_phi.serving.client, finetune_phi.evaluation.metrics"
 	touch $@

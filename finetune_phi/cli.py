@@ -25,6 +25,25 @@ def _offline_env():
         os.environ.setdefault(var, "true")
 
 
+def _at_least(low: int, high: int | None = None):
+    """An argparse type: a whole number from `low` (to `high`); anything else is argparse's one-line usage error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}" if high is not None
+                                             else f"{value} is too small: give at least {low}")
+        return value
+    parse.__name__ = "number"  # what argparse calls it in its message
+    return parse
+
+
+PORT = _at_least(1, 65535)
+POSITIVE = _at_least(1)
+
+
 COMMANDS = ("data", "tiny", "train", "serve", "connect", "deploy", "delete", "compare", "demo", "export")
 MODEL_COMMANDS = ("train", "serve", "demo", "compare", "tiny")
 
@@ -152,7 +171,12 @@ def cmd_connect(args):
         url = args.endpoint_url
         with _flag_errors():
             key, source = resolve_key(args.api_key_env)
-    connect(url, key, args.name)
+    from .serving.client import EndpointError
+
+    try:
+        connect(url, key, args.name)
+    except EndpointError as e:  # a URL that is not http(s)
+        raise UserError(f"--endpoint-url: {e}") from None
     print(f"connection {args.name}: endpoint_url={url}, api_key from {source} (stored as a secret)")
 
 
@@ -193,7 +217,8 @@ def cmd_compare(args):
         base=args.base, candidate=args.candidate, data=args.data, name=args.name, base_model=args.base_model,
         candidate_model=args.candidate_model, test_file=args.test_file, base_connection=args.base_connection,
         candidate_connection=args.candidate_connection, reports=args.reports, runner=args.runner, workers=args.workers,
-        temperature=args.temperature, max_tokens=args.max_tokens, max_failed=parse_share(args.max_failed)))
+        temperature=args.temperature, max_tokens=args.max_tokens, max_failed=parse_share(args.max_failed),
+        judge=args.judge, judge_model=args.judge_model))
 
 
 def cmd_demo(args):
@@ -268,13 +293,13 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     s.add_argument("--traffic", action="append", metavar="NAME=PCT",
                    help="traffic split in percent, summing to 100 (default: all to the first deployment)")
     s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=5000)
-    s.add_argument("--max-concurrent-requests", type=int, default=32, help="in flight at once; more get 429")
-    s.add_argument("--max-queue-wait-ms", type=int, default=5000, help="longest wait before decoding starts; then 408")
-    s.add_argument("--request-timeout-ms", type=int, default=180000,
+    s.add_argument("--port", type=PORT, default=5000)
+    s.add_argument("--max-concurrent-requests", type=POSITIVE, default=32, help="in flight at once; more get 429")
+    s.add_argument("--max-queue-wait-ms", type=POSITIVE, default=5000, help="longest wait before decoding starts; then 408")
+    s.add_argument("--request-timeout-ms", type=POSITIVE, default=180000,
                    help="longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)")
-    s.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get 413")
-    s.add_argument("--max-new-tokens-cap", type=int, default=1024, help="largest max_new_tokens / max_tokens accepted")
+    s.add_argument("--max-body-bytes", type=POSITIVE, default=1_000_000, help="larger request bodies get 413")
+    s.add_argument("--max-new-tokens-cap", type=POSITIVE, default=1024, help="largest max_new_tokens / max_tokens accepted")
     from .serving.engines.base import DEFAULT_ENGINE, ENGINES
 
     s.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
@@ -341,16 +366,21 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     k.add_argument("--reports", default="reports", help="folder for the report")
     from .evaluation.compare import DEFAULT_WORKERS
 
-    k.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+    k.add_argument("--workers", type=POSITIVE, default=DEFAULT_WORKERS,
                    help="chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)")
     k.add_argument("--runner", choices=["promptflow", "maf"], default="promptflow",
                    help="promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework "
                         "twins flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
     k.add_argument("--temperature", type=float, default=0.0,
                    help="sampling temperature of both sides; 0 = greedy, so the same compare gives the same table")
-    k.add_argument("--max-tokens", type=int, default=None, help="longest answer in tokens (default: the endpoint's)")
+    k.add_argument("--max-tokens", type=POSITIVE, default=None, help="longest answer in tokens (default: the endpoint's)")
     k.add_argument("--max-failed", default="5%",
                    help="exit non-zero (after writing the report) when a side fails more than this share of lines")
+    k.add_argument("--judge", metavar="CONNECTION", default=None,
+                   help="also judge each paired line in both orders (MT-Bench's pairwise protocol) with the chat model "
+                        "behind this Prompt flow connection (type open_ai or azure_open_ai)")
+    k.add_argument("--judge-model", default=None,
+                   help="the judge's model (OpenAI; default gpt-4o) or deployment name (Azure OpenAI, required)")
     k.add_argument("--resume", metavar="NAME", default=None,
                    help="continue the comparison NAME (in --reports) with its saved settings: only lines that "
                         "have no answer are asked again")
@@ -360,7 +390,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
     m.add_argument("--base-model", default="smollm2-135m",
                    help="base to fine-tune: smollm2-135m (real weights, several minutes on 2 cores) or tiny (random weights, ~1 min)")
-    m.add_argument("--port", type=int, default=5000, help="endpoint port (a free one if taken)")
+    m.add_argument("--port", type=PORT, default=5000, help="endpoint port (a free one if taken)")
     m.add_argument("--tokenizer", default=None, help="with --base-model tiny: build it around this real Phi-3 tokenizer folder")
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)

@@ -135,3 +135,55 @@ class StandInEndpoint:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
+
+
+class StandInJudge:
+    """A stand-in for a judge model behind an OpenAI-compatible chat completions API (Azure OpenAI or
+    OpenAI, which cannot be reached from here): `reply(messages)` makes each reply; `faults` (e.g.
+    ["429:0", "429:0"]) are served first, to every request in order. Requests are counted in `asked`."""
+
+    def __init__(self, reply, faults: list[str] | None = None, key: str = "j" * 32):
+        self.reply, self.faults, self.key, self.asked = reply, list(faults or []), key, 0
+        self.lock = threading.Lock()
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _json(self, status: int, body, headers: dict | None = None):
+                raw = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.headers.get("Authorization") != f"Bearer {judge.key}":
+                    return self._json(401, {"error": {"message": "bad key"}})
+                with judge.lock:
+                    judge.asked += 1
+                    fault = judge.faults.pop(0) if judge.faults else None
+                if fault:
+                    status, _, after = fault.partition(":")
+                    return self._json(int(status), {"error": {"message": f"planned {fault}"}},
+                                      {"Retry-After": after} if after else None)
+                text = judge.reply(body["messages"])
+                self._json(200, {"id": "x", "object": "chat.completion", "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}]})
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()

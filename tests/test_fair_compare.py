@@ -15,6 +15,7 @@ import signal
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from standin import StandInEndpoint
@@ -142,11 +143,14 @@ def test_a_comparison_killed_half_way_resumes_to_the_uninterrupted_table(pf_home
         args = ["--runner", runner, "--base", "base", "--candidate", "ft", "--data", str(data), "--workers", "2"]
         proc = subprocess.Popen([str(BIN / "finetune-phi"), "compare", "--reports", str(tmp_path / "reports"),
                                  "--base-connection", "standin", "--candidate-connection", "standin", *args,
-                                 "--name", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+                                 "--name", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: slow.count() >= 6, "six answers before the kill", timeout=120, proc=proc)
-        os.killpg(proc.pid, signal.SIGKILL)  # compare and every process it started, mid-run
+        children = psutil.Process(proc.pid).children(recursive=True)  # pf's workers (or the maf runner), the watchdog
+        assert len(children) >= 2
+        proc.send_signal(signal.SIGKILL)  # compare alone, mid-run: no handler of its own can run
         proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, f"left running after compare was killed: {[p.cmdline()[:3] for p in alive]}"
         asked_before = slow.count()
         assert not (tmp_path / "reports" / "killed" / "summary.json").exists()
         resumed = compare(tmp_path, "--resume", "killed")

@@ -24,6 +24,7 @@ from pathlib import Path
 from .. import project
 from ..errors import UserError
 from .metrics import METRICS
+from .watchdog import dies_with_me
 
 DEFAULT_WORKERS = 8  # chat lines in flight per batch run
 ROLES = ("base", "candidate")
@@ -96,6 +97,8 @@ class CompareConfig:
     temperature: float = 0.0  # greedy: the same table every time
     max_tokens: int | None = None  # None: the endpoint's default
     max_failed: float = 0.05  # a side failing more of its lines than this makes compare exit non-zero
+    judge: str | None = None  # a Prompt flow connection (open_ai / azure_open_ai) of a judge model
+    judge_model: str | None = None  # its model (OpenAI) or deployment (Azure OpenAI) name
 
     def __post_init__(self):
         if not 0 <= self.temperature <= 2:
@@ -360,6 +363,68 @@ class State:
         os.replace(tmp, self.path)
 
 
+JUDGE_OUTPUTS = ("outcome", "verdict_1", "verdict_2", "reason_1", "reason_2", "length_delta")
+
+
+def judge_connection(pf, name: str):
+    """The judge's Prompt flow connection, checked before any run: it exists and is open_ai or azure_open_ai."""
+    conn = pf.connections.get(name, with_secrets=True, raise_error=False)
+    if conn is None:
+        raise CompareError(f"no Prompt flow connection named {name!r} for --judge: create one of type open_ai "
+                           "(api_key, base_url) or azure_open_ai (api_base, api_key or Entra ID) with `pf connection create`")
+    if type(conn).__name__ not in ("OpenAIConnection", "AzureOpenAIConnection"):
+        raise CompareError(f"--judge {name}: a {type(conn).__name__}; a judge connection is of type open_ai or azure_open_ai")
+    return conn
+
+
+def judge_rows(rows: list[dict], base: Side, cand: Side) -> list[dict]:
+    """The judge flow's input: one row per paired line, both answers and the reference beside the question."""
+    return [{"line": i, "question": rows[i]["question"], "chat_history": rows[i].get("chat_history") or [],
+             "ground_truth": rows[i].get("ground_truth") or "", "answer_base": base.answers[i],
+             "answer_candidate": cand.answers[i]} for i in paired_lines(base, cand)]
+
+
+def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> dict[int, dict | None]:
+    """flows/judge over the paired lines (`pf run create --flow flows/judge --data ... --connections
+    judge.connection=NAME`): line -> its judge outputs, or None where the judge could not be asked. A
+    resumed comparison judges again under a new name; the judge's cache makes the lines it judged free."""
+    from promptflow.entities import Run
+
+    judged = state.sides.setdefault("judge", [])
+    name = f"{config.name}_judge" + (f"_resume{len(judged)}" if judged else "")
+    judged.append(name)
+    state.save()
+    print(f"  pf run {name}: judge flow ({config.judge}, {config.judge_model or 'default model'}) over the paired lines, "
+          "both orders", flush=True)
+    run = Run(flow=str(project.flow("judge")), data=str(data), name=name,
+              column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
+                              "ground_truth": "${data.ground_truth}", "answer_base": "${data.answer_base}",
+                              "answer_candidate": "${data.answer_candidate}", "model": config.judge_model or ""},
+              connections={"judge": {"connection": config.judge}},
+              environment_variables={"PF_WORKER_COUNT": str(config.workers)})
+    with pf_console_quiet(log):
+        pf.runs.create_or_update(run)
+    lines = [json.loads(line) for line in data.read_text().splitlines()]
+    found = {row["line"]: None for row in lines}
+    for _, row in pf.get_details(name, all_results=True).iterrows():
+        i = lines[int(row["inputs.line_number"])]["line"]
+        verdicts = [row.get(f"outputs.verdict_{k}") for k in (1, 2)]
+        if isinstance(row.get("outputs.reason_1"), str) and row.get("outputs.reason_1") != "(Failed)":
+            found[i] = {k: row.get(f"outputs.{k}") for k in JUDGE_OUTPUTS}
+            found[i].update(verdict_1=verdicts[0] if verdicts[0] in ("A", "B", "C") else None,
+                            verdict_2=verdicts[1] if verdicts[1] in ("A", "B", "C") else None)
+    return found
+
+
+def judged(results: dict[int, dict | None], model: str) -> dict:
+    """summary.json's `judge` object: judge.summarize over the lines the judge answered, and how many it failed."""
+    from .judge import summarize
+
+    ok = [r for _, r in sorted(results.items()) if r is not None]
+    return {**summarize(ok, [float(r["length_delta"]) for r in ok], model),
+            "failed": sum(r is None for r in results.values())}
+
+
 def paired_bootstrap(deltas, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
     """Mean of per-line deltas and its percentile bootstrap interval (resampling lines, not sides)."""
     import numpy as np
@@ -409,10 +474,10 @@ def spreadsheet_safe(value):
     return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
 
 
-def per_line_frame(rows: list[dict], base: Side, cand: Side):
-    """Every line: question, ground truth, both answers, scores and errors. Paired lines first, worst
-    regressions (F1, then ROUGE-L) first; failed lines after them, with empty scores on the failed side
-    and no delta."""
+def per_line_frame(rows: list[dict], base: Side, cand: Side, judge: dict[int, dict | None] | None = None):
+    """Every line: question, ground truth, both answers, scores and errors (and the judge's two verdicts and
+    reasons). Paired lines first, worst regressions (F1, then ROUGE-L) first; failed lines after them, with
+    empty scores on the failed side and no delta."""
     import pandas as pd
 
     records = []
@@ -426,6 +491,11 @@ def per_line_frame(rows: list[dict], base: Side, cand: Side):
             b = (base.lines[i] or {}).get(m)
             c = (cand.lines[i] or {}).get(m)
             rec |= {f"{m}_{base.label}": b, f"{m}_{cand.label}": c, f"{m}_delta": c - b if paired else None}
+        if judge is not None:  # game 1: the base in slot A; game 2: the candidate in slot A
+            verdict = judge.get(i) or {}
+            rec |= {"judge_outcome": verdict.get("outcome") if i in judge else None,
+                    "judge_verdict_1": verdict.get("verdict_1"), "judge_verdict_2": verdict.get("verdict_2"),
+                    "judge_reason_1": verdict.get("reason_1"), "judge_reason_2": verdict.get("reason_2")}
         records.append({k: spreadsheet_safe(v) for k, v in rec.items()})
     frame = pd.DataFrame(records)
     return frame.sort_values(["paired", "f1_score_delta", "rouge_l_delta", "line"],
@@ -436,7 +506,19 @@ def _num(value, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None, loss_error: str | None = None) -> str:
+def format_judge(j: dict, cand: Side) -> list[str]:
+    if not j["n"]:
+        return [f"judge {j['model']}: no line judged ({j['parse_failures']} replies without a verdict, {j['failed']} "
+                "lines the judge could not answer)"]
+    return [f"judge {j['model']} (both orders): {cand.label} wins {j['wins']}, loses {j['losses']}, ties {j['ties']} of "
+            f"{j['n']} -> win rate {j['win_rate']:.3f}   95% CI [{j['ci_low']:.3f}, {j['ci_high']:.3f}]",
+            f"  position consistency {j['position_consistency']:.2f}, first slot wins {j['first_slot_rate']:.2f}, "
+            f"length-controlled win rate {j['lc_win_rate']:.3f}, replies without a verdict {j['parse_failures']}, "
+            f"lines not judged {j['failed']}"]
+
+
+def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None, loss_error: str | None = None,
+                 judge: dict | None = None) -> str:
     head = f"{'metric':<16}{base.label:>10}{cand.label:>12}{'delta':>10}   95% CI (paired bootstrap)"
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -448,6 +530,8 @@ def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None, 
                      f"{losses['candidate'] - losses['base']:>+10.3f}")
     elif loss_error:
         lines.append(f"held-out loss: not measured ({loss_error})")
+    if judge:
+        lines += format_judge(judge, cand)
     counts = line_counts(base, cand)
     lines.append(f"lines: {counts['paired']} of {counts['total']} paired; failed: {base.label} {base.failed}, "
                  f"{cand.label} {cand.failed}" + (" (left out on both sides; errors in lines.csv)"
@@ -455,7 +539,7 @@ def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None, 
     return "\n".join(lines)
 
 
-def chart(rows: list[dict], base: Side, cand: Side, path: Path):
+def chart(rows: list[dict], base: Side, cand: Side, path: Path, judge: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -465,7 +549,9 @@ def chart(rows: list[dict], base: Side, cand: Side, path: Path):
     shown = [r for r in rows if r["metric"] != "answer_length" and r["delta"] is not None]
     names = [r["metric"] for r in shown]
     x = range(len(shown))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    panels = 3 if judge and judge["n"] else 2
+    fig, (ax1, ax2, *ax3) = plt.subplots(1, panels, figsize=(11 + 3 * (panels - 2), 4),
+                                         gridspec_kw={"width_ratios": [4, 4, 1.5][:panels]})
     ax1.bar([i - 0.2 for i in x], [r["base"] for r in shown], 0.4, label=base.label, color="#999999")
     ax1.bar([i + 0.2 for i in x], [r["candidate"] for r in shown], 0.4, label=cand.label, color="#2b6cb0")
     ax1.set_xticks(list(x), names, rotation=20)
@@ -478,18 +564,26 @@ def chart(rows: list[dict], base: Side, cand: Side, path: Path):
     ax2.axhline(0, color="black", linewidth=0.8)
     ax2.set_xticks(list(x), names, rotation=20)
     ax2.set_title(f"{cand.label} - {base.label} (95% paired bootstrap CI)")
+    if ax3:  # the judge's win rate for the candidate, with its 95% interval; 0.5 = no better, no worse
+        (ax,) = ax3
+        ax.bar([0], [judge["win_rate"]], 0.5, yerr=[[judge["win_rate"] - judge["ci_low"]], [judge["ci_high"] - judge["win_rate"]]],
+               capsize=4, color="#2b6cb0")
+        ax.axhline(0.5, color="black", linewidth=0.8)
+        ax.set_ylim(0, 1)
+        ax.set_xticks([0], [f"n={judge['n']}"])
+        ax.set_title(f"judge: {cand.label} win rate")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def write_report(out: Path, name: str, rows: list[dict], base: Side, cand: Side, losses: dict | None, frame,
-                 loss_error: str | None = None) -> dict:
+                 loss_error: str | None = None, judge: dict | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    text = format_table(rows, base, cand, losses, loss_error)
+    text = format_table(rows, base, cand, losses, loss_error, judge)
     paths = {"md": out / "compare.md", "html": out / "compare.html", "png": out / "compare.png", "csv": out / "lines.csv"}
     frame.to_csv(paths["csv"], index=False)
-    chart(rows, base, cand, paths["png"])
+    chart(rows, base, cand, paths["png"], judge)
     runs = (f"chat runs `{base.chat_run}`, `{cand.chat_run}`; eval runs `{base.eval_run}`, `{cand.eval_run}` "
             + ("(`pf run show-details --name ...`)" if "/" not in base.chat_run else "(folders of the maf runner)"))
     paths["md"].write_text(f"# {name}: {cand.label} vs {base.label}\n\n```\n{text}\n```\n\n{runs}\n\n"
@@ -510,6 +604,38 @@ table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px;vertic
 </body></html>
 """)
     return paths
+
+
+def _run_sides(pf, data: Path, rows: list[dict], config: CompareConfig, state: State, out: Path, labels: dict,
+               losses: dict | None):
+    """Both sides' runs, then the held-out loss when the models are given: (base, candidate, losses, loss error)."""
+    sides = []
+    for role in ROLES:
+        if config.runner == "maf":  # same rows, same client and metrics code, same Side: the same table and report
+            from .maf_runner import compare_side
+
+            side = compare_side(pf, data, config, role, labels[role], (out / "maf-runs").resolve(), state)
+        else:
+            side = pf_side(pf, data, len(rows), config, role, labels[role], state, (out / "pf.log").resolve())
+        print(f"  {side.label}: {len(rows)} rows in {side.seconds:.1f} s, {side.failed} failed"
+              + ("" if config.runner == "maf" else f"; Prompt flow's log: {(out / 'pf.log').resolve()}"), flush=True)
+        sides.append(side)
+    base_side, cand_side = sides
+
+    loss_error = None
+    if losses is None and config.base_model and config.candidate_model:
+        from ..training.trainer import heldout_loss
+
+        test_file = config.test_file or str(data.with_name("test.jsonl"))
+        print(f"  held-out loss on {test_file}", flush=True)
+        try:  # an optional figure: its failure is reported, never a reason to lose both sides' answers
+            losses = {"base": heldout_loss(config.base_model, test_file),
+                      "candidate": heldout_loss(config.candidate_model, test_file)}
+        except Exception as e:
+            loss_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            print(f"  held-out loss failed: {loss_error}", flush=True)
+
+    return base_side, cand_side, losses, loss_error
 
 
 def compare(config: CompareConfig, losses: dict | None = None, resume: bool = False) -> dict:
@@ -545,45 +671,42 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
             raise CompareError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
     pf = PFClient()
     check_deployments(pf, [(config.base, config.base_connection), (config.candidate, config.candidate_connection)])
+    judge_client = None
+    if config.judge:
+        from .judge import Judge
+
+        judge_client = Judge.from_connection(judge_connection(pf, config.judge), config.judge_model)
     state.save()
     out = Path(config.reports) / config.name
     labels = dict(zip(ROLES, config.labels()))
-    sides = []
-    for role in ROLES:
-        if config.runner == "maf":  # same rows, same client and metrics code, same Side: the same table and report
-            from .maf_runner import compare_side
+    judge_results = judge = None
+    with dies_with_me():  # pf's workers and the maf runner end with compare, even if it is killed
+        base_side, cand_side, losses, loss_error = _run_sides(pf, data, rows, config, state, out, labels, losses)
+        if judge_client is not None:
+            judge_data = out / "judge-input.jsonl"
+            judge_data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                          for r in judge_rows(rows, base_side, cand_side)), encoding="utf-8")
+            if config.runner == "maf":
+                from .maf_runner import judge_side
 
-            side = compare_side(pf, data, config, role, labels[role], (out / "maf-runs").resolve(), state)
-        else:
-            side = pf_side(pf, data, len(rows), config, role, labels[role], state, (out / "pf.log").resolve())
-        print(f"  {side.label}: {len(rows)} rows in {side.seconds:.1f} s, {side.failed} failed"
-              + ("" if config.runner == "maf" else f"; Prompt flow's log: {(out / 'pf.log').resolve()}"), flush=True)
-        sides.append(side)
-    base_side, cand_side = sides
-
-    loss_error = None
-    if losses is None and config.base_model and config.candidate_model:
-        from ..training.trainer import heldout_loss
-
-        test_file = config.test_file or str(data.with_name("test.jsonl"))
-        print(f"  held-out loss on {test_file}", flush=True)
-        try:  # an optional figure: its failure is reported, never a reason to lose both sides' answers
-            losses = {"base": heldout_loss(config.base_model, test_file),
-                      "candidate": heldout_loss(config.candidate_model, test_file)}
-        except Exception as e:
-            loss_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
-            print(f"  held-out loss failed: {loss_error}", flush=True)
+                judge_results = judge_side(judge_data, judge_client, config, (out / "maf-runs").resolve(), state)
+            else:
+                judge_results = pf_judge(pf, config, judge_data, state, (out / "pf.log").resolve())
+            judge = judged(judge_results, judge_client.model)
+    sides = [base_side, cand_side]
 
     result_rows = table(base_side, cand_side)
-    frame = per_line_frame(rows, base_side, cand_side)
-    paths = write_report(out, config.name, result_rows, base_side, cand_side, losses, frame, loss_error)
-    print("\n" + format_table(result_rows, base_side, cand_side, losses, loss_error))
+    frame = per_line_frame(rows, base_side, cand_side, judge_results)
+    paths = write_report(out, config.name, result_rows, base_side, cand_side, losses, frame, loss_error, judge)
+    print("\n" + format_table(result_rows, base_side, cand_side, losses, loss_error, judge))
     print(f"\nreport: {paths['md']}  {paths['html']}  {paths['png']}  {paths['csv']}")
     summary = {"name": config.name, "runner": config.runner, "temperature": config.temperature,
                "max_tokens": config.max_tokens, "rows": result_rows, "lines": line_counts(base_side, cand_side),
                "losses": losses, "loss_error": loss_error, "paths": {k: str(v) for k, v in paths.items()},
                "runs": {s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds, "failed": s.failed}
                         for s in sides}}
+    if judge is not None:
+        summary["judge"] = judge
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     too_many = [f"{s.label} {s.failed} of {len(rows)}" for s in sides if s.failed > config.max_failed * len(rows)]
     if too_many:

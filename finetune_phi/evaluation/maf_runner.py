@@ -302,6 +302,48 @@ def compare_side(pf, data: Path, config, role: str, label: str, runs_dir: Path, 
                 [None if lines[i] else errors[i] for i in range(n)])
 
 
+JUDGE_ENV = "FINETUNE_PHI_JUDGE"  # the judge's URL, model and auth headers, for .venv-maf (never written to a file)
+
+
+def run_judge(data: str | Path, name: str, judge, runs_dir: str | Path = RUNS, workers: int = WORKERS) -> dict:
+    """flows/judge-maf over the paired lines of `data` (judge-input.jsonl): per line its judge_pair outputs, or
+    an error; the run's metrics are judge.summarize's."""
+    flow = load_flow(project.flow("judge-maf"))
+    rows = _read_rows(data)
+    out = _run_dir(runs_dir, name, resume=True)  # judging again is free: the judge's replies are cached
+    t = time.time()
+    batch = [flow.JudgeRow(r["question"], r["answer_base"], r["answer_candidate"], r.get("chat_history") or [],
+                           r.get("ground_truth") or "") for r in rows]
+    result = asyncio.run(flow.create_workflow(judge, workers).run(batch)).get_outputs()[0]
+    outputs = [{"line_number": i, "line": r["line"], **line} for i, (r, line) in enumerate(zip(rows, result["lines"]))]
+    record = {"name": name, "flow": str(project.flow("judge-maf")), "data": str(Path(data).resolve()),
+              "judge": judge.model, "lines": len(outputs), "failed": sum("error" in o for o in outputs),
+              "seconds": round(time.time() - t, 3), "status": "Completed"}
+    _write_run(out, record, outputs, result["metrics"])
+    return record
+
+
+def judge_side(data: Path, judge, config, runs_dir: Path, state) -> dict[int, dict | None]:
+    """compare --runner maf --judge: flows/judge-maf in .venv-maf; line -> judge outputs, or None where the
+    judge could not be asked. The same verdicts as the Prompt flow run (the same prompts, client and cache)."""
+    name = f"{config.name}_judge"
+    state.sides["judge"] = [str(Path(runs_dir) / name)]
+    state.save()
+    print(f"  maf run {name}: flows/judge-maf ({config.judge}, {judge.model}) over the paired lines, both orders", flush=True)
+    if have_agent_framework():
+        run_judge(data, name, judge, runs_dir, config.workers)
+    else:
+        env = {**os.environ, JUDGE_ENV: json.dumps({"url": judge.url, "model": judge.model, "headers": judge.headers,
+                                                     "kind": judge.kind})}
+        done = subprocess.run([maf_python(), "-m", "finetune_phi.evaluation.maf_runner", "judge", "--data", str(data),
+                               "--name", name, "--runs-dir", str(runs_dir), f"--workers={config.workers}"],
+                              env=env, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise MafError(f"the Agent Framework judge failed: {done.stderr.strip()[-2000:]}")
+    _, outputs, _ = read_run(runs_dir, name)
+    return {o["line"]: None if "error" in o else o for o in outputs}
+
+
 # ---- serve: the twin of `pf flow serve` ----------------------------------------------------------------
 
 def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8080, connection: str | None = None):
@@ -426,6 +468,11 @@ def main(argv: list[str] | None = None):
     c.add_argument("--runs-dir", required=True)
     c.add_argument("--workers", type=int, default=WORKERS)
     _add_sampling_flags(c)
+    j = sub.add_parser("judge", help=argparse.SUPPRESS)  # compare --runner maf --judge: the judge env var's judge
+    j.add_argument("--data", required=True)
+    j.add_argument("--name", required=True)
+    j.add_argument("--runs-dir", required=True)
+    j.add_argument("--workers", type=int, default=WORKERS)
     k = sub.add_parser("_connection", help=argparse.SUPPRESS)  # for .venv-maf: a connection's url and key, on stdout
     k.add_argument("name")
     args = p.parse_args(argv)
@@ -477,6 +524,10 @@ def _dispatch(args):
         print(json.dumps(show_metrics(args.name, args.runs_dir), indent=4))
     elif args.command == "serve":
         serve(args.flow, args.host, args.port, args.connection)
+    elif args.command == "judge":
+        from .judge import Judge
+
+        run_judge(args.data, args.name, Judge(**json.loads(os.environ[JUDGE_ENV])), args.runs_dir, args.workers)
     elif args.command == "side":
         run_chat(args.data, args.chat_run, args.deployment, args.runs_dir, workers=args.workers,
                  temperature=args.temperature, max_tokens=args.max_tokens, resume=args.resume)

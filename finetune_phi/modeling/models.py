@@ -122,6 +122,11 @@ def tiny_path(tokenizer_path: str | None = None) -> Path:
     """The cached tiny model folder, built on first use."""
     key = f"{TINY_VERSION}|{sorted(TINY_SHAPE.items())}"
     if tokenizer_path:
+        if not Path(tokenizer_path, "tokenizer.json").is_file():
+            from ..errors import UserError
+
+            raise UserError(f"--tokenizer {tokenizer_path}: no tokenizer.json there (give a Hugging Face tokenizer "
+                            "folder, such as Phi-3's)")
         key += "|" + hashlib.sha256(Path(tokenizer_path, "tokenizer.json").read_bytes()).hexdigest()
     return cached_build("tiny", key, lambda out: build_tiny(out, tokenizer_path))
 

@@ -22,17 +22,28 @@ def setup(experiment: str | None = None):
     """Point MLflow at the store and the experiment (created with an explicit artifact folder)."""
     import mlflow
 
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from ..errors import UserError
+
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
-    if mlflow.get_experiment_by_name(experiment) is None:
-        location = None
-        if uri.startswith("sqlite:"):
-            # without this, artifacts land in ./mlruns of whichever folder a later run starts from
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
-        mlflow.create_experiment(experiment, artifact_location=location)
-    mlflow.set_experiment(experiment)
+    try:  # a store that cannot be used is found here, before a training run spends its hours
+        if mlflow.get_experiment_by_name(experiment) is None:
+            location = None
+            if uri.startswith("sqlite:"):
+                # without this, artifacts land in ./mlruns of whichever folder a later run starts from
+                location = (Path(uri.removeprefix("sqlite:///")).parent / "mlruns").resolve().as_uri()
+            mlflow.create_experiment(experiment, artifact_location=location)
+        mlflow.set_experiment(experiment)
+    except (MlflowException, SQLAlchemyError, sqlite3.Error) as e:
+        raise UserError(f"the MLflow store {uri} cannot be used ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                        "move the damaged file away or set MLFLOW_TRACKING_URI to another store") from None
     return mlflow
 
 
@@ -77,17 +88,23 @@ def download_model(uri: str) -> Path:
     mlflow = setup()
     from .cache import cache_dir
 
+    from mlflow.exceptions import MlflowException
+
+    from ..errors import UserError
+
     client = mlflow.MlflowClient()
     name, _, ref = uri.removeprefix("models:/").partition("/")
-    if "@" in name:
-        name, alias = name.split("@", 1)
-        found = client.get_model_version_by_alias(name, alias)
-    elif ref.isdigit():
-        found = client.get_model_version(name, ref)  # raises if it does not exist
-    else:
-        from ..errors import UserError
-
-        raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    try:
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            found = client.get_model_version_by_alias(name, alias)
+        elif ref.isdigit():
+            found = client.get_model_version(name, ref)  # raises if it does not exist
+        else:
+            raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    except MlflowException as e:  # no such model, version or alias in this store
+        raise UserError(f"{uri}: not in the registry at {tracking_uri()} ({e.message.splitlines()[0][:200]}); "
+                        "list its versions with `mlflow ui` or set MLFLOW_TRACKING_URI to the store that has it") from None
     version = found.version
     store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:10]
     identity = hashlib.sha256(f"{found.run_id}|{found.source}|{found.creation_timestamp}".encode()).hexdigest()[:10]
@@ -96,7 +113,11 @@ def download_model(uri: str) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        src = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        try:
+            src = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
+        except (MlflowException, OSError) as e:  # the version is registered, its files are gone
+            raise UserError(f"{uri}: registered, but its files cannot be read from {found.source} ({e}); "
+                            "the artifacts were deleted or moved: train again or register another version") from None
         folder = Path(tmp) / "hf"
         shutil.copytree(src / "model", folder)  # the transformers flavour keeps weights here ...
         for f in (src / "components" / "tokenizer").iterdir():  # ... and the tokenizer here

@@ -141,10 +141,11 @@ def flow_inputs(deployment: str | None, temperature: float | None, max_tokens: i
 
 
 def _post(url: str, api_key: str, payload: dict, deployment: str | None, timeout: float, read,
-          retry: RetryPolicy | None = None):
+          retry: RetryPolicy | None = None, headers: dict | None = None):
     """read(response) of a JSON POST, both retried together on transient failures (RetryPolicy.from_env()
-    unless `retry` says otherwise); every failure becomes an EndpointError naming URL and status."""
-    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {api_key}"}
+    unless `retry` says otherwise); every failure becomes an EndpointError naming URL and status.
+    `headers` replace the bearer key (Azure OpenAI's api-key header, an Entra ID token)."""
+    headers = {"Content-Type": "application/json", **(headers or {"Authorization": f"Bearer {api_key}"})}
     if deployment:
         headers["azureml-model-deployment"] = deployment
     data = json.dumps(payload).encode()
@@ -164,7 +165,11 @@ def _post_once(url: str, data: bytes, headers: dict, timeout: float):
         raise EndpointError(f"POST {url} failed with HTTP {e.code} {e.reason}: {detail}", e.code,
                             retry_after=retry_after_seconds(e.headers.get("Retry-After"))) from None
     except urllib.error.URLError as e:
-        transient = isinstance(e.reason, (ConnectionError, TimeoutError))  # refused, reset; not a bad host name
+        if isinstance(e.reason, BrokenPipeError):  # it answered (and hung up) before reading the whole body
+            raise EndpointError(f"{url} closed the connection before the request was sent whole: a request body "
+                                "over the endpoint's limit is refused (HTTP 413, --max-body-bytes)") from None
+        # refused, reset, timed out: worth another try; a host name that does not resolve is not
+        transient = isinstance(e.reason, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError))
         raise EndpointError(f"cannot reach endpoint {url}: {e.reason}. Is it running? "
                             "(start one with `finetune-phi serve`)", transient=transient) from None
     except (ConnectionError, http.client.HTTPException) as e:  # the connection dropped before the status line

@@ -91,7 +91,24 @@ class TrainConfig(TrainArguments):
         defaults = dict(epochs=6 if tiny else 1,
                         lr=(1e-2 if cfg.lora else 3e-3) if tiny else (2e-4 if cfg.lora else 5e-6),
                         batch_size=16 if tiny else 4, max_length=256 if tiny else 2048)
-        return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+        cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+        cfg.check()
+        return cfg
+
+    # the numbers a run cannot start from: (setting, bound, inclusive, what the value is)
+    LIMITS = (("epochs", 0, False, "epochs: 0 steps would register an unchanged copy"), ("lr", 0, False, "a learning rate"),
+              ("batch_size", 1, True, "rows per step"), ("grad_accum", 1, True, "steps per optimizer step"),
+              ("max_length", 16, True, "tokens per conversation: the chat template alone takes several"),
+              ("lora_r", 1, True, "a LoRA rank"), ("save_steps", 1, True, "steps"), ("logging_steps", 1, True, "steps"),
+              ("save_total_limit", 1, True, "checkpoints kept"))
+
+    def check(self):
+        """One line naming the flag for a number no run can start from (--batch-size 0, --epochs -1, ...)."""
+        for name, bound, inclusive, what in self.LIMITS:
+            value = getattr(self, name)
+            if value is not None and (value < bound if inclusive else value <= bound):
+                flag = "--" + name.replace("_", "-")
+                raise UserError(f"{flag} {value}: must be {'at least' if inclusive else 'above'} {bound} ({what})")
 
     def with_data_files(self) -> "TrainConfig":
         """The same run with --data spelled out as its two files (then --data says nothing more)."""
