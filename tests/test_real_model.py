@@ -176,3 +176,52 @@ def test_a_template_that_hides_turns_is_a_clear_error_naming_loss_on_all(smollm2
                          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     with pytest.raises(TemplateError, match="--loss-on all"):
         tokenize_with_mask(tok, CONVERSATION, "<|im_end|>")
+
+
+@pytest.mark.slow
+def test_azure_ai_evaluations_coherence_evaluator_runs_on_our_endpoint(real_endpoint):
+    """azure-ai-evaluation's AI-assisted evaluators send response_format json_object (their prompty asks for
+    {reason, score, status}; before, our endpoint refused it with 400): the answer is held to a JSON object.
+    A protocol check only: SmolLM2-135M (the model under test) writes an object without a score, so the
+    evaluator's score is NaN — a credible judge is a strong model (README: Azure OpenAI as the judge)."""
+    from azure.ai.evaluation import CoherenceEvaluator, OpenAIModelConfiguration
+
+    config = OpenAIModelConfiguration(type="openai", base_url=real_endpoint.url + "/v1", api_key=real_endpoint.key,
+                                      model="smollm2")
+    result = CoherenceEvaluator(config)(query="What is the capital of France?", response="The capital of France is Paris.")
+    reply = json.loads(result["coherence_properties"]["sample_output"])[-1]["content"]
+    assert isinstance(json.loads(reply), dict), reply  # a JSON object, as OpenAI's json_object promises
+    assert result["coherence_properties"]["finish_reason"] == "stop"  # it closed the object: not cut at max_tokens
+
+
+@pytest.mark.parametrize("response_format, check", [
+    ({"type": "json_object"}, lambda value: isinstance(value, dict)),
+    ({"type": "json_schema", "json_schema": {"name": "rating", "schema": {
+        "type": "object", "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 5}}, "required": ["score"],
+        "additionalProperties": False}}}, lambda value: set(value) == {"score"} and 1 <= value["score"] <= 5),
+])
+@pytest.mark.slow
+def test_response_format_holds_the_answer_to_json_and_other_engines_refuse_it(real_endpoint, response_format, check):
+    body = {"model": "smollm2", "temperature": 0, "max_tokens": 48, "response_format": response_format,
+            "messages": [{"role": "user", "content": "Rate 'The cat sat on the mat.' from 1 to 5 as JSON."}]}
+    status, _, answer = http("POST", real_endpoint.url + "/v1/chat/completions", body, real_endpoint.auth())
+    assert status == 200, answer
+    assert check(json.loads(answer["choices"][0]["message"]["content"]))
+    bad = dict(body, response_format={"type": "xml"})
+    status, _, answer = http("POST", real_endpoint.url + "/v1/chat/completions", bad, real_endpoint.auth())
+    assert status == 400 and "response_format" in answer["error"]["message"]
+
+
+def test_an_engine_that_cannot_constrain_refuses_response_format():
+    from finetune_phi.serving.engines.base import Engine
+    from finetune_phi.serving.generation import GenerationParams, ParamError
+
+    class Plain(Engine):
+        name = "plain"
+
+        def submit(self, row):
+            raise AssertionError("never reached")
+
+    params = GenerationParams.parse({"response_format": {"type": "json_object"}})
+    with pytest.raises(ParamError, match="the plain engine cannot constrain"):
+        Plain(None, 100, []).encode("hi", params)

@@ -30,6 +30,8 @@ class GenerationParams:
     do_sample: bool = True
     return_full_text: bool = True  # MLflow/HF pipeline default for the text-generation shape
     stop: list[str] = field(default_factory=list)
+    # OpenAI's: {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}; None = free text
+    response_format: dict | None = None
 
     @classmethod
     def parse(cls, raw: dict | None, cap: int = MAX_NEW_TOKENS_CAP, **defaults) -> "GenerationParams":
@@ -63,9 +65,27 @@ class GenerationParams:
             p.stop = [p.stop]
         if not isinstance(p.stop, list) or not all(isinstance(s, str) and s for s in p.stop) or len(p.stop) > 4:
             raise ParamError("stop must be a non-empty string or a list of at most 4 of them")
+        p.response_format = _response_format(p.response_format)
         if p.temperature == 0:
             p.do_sample = False  # temperature 0 means greedy, as OpenAI and Azure ML read it
         return p
+
+
+def _response_format(value) -> dict | None:
+    """OpenAI's response_format, checked: None for free text, else json_object or json_schema with a schema."""
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        schema = (value.get("json_schema") or {}).get("schema") if isinstance(value.get("json_schema"), dict) else None
+        if not isinstance(schema, dict):
+            raise ParamError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
+        return {"type": "json_schema", "schema": schema}
+    raise ParamError(f"response_format must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}, got {value!r}")
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """The OpenAI-compatible chat API (/v1/chat/completions, /v1/models): request parsing and response bodies.
 
-Enough of the API for the openai SDK and Prompt flow's LLM tool: messages, temperature, top_p,
-max_tokens, stop, stream (SSE chunks, then `data: [DONE]`), usage and finish_reason. Model = the
+Enough of the API for the openai SDK, Prompt flow's LLM tool and azure-ai-evaluation's AI-assisted
+evaluators: messages, temperature, top_p, max_tokens, stop, response_format (json_object and
+json_schema: grammar-constrained decoding on engines that can), stream (SSE chunks, then
+`data: [DONE]`), usage and finish_reason. Model = the
 deployment name; no model (or "default") lets the traffic split choose.
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ from .request import RequestError, check_messages
 
 # accepted and ignored when left at OpenAI's neutral values (clients send them by default)
 NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "user": None, "seed": None,
-           "response_format": {"type": "text"}, "logprobs": False, "parallel_tool_calls": None}
+           "logprobs": False, "parallel_tool_calls": None}
 
 
 def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict], GenerationParams, bool, bool]:
@@ -35,7 +37,8 @@ def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict
     if max_tokens is None:
         max_tokens = payload.get("max_tokens")
     raw = {"temperature": payload.get("temperature"), "top_p": payload.get("top_p"),
-           "stop": payload.get("stop") or None, "max_new_tokens": max_tokens}
+           "stop": payload.get("stop") or None, "max_new_tokens": max_tokens,
+           "response_format": payload.get("response_format")}  # json_object / json_schema: constrained decoding
     try:
         params = GenerationParams.parse(raw, cap=cap, return_full_text=False, temperature=1.0)
     except ParamError as e:

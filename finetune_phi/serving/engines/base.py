@@ -32,6 +32,7 @@ class Engine(ABC):
     """
 
     name = "engine"
+    constrains = False  # can it hold an answer to a grammar (response_format json_object / json_schema)?
 
     def __init__(self, tokenizer, context_length: int, stop_ids: list[int]):
         self.tok = tokenizer
@@ -105,6 +106,9 @@ class Engine(ABC):
 
     def encode(self, prompt: str, params: GenerationParams) -> list[int]:
         """Token ids of a prompt; ContextLengthError if it and the answer cannot fit the context."""
+        if params.response_format and not self.constrains:  # refused, never accepted and ignored
+            raise ParamError(f"response_format {params.response_format['type']}: the {self.name} engine cannot constrain "
+                             "its answers (the transformers engine can, with xgrammar installed: `make install`)")
         ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ParamError("the prompt is empty")

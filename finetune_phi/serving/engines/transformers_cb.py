@@ -8,6 +8,7 @@ client leaves, and text streaming (generation.Row does the last three for every 
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import threading
 from concurrent.futures import Future
@@ -24,6 +25,8 @@ GREEDY_TEMPERATURE = 1e-10
 
 class TransformersEngine(Engine):
     name = "transformers"
+    # response_format: rows held to a JSON grammar by xgrammar (_Constrained below), when it is installed
+    constrains = importlib.util.find_spec("xgrammar") is not None
 
     def __init__(self, model, tokenizer, kv_cache_tokens: int = 16_384, page_size: int = 64,
                  max_batch_tokens: int = 512):
@@ -33,6 +36,8 @@ class TransformersEngine(Engine):
 
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(tokenizer, context, stop_token_ids(tokenizer, model.generation_config))
+        self.model = model
+        self._constrained = None  # made on the first response_format request
         # Temperature and top_p must differ from 1.0 here for transformers to create their per-request
         # processors; every request then passes its own values.
         generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.99, top_k=0,
@@ -59,6 +64,10 @@ class TransformersEngine(Engine):
         return cls(*models.load(spec), **options)
 
     def submit(self, row: Row) -> Future:
+        if row.params.response_format:  # the manager has no grammar hook: these rows decode beside it
+            if self._constrained is None:
+                self._constrained = _Constrained(self)
+            return self._constrained.submit(row)
         future: Future = Future()
         future.set_running_or_notify_cancel()  # the manager schedules it at once: it never waits for a batch to drain
         request_id = self._track(row, future)
@@ -102,3 +111,67 @@ class TransformersEngine(Engine):
         self.closed = True
         self.manager.stop(block=True, timeout=10)
         self._fail_all(RuntimeError("the engine was closed"))
+
+
+class _Constrained:
+    """Rows whose answer must follow a JSON grammar (response_format json_object / json_schema), decoded one
+    at a time with `model.generate` on the same weights, beside the manager's batch, through xgrammar's
+    logits processor (the grammar library vLLM and SGLang use): a token bitmask applied to these rows only,
+    so free rows pay nothing. Grammars are compiled once per schema. The row's own settings, stop ids,
+    cancellation and streaming apply as on the manager's rows (Row.add is called token by token)."""
+
+    def __init__(self, engine: TransformersEngine):
+        from concurrent.futures import ThreadPoolExecutor
+
+        import xgrammar
+
+        self.engine, self.xgr = engine, xgrammar
+        vocab = engine.model.config.vocab_size
+        self.compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(engine.tok, vocab_size=vocab))
+        self.grammars: dict[str, object] = {}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constrained")
+
+    def grammar(self, response_format: dict):
+        import json
+
+        key = json.dumps(response_format, sort_keys=True)
+        if key not in self.grammars:
+            # json_object is an object, as OpenAI's is (xgrammar's builtin JSON grammar also allows "[1]"); compact
+            # (no free whitespace): a small model held to a grammar otherwise indents until max_tokens
+            schema = {"type": "object"} if response_format["type"] == "json_object" else response_format["schema"]
+            self.grammars[key] = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        return self.grammars[key]
+
+    def submit(self, row: Row) -> Future:
+        future: Future = Future()
+        self.pool.submit(self._run, row, future)
+        return future
+
+    def _run(self, row: Row, future: Future):
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        if not future.set_running_or_notify_cancel():  # withdrawn while queued (max_queue_wait_ms)
+            return
+        engine = self.engine
+        request_id = engine._track(row, future)
+
+        class Follow(StoppingCriteria):  # each new token into the row: stop ids, stop strings, length, cancel
+            def __call__(self, input_ids, scores, **kwargs):
+                done = row.add([int(input_ids[0, -1])], engine.decode, engine.stop_ids)
+                return torch.tensor([done], dtype=torch.bool, device=input_ids.device)
+
+        p = row.params
+        sampling = dict(do_sample=True, temperature=float(p.temperature), top_p=float(p.top_p), top_k=0) if p.do_sample \
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        try:
+            processor = self.xgr.contrib.hf.LogitsProcessor(self.grammar(p.response_format))
+            with torch.inference_mode():
+                engine.model.generate(
+                    torch.tensor([row.prompt_ids], device=engine.model.device), max_new_tokens=p.max_new_tokens + 1,
+                    eos_token_id=sorted(engine.stop_ids), pad_token_id=sorted(engine.stop_ids)[0],
+                    logits_processor=[processor], stopping_criteria=StoppingCriteriaList([Follow()]), **sampling)
+            engine._end(request_id, row.finish_reason or "length")
+        except Exception as e:  # a schema xgrammar cannot compile, or a failure while decoding: this row only
+            log.warning("constrained decoding failed: %s", e)
+            engine._fail(request_id, RuntimeError(f"constrained decoding failed: {e}"))
