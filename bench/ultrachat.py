@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true", help="a few rows and steps, and the comparison twice (the suite's check)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.train_rows, args.test_rows, args.max_steps, args.max_new_tokens = 16, 6, 2, 24
+        args.train_rows, args.test_rows, args.max_steps, args.max_new_tokens = 12, 6, 1, 16
     return args
 
 

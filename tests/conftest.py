@@ -37,6 +37,9 @@ def _isolate() -> tuple[Path, Path]:
         "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PF_HOME_DIRECTORY": str(root / "pf"),
         "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true", "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
         "TOKENIZERS_PARALLELISM": "false",
+        # the flows' client gives up on an endpoint that stays down within 10 s here, not the 300 s an Azure
+        # endpoint's restart gets by default (the retry tests pass their own RetryPolicy or Retry-After of 1 s)
+        "FINETUNE_PHI_RETRY_SECONDS": "10",
     }
     if worker:
         # The cores split between the workers, for them and every process they start: two torch

@@ -1,5 +1,5 @@
 """bench/ultrachat.py's smoke version (the suite's two-minute check of the real-data result): real
-UltraChat rows from ../shared/assets, the real smollm2-135m LoRA-fine-tuned for two steps, served,
+UltraChat rows from ../shared/assets, the real smollm2-135m LoRA-fine-tuned for a step, served,
 compared greedy through the real flows twice — the two tables are identical to the last digit."""
 import json
 import subprocess
@@ -21,5 +21,5 @@ def test_the_real_ultrachat_bench_runs_and_its_greedy_comparison_repeats_exactly
     figures = json.loads((tmp_path / "figures.json").read_text())
     assert figures["lines"] == {"total": 6, "paired": 6, "failed": {"base": 0, "ft": 0}}
     assert figures["repeat_identical"] and "the same comparison twice: identical tables" in done.stdout
-    assert figures["steps"] == 2 and 0 < figures["loss"]["candidate"] < 10
+    assert figures["steps"] == 1 and 0 < figures["loss"]["candidate"] < 10
     assert done.stdout.count("\n  Q:   ") == 5  # five answer pairs side by side

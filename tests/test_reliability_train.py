@@ -238,7 +238,8 @@ def test_a_registry_made_again_never_serves_the_old_version_1_from_the_cache(tin
     one loaded (the download cache is keyed by what the version is, not only its number)."""
     import shutil
 
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
 
     def register(kind: str) -> tuple[str, float]:
         done = subprocess.run([sys.executable, "-c", REGISTER_AND_LOAD, str(tiny_model), kind, str(tmp_path / "other")],

