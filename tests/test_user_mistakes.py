@@ -45,11 +45,13 @@ def test_registry_mistakes_are_one_line(tmp_path, monkeypatch):
     from finetune_phi.errors import UserError
     from finetune_phi.modeling import registry
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow exports the registry's in-process
+        monkeypatch.setenv(var, f"sqlite:///{tmp_path / 'mlflow.db'}")
     for uri, says in (("models:/finetune-phi/99", "not in the registry"), ("models:/finetune-phi@champion", "not in the registry")):
         with pytest.raises(UserError, match=says):
             registry.download_model(uri)
     (tmp_path / "broken.db").write_bytes(b"this is not a database" * 100)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'broken.db'}")
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(var, f"sqlite:///{tmp_path / 'broken.db'}")
     with pytest.raises(UserError, match="cannot be used"):
         registry.setup()
