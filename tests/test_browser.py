@@ -130,13 +130,15 @@ def answers_shown(driver) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, '[data-from="chatbot"] .fui-FluentProvider')]
 
 
-def ask(driver, wire, question: str, deployment: str | None, turn: int, timeout: float = 180) -> dict:
+def ask(driver, wire, question: str, deployment: str | None, turn: int, timeout: float = 180, **more: str) -> dict:
     """Type into the page as a user would (Enter sends) and wait for the answer to be shown."""
     from selenium.webdriver.common.keys import Keys
 
     fields, _ = inputs_by_label(driver)
     if deployment is not None:
         fields["deployment"].send_keys(deployment)
+    for name, value in more.items():  # the page clears every field after a send and insists on each
+        fields[name].send_keys(value)
     fields["question"].send_keys(question)
     fields["question"].send_keys(Keys.ENTER)
     wait_for(lambda: len(wire.poll()) >= turn and len(answers_shown(driver)) >= turn,
@@ -157,7 +159,8 @@ def test_chat_page_answers_and_sends_the_history(chat_page, browser, test_root):
     wire = Wire(browser)
     try:
         browser.get(url + "/")
-        wait_for(lambda: set(inputs_by_label(browser)[0]) == {"question", "deployment"},
+        # the flow's other inputs (temperature, max_tokens) come with samples.json's values filled in
+        wait_for(lambda: {"question", "deployment"} <= set(inputs_by_label(browser)[0]),
                  "the chat page's question and deployment fields", 60, interval=0.3)
         fields, labels = inputs_by_label(browser)
         # the page insists on a value in every field; the flow's samples.json starts `deployment` at "*",
@@ -165,16 +168,19 @@ def test_chat_page_answers_and_sends_the_history(chat_page, browser, test_root):
         assert fields["deployment"].get_attribute("value") == "*", labels
 
         first = ask(browser, wire, FIRST, None, turn=1)
-        assert first["body"] == {"question": FIRST, "deployment": "*", "chat_history": []}
+        # samples.json's values: the tutorial's temperature, the endpoint's answer length
+        assert first["body"] == {"question": FIRST, "deployment": "*", "chat_history": [], "temperature": 0.7,
+                                 "max_tokens": 0}
         assert first["status"] == 200, first
         answer1 = first["response"]["answer"]
         assert answer1.strip()
 
         # the page clears every field after a send: the follow-up pins the fine-tuned deployment
-        follow = ask(browser, wire, FOLLOW_UP, "ft", turn=2)
+        follow = ask(browser, wire, FOLLOW_UP, "ft", turn=2, temperature="0", max_tokens="0")
         browser.save_screenshot(str(screenshot))
         assert follow["status"] == 200, follow
         assert follow["body"]["question"] == FOLLOW_UP and follow["body"]["deployment"] == "ft"
+        assert follow["body"]["temperature"] == 0 and follow["body"]["max_tokens"] == 0  # greedy, as typed
         history = follow["body"]["chat_history"]
         assert len(history) == 1, history
         assert history[0]["inputs"]["question"] == FIRST and history[0]["outputs"]["answer"] == answer1
