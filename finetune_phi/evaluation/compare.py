@@ -305,8 +305,9 @@ def pf_side(pf, data: Path, n_rows: int, config: CompareConfig, role: str, label
     metrics = {}
     if any(a is not None for a in answers):
         eval_run = runs["eval"] or config.run_name("eval", role) + chat_run.removeprefix(config.run_name("chat", role))
-        if runs["eval"] is None or _pf_run(pf, eval_run) is None or pf.runs.get(eval_run).status != "Completed":
-            if _pf_run(pf, eval_run) is not None:  # an eval run cut short: score again under a new name
+        existing = _pf_run(pf, eval_run)
+        if runs["eval"] is None or existing is None or existing.status != "Completed":
+            if existing is not None:  # an eval run cut short: score again under a new name
                 eval_run += f"_{time.strftime('%H%M%S')}"
             print(f"  pf run {eval_run}: eval flow over {chat_run}", flush=True)
             runs["eval"] = eval_run

@@ -158,7 +158,7 @@ def summarize(results: list[dict], length_deltas: list[float], model: str, seed:
 
     verdicts = [tuple(v if v in ("A", "B", "C") else None for v in (r.get("verdict_1"), r.get("verdict_2")))
                 for r in results]
-    judged = [(outcome(*v), d) for v, d in zip(verdicts, length_deltas) if outcome(*v)[0] is not None]
+    judged = [(o, d) for v, d in zip(verdicts, length_deltas) if (o := outcome(*v))[0] is not None]
     score = {"win": 1.0, "tie": 0.5, "loss": 0.0}
     values = [score[o] for (o, _), _ in judged]
     games = [v for pair in verdicts for v in pair if v is not None]
