@@ -93,7 +93,7 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
     async def score(request: Request):
         shape, inputs, params = parse_score_request(await json_body(request), endpoint.limits.max_new_tokens_cap)
         deployment = endpoint.choose(request.headers.get("azureml-model-deployment"))
-        prompts = prompts_of(deployment.engine, shape, inputs)
+        prompts = prompts_of(shape, inputs)
         rows = [Row(ids, params) for ids in encode_all(deployment.engine, prompts, params)]
         endpoint.enter()
         try:
@@ -112,7 +112,7 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         model, messages, params, stream, include_usage = openai_api.parse_chat_request(
             await json_body(request), endpoint.limits.max_new_tokens_cap)
         deployment = endpoint.choose(model or request.headers.get("azureml-model-deployment"))
-        row = Row(encode_all(deployment.engine, [deployment.engine.chat_prompt(messages)], params)[0], params)
+        row = Row(encode_all(deployment.engine, [messages], params)[0], params)
         headers = {"azureml-model-deployment": deployment.name}
         endpoint.enter()
         if not stream:

@@ -34,12 +34,13 @@ def parse_score_request(payload: object, cap: int = MAX_NEW_TOKENS_CAP) -> tuple
                        "'input_data' must be a list of prompts or an object with 'input_string' (chat messages)")
 
 
-def prompts_of(engine: Engine, shape: str, inputs) -> list[str]:
-    return [engine.chat_prompt(inputs)] if shape == "chat" else list(inputs)
+def prompts_of(shape: str, inputs) -> list:
+    """What the engine encodes: the prompt strings (text shape), or the one list of chat messages."""
+    return [inputs] if shape == "chat" else list(inputs)
 
 
-def encode_all(engine: Engine, prompts: list[str], params: GenerationParams) -> list[list[int]]:
-    """Token ids of each prompt; a prompt that does not fit the context is the caller's 400."""
+def encode_all(engine: Engine, prompts: list, params: GenerationParams) -> list[list[int]]:
+    """Token ids of each prompt (a string, or chat messages); one that does not fit the context is the caller's 400."""
     try:
         return [engine.encode(p, params) for p in prompts]
     except ContextLengthError as e:
@@ -48,7 +49,7 @@ def encode_all(engine: Engine, prompts: list[str], params: GenerationParams) -> 
         raise RequestError(400, "invalid_request", str(e)) from None
 
 
-def response_body(shape: str, prompts: list[str], completions, params: GenerationParams):
+def response_body(shape: str, prompts: list, completions, params: GenerationParams):
     if shape == "chat":
         return {"output": completions[0].text.strip()}
     return [p + c.text if params.return_full_text else c.text.strip() for p, c in zip(prompts, completions)]
@@ -56,6 +57,6 @@ def response_body(shape: str, prompts: list[str], completions, params: Generatio
 
 def run_score(engine: Engine, shape: str, inputs, params: GenerationParams):
     """Answer a parsed request, waiting in this thread (the Azure ML scoring script)."""
-    prompts = prompts_of(engine, shape, inputs)
+    prompts = prompts_of(shape, inputs)
     rows = [Row(ids, params) for ids in encode_all(engine, prompts, params)]
     return response_body(shape, prompts, engine.run(rows), params)

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future
 
 from ...errors import UserError
+from ..chat_template import chat_token_ids
 from ..generation import Completion, ContextLengthError, GenerationParams, ParamError, Row
 
 # name -> "module:class", imported only when chosen (each engine pulls in its own heavy library)
@@ -102,14 +103,19 @@ class Engine(ABC):
         return [handle for _, _, handle in entries if handle is not None]
 
     def chat_prompt(self, messages: list[dict]) -> str:
+        """The chat template's text for messages (to read; `encode(messages)` is what the model gets)."""
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def encode(self, prompt: str, params: GenerationParams) -> list[int]:
-        """Token ids of a prompt; ContextLengthError if it and the answer cannot fit the context."""
+    def encode(self, prompt: str | list[dict], params: GenerationParams) -> list[int]:
+        """Token ids of a prompt (text, tokenized as is) or of chat messages (their content kept as text: see
+        chat_template); ContextLengthError if it and the answer cannot fit the context."""
         if params.response_format and not self.constrains:  # refused, never accepted and ignored
             raise ParamError(f"response_format {params.response_format['type']}: the {self.name} engine cannot constrain "
                              "its answers (the transformers engine can, with xgrammar installed: `make install`)")
-        ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        if isinstance(prompt, str):
+            ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = chat_token_ids(self.tok, prompt)
         if not ids:
             raise ParamError("the prompt is empty")
         if len(ids) + params.max_new_tokens > self.context_length:
