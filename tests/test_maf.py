@@ -235,3 +235,63 @@ def test_serve_twin_answers_and_streams_like_pf_flow_serve(greedy, greedy_env, c
         assert http("POST", url + "/score", {"chat_history": []}, {"Content-Type": "application/json"})[0] == 400
     finally:
         proc.stop()
+
+
+def _serve_twins(tmp_path, endpoint_url: str, key: str, tag: str):
+    """`pf flow serve` of flows/chat and the maf twin's serve, both to endpoint_url, transient failures not retried."""
+    from support import PfFlowServe
+
+    env = {"PF_HOME_DIRECTORY": str(tmp_path / f"pf-{tag}"), "FINETUNE_PHI_API_KEY": key, "FINETUNE_PHI_RETRY_ATTEMPTS": "1"}
+    done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", endpoint_url],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    pf = PfFlowServe(REPO / "flows" / "chat", tmp_path / f"pf-serve-{tag}.log", env=env)
+    port = free_port()
+    twin = Process([MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "serve", "--port", port],
+                   tmp_path / f"maf-serve-{tag}.log", env={**os.environ, **env, "FINETUNE_PHI_ENDPOINT_URL": endpoint_url},
+                   cwd=REPO)
+    twin.url = f"http://127.0.0.1:{port}"
+    twin.wait_for_url(twin.url + "/health", timeout=60)
+    return pf, twin
+
+
+def test_both_served_chat_flows_pass_on_the_endpoints_message_4xx_for_the_request_5xx_for_the_endpoint(connected, tmp_path):
+    """What the endpoint refused in the request (too long for the context, no such deployment, a body over its
+    limit) is the caller's 400 with the endpoint's own words; an endpoint that is down is a 5xx (pf flow
+    serve can only say 500; the twin says 502, bad gateway), never a 400 and never a traceback."""
+    json_headers = {"Content-Type": "application/json"}
+    pf, twin = _serve_twins(tmp_path, connected.url + "/score", connected.key, "up")
+    try:
+        for url in (pf.url, twin.url):
+            status, _, body = http("POST", url + "/score", {"question": "What is the capital of Peru?", "deployment": "ft",
+                                                            "temperature": 0}, json_headers)
+            assert status == 200 and body["answer"].startswith("The capital of"), (url, body)  # not streamed: joined
+            status, _, body = http("POST", url + "/score", {"question": "word " * 5000, "deployment": "ft"}, json_headers)
+            assert status == 400 and "exceeds the model's context" in body["error"]["message"], (url, body)
+            status, _, body = http("POST", url + "/score", {"question": "Hi", "deployment": "nope"}, json_headers)
+            assert status == 400 and "no deployment named 'nope'" in body["error"]["message"], (url, body)
+        status, _, body = http("POST", pf.url + "/score", {"question": "word " * 300_000, "deployment": "ft"}, json_headers)
+        assert status == 400 and "HTTP 413" in body["error"]["message"], body  # the endpoint's body limit, its words
+
+        # the twin's own door: a question that is not a string, a body over the limit, a length that is not one
+        status, _, body = http("POST", twin.url + "/score", {"question": None}, json_headers)
+        assert status == 400 and "question must be a non-empty string" in body["error"]["message"], body
+        import socket
+
+        for length, answer in ((b"1000001", b"HTTP/1.0 413"), (b"-1", b"HTTP/1.0 411")):
+            with socket.create_connection(("127.0.0.1", int(twin.url.rsplit(":", 1)[1])), timeout=10) as s:
+                s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
+                assert s.recv(200).startswith(answer)  # at once: the body is never waited for
+    finally:
+        pf.stop()
+        twin.stop()
+
+    down = f"http://127.0.0.1:{free_port()}/score"
+    pf, twin = _serve_twins(tmp_path, down, connected.key, "down")
+    try:
+        for url, expected in ((pf.url, 500), (twin.url, 502)):
+            status, _, body = http("POST", url + "/score", {"question": "Hi"}, json_headers)
+            assert status == expected and "cannot reach endpoint" in body["error"]["message"], (url, body)
+    finally:
+        pf.stop()
+        twin.stop()

@@ -346,16 +346,29 @@ def judge_side(data: Path, judge, config, runs_dir: Path, state) -> dict[int, di
 
 # ---- serve: the twin of `pf flow serve` ----------------------------------------------------------------
 
+def _endpoint_error(error: BaseException):
+    """The EndpointError behind an exception the workflow raised (it may wrap what an executor raised)."""
+    from ..serving.client import EndpointError
+
+    while error is not None and not isinstance(error, EndpointError):
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8080, connection: str | None = None):
     """POST /score {"question", "chat_history", "deployment"} -> {"answer"}; with `Accept: text/event-stream`
     the answer streams as `data: {"answer": "<piece>"}` events, as `pf flow serve` does. GET /health."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from ..serving.client import EndpointError, check_question
+    from ..serving.endpoint import Limits
 
     flow = flow or project.flow("chat-maf")
     module = load_flow(flow)
     if not is_chat(module):
         raise MafError(f"serve takes the chat flow (flows/chat-maf), not {flow}")
     endpoint_url, api_key = endpoint(connection)
+    max_body = Limits().max_body_bytes  # the endpoint's own default
 
     class Handler(BaseHTTPRequestHandler):
         def _json(self, status: int, body: dict):
@@ -374,12 +387,21 @@ def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
         def do_POST(self):
             if self.path != "/score":
                 return self._json(404, {"error": {"code": "not_found", "message": f"no route {self.path}"}})
+            length = self.headers.get("Content-Length", "")
+            if not length.isdigit():  # no length (chunked), "-1", junk: never read to an end that may not come
+                self.close_connection = True
+                return self._json(411, {"error": {"code": "length_required",
+                                                  "message": "a request needs a Content-Length of 0 or more bytes"}})
+            if int(length) > max_body:  # refused unread, as the endpoint does
+                self.close_connection = True
+                return self._json(413, {"error": {"code": "body_too_large",
+                                                  "message": f"body has {length} bytes; the limit is {max_body}"}})
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
-                chat_input = module.ChatInput(body["question"], body.get("chat_history") or [],
+                body = json.loads(self.rfile.read(int(length)) or b"{}")
+                chat_input = module.ChatInput(check_question(body.get("question")), body.get("chat_history") or [],
                                               body.get("deployment") or "", float(body.get("temperature", 0.7)),
                                               int(body.get("max_tokens") or 0))
-            except (ValueError, KeyError, TypeError) as e:
+            except (ValueError, KeyError, TypeError, AttributeError, EndpointError) as e:
                 return self._json(400, {"error": {"code": "invalid_input",
                                                   "message": f"expected {{\"question\": ..., \"chat_history\": [...]}}: {e}"}})
             streaming = "text/event-stream" in (self.headers.get("Accept") or "")
@@ -406,8 +428,9 @@ def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
                 if not started:
                     self._json(200, {"answer": ""})
             except Exception as e:  # the endpoint failed: its message names URL and status
-                if not started:
-                    self._json(502, {"error": {"code": "endpoint_error", "message": str(e)}})
+                if not started:  # what it refused in this request is the caller's 400; else a bad gateway
+                    callers_fault = getattr(_endpoint_error(e), "callers_fault", False)
+                    self._json(400 if callers_fault else 502, {"error": {"code": "endpoint_error", "message": str(e)}})
 
     server = ThreadingHTTPServer((host, port), Handler)
     print(f"serving {flow} at http://{host}:{port}/score (GET /health)", flush=True)

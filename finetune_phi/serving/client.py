@@ -22,6 +22,9 @@ from typing import Iterator
 from .generation import GenerationParams  # standard library only at import time
 
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
+# what the endpoint refuses in the caller's own input (a prompt over the context, an unknown deployment, a
+# body too large, bad parameters); every other failure (unreachable, a wrong key, 5xx) is the service's
+CALLERS_FAULT_STATUSES = frozenset({400, 404, 413, 422})
 RETRY_ATTEMPTS_ENV = "FINETUNE_PHI_RETRY_ATTEMPTS"
 RETRY_SECONDS_ENV = "FINETUNE_PHI_RETRY_SECONDS"
 
@@ -39,6 +42,12 @@ class EndpointError(RuntimeError):
         self.transient = status in TRANSIENT_STATUSES if transient is None else transient
         self.retry_after = retry_after
         self.attempts = 1
+
+    @property
+    def callers_fault(self) -> bool:
+        """True when the request itself was refused (CALLERS_FAULT_STATUSES): a 4xx for whoever sent it;
+        else the endpoint failed, a 5xx for a service in front of it (a bad gateway)."""
+        return self.status in CALLERS_FAULT_STATUSES
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,13 @@ def scoring_url(endpoint_url: str) -> str:
     return url if url.endswith("/score") else url + "/score"
 
 
+def check_question(question) -> str:
+    """The chat flows' question: a non-empty string (EndpointError with status 400 otherwise)."""
+    if not isinstance(question, str) or not question.strip():
+        raise EndpointError(f"question must be a non-empty string, got {question!r}", 400)
+    return question
+
+
 def history_to_messages(chat_history: list | None, question: str) -> list[dict]:
     """Prompt flow's chat_history ([{"inputs": {"question"}, "outputs": {"answer"}}]) + question -> messages."""
     messages = []
@@ -121,7 +137,7 @@ def history_to_messages(chat_history: list | None, question: str) -> list[dict]:
             q, a = turn["inputs"]["question"], turn["outputs"]["answer"]
         except (KeyError, TypeError):
             raise EndpointError(f"chat_history[{i}] must look like "
-                                '{"inputs": {"question": ...}, "outputs": {"answer": ...}}') from None
+                                '{"inputs": {"question": ...}, "outputs": {"answer": ...}}', 400) from None
         messages += [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
     messages.append({"role": "user", "content": question})
     return messages
@@ -167,7 +183,7 @@ def _post_once(url: str, data: bytes, headers: dict, timeout: float):
     except urllib.error.URLError as e:
         if isinstance(e.reason, BrokenPipeError):  # it answered (and hung up) before reading the whole body
             raise EndpointError(f"{url} closed the connection before the request was sent whole: a request body "
-                                "over the endpoint's limit is refused (HTTP 413, --max-body-bytes)") from None
+                                "over the endpoint's limit is refused (HTTP 413, --max-body-bytes)", 413) from None
         # refused, reset, timed out: worth another try; a host name that does not resolve is not
         transient = isinstance(e.reason, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError))
         raise EndpointError(f"cannot reach endpoint {url}: {e.reason}. Is it running? "
@@ -202,8 +218,7 @@ def chat(endpoint_url: str, api_key: str, question: str, chat_history: list | No
          deployment: str | None = None, parameters: dict | None = None, timeout: float = 120,
          retry: RetryPolicy | None = None) -> str:
     """One assistant reply through the chat-completion shape of /score."""
-    if not isinstance(question, str) or not question.strip():
-        raise EndpointError("question is empty")
+    check_question(question)
     payload = {"input_data": {"input_string": history_to_messages(chat_history, question),
                               "parameters": parameters or {}}}
     answer = score(endpoint_url, api_key, payload, deployment, timeout, retry)
@@ -224,8 +239,7 @@ def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: li
     retried up to the first piece, never after (a piece already shown cannot be taken back), and a
     stream cut off before its end raises EndpointError.
     """
-    if not isinstance(question, str) or not question.strip():
-        raise EndpointError("question is empty")
+    check_question(question)
     url = scoring_url(endpoint_url).removesuffix("/score") + "/v1/chat/completions"
     # /score's temperature, not OpenAI's 1.0; max_tokens is left to the endpoint, whose default
     # follows its own --max-new-tokens-cap
