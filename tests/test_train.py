@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,6 +37,23 @@ def test_training_is_an_mlflow_run_with_a_registered_version(trained):
     assert all(torch.equal(a[k], b[k]) for k in a)
     client.set_registered_model_alias("finetune-phi", "champion", trained.registered_version)
     assert models.resolve("models:/finetune-phi@champion") == models.resolve(f"models:/finetune-phi/{trained.registered_version}")
+
+
+def test_saved_models_follow_the_umask_weights_too(trained, tiny_model):
+    """safetensors writes model.safetensors through a 0600 temp file: the trained folder (checkpoints too),
+    the cached tiny model and the registry's copy have the mode a plain open() gives (0666 less the umask)."""
+    import os
+    import stat
+
+    from finetune_phi.files import umask_mode
+
+    folders = [trained.out, tiny_model, models.resolve(f"models:/finetune-phi/{trained.registered_version}")]
+    for folder in map(Path, folders):
+        weights = list(folder.rglob("model.safetensors"))
+        assert weights, folder
+        wrong = {str(p): oct(stat.S_IMODE(os.stat(p).st_mode)) for p in folder.rglob("*")
+                 if p.is_file() and stat.S_IMODE(os.stat(p).st_mode) != umask_mode()}
+        assert not wrong, wrong
 
 
 def test_lora_trains_an_adapter_and_saves_a_merged_model(trained, tmp_path):

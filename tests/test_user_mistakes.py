@@ -23,6 +23,8 @@ from support import run_cli
     (["train", "--base-model", "tiny", "--epochs", "0"], "--epochs 0.0: must be above 0"),
     (["train", "--base-model", "tiny", "--epochs", "-1"], "--epochs -1.0: must be above 0"),
     (["tiny", "--tokenizer", "/nonexistent"], "--tokenizer /nonexistent: no tokenizer.json there"),
+    # the suite is offline (HF_HUB_OFFLINE=1) with nothing cached: the hub dataset cannot come
+    (["data", "--source", "ultrachat", "--out", "d"], "cannot load HuggingFaceH4/ultrachat_200k (split train_sft"),
 ])
 def test_a_mistake_is_one_line(capsys, tmp_path, monkeypatch, args, says):
     monkeypatch.chdir(tmp_path)
@@ -55,3 +57,22 @@ def test_registry_mistakes_are_one_line(tmp_path, monkeypatch):
         monkeypatch.setenv(var, f"sqlite:///{tmp_path / 'broken.db'}")
     with pytest.raises(UserError, match="cannot be used"):
         registry.setup()
+
+
+def test_a_registered_version_whose_files_were_deleted_is_one_line(tiny_model, tmp_path, monkeypatch):
+    import shutil
+
+    from finetune_phi.errors import UserError
+    from finetune_phi.modeling import registry
+
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(var, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("FINETUNE_PHI_CACHE", str(tmp_path / "cache"))  # no cached copy to fall back on
+    registry.log_model(tiny_model)
+    artifacts = [p for p in tmp_path.rglob("MLmodel")]
+    assert artifacts, "log_model wrote no model files under the working folder"
+    for mlmodel in artifacts:
+        shutil.rmtree(mlmodel.parent)
+    with pytest.raises(UserError, match="registered, but its files cannot be read"):
+        registry.download_model("models:/finetune-phi/1")

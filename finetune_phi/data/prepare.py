@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..errors import UserError
+from ..files import umask_mode
 
 ROLES = ("system", "user", "assistant")
 ULTRACHAT_HUB_ID = "HuggingFaceH4/ultrachat_200k"
@@ -194,16 +195,9 @@ MANIFEST = "dataset.json"  # written last: lists the set's files with their size
 SET_FILES = ("train.jsonl", "test.jsonl", "eval.jsonl")
 
 
-def _file_mode() -> int:
-    """The mode a plain open() gives a new file (0666 less the umask): temp files are made 0600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _mkstemp(prefix: str, folder: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=folder)
-    os.fchmod(fd, _file_mode())  # the file the user gets follows their umask, as if written in place
+    os.fchmod(fd, umask_mode())  # the file the user gets follows their umask, as if written in place
     return fd, tmp
 
 
@@ -341,7 +335,15 @@ def load_hub_rows(split: str, dataset: str = ULTRACHAT_HUB_ID) -> list[SourceLin
     """Rows of the hub dataset (needs network or a populated HF cache)."""
     import datasets  # lazy: slow import
 
-    ds = datasets.load_dataset(dataset, split=split)
+    try:
+        ds = datasets.load_dataset(dataset, split=split)
+    except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
+        # offline with nothing cached, no network, a split that does not exist: say which and what to do
+        offline = "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and " if (
+            os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")) else ""
+        raise DataError(f"cannot load {dataset} (split {split}) from the Hugging Face Hub: {offline}"
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Download it once with "
+                        "network (it is cached), or give a local file: `finetune-phi data --source PATH`") from None
     return [SourceLine(f"{dataset}[{split}]:row {i}", _plain(r)) for i, r in enumerate(ds, start=1)]
 
 

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..files import follow_umask
+
 
 def cache_dir() -> Path:
     root = os.environ.get("FINETUNE_PHI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-phi"
@@ -23,6 +25,7 @@ def cached_build(name: str, key: str, build) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         build(tmp)
+        follow_umask(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process built it first

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..files import follow_umask
+
 REGISTERED_MODEL = "finetune-phi"  # `train --registered-model NAME` registers elsewhere
 EXPERIMENT = "finetune-phi"
 
@@ -115,13 +117,17 @@ def download_model(uri: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
             src = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-        except (MlflowException, OSError) as e:  # the version is registered, its files are gone
-            raise UserError(f"{uri}: registered, but its files cannot be read from {found.source} ({e}); "
-                            "the artifacts were deleted or moved: train again or register another version") from None
+            gone = None if (src / "model").is_dir() and (src / "components" / "tokenizer").is_dir() else "no model files"
+        except (MlflowException, OSError) as e:
+            gone = str(e)
+        if gone:  # the version is registered, its files are gone (a local store downloads nothing, no error)
+            raise UserError(f"{uri}: registered, but its files cannot be read from {found.source} ({gone}); "
+                            "the artifacts were deleted or moved: train again or register another version")
         folder = Path(tmp) / "hf"
         shutil.copytree(src / "model", folder)  # the transformers flavour keeps weights here ...
         for f in (src / "components" / "tokenizer").iterdir():  # ... and the tokenizer here
             shutil.copy2(f, folder / f.name)
+        follow_umask(folder)
         if not target.exists():
             folder.rename(target)
     return target

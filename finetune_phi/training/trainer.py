@@ -23,6 +23,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from ..errors import UserError
+from ..files import follow_umask
 
 try:
     import fcntl
@@ -539,6 +540,7 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
         with _writing("the model", out):
             model.save_pretrained(out)
             tok.save_pretrained(out)  # the stock template: TRL keeps its training template to itself
+            follow_umask(out)  # safetensors writes 0600 (a temp file renamed): give the user's umask, checkpoints too
         summary = {"base_model": cfg.base_model, "base_eval_loss": base_loss, "eval_loss": eval_loss,
                    "steps": steps, "mlflow_run_id": run.info.run_id}
         version = None
