@@ -218,7 +218,7 @@ def cmd_compare(args):
         candidate_model=args.candidate_model, test_file=args.test_file, base_connection=args.base_connection,
         candidate_connection=args.candidate_connection, reports=args.reports, runner=args.runner, workers=args.workers,
         temperature=args.temperature, max_tokens=args.max_tokens, max_failed=parse_share(args.max_failed),
-        judge=args.judge, judge_model=args.judge_model))
+        judge=args.judge, judge_model=args.judge_model, judge_evaluators=args.judge_evaluators))
 
 
 def cmd_demo(args):
@@ -381,6 +381,9 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
                         "behind this Prompt flow connection (type open_ai or azure_open_ai)")
     k.add_argument("--judge-model", default=None,
                    help="the judge's model (OpenAI; default gpt-4o) or deployment name (Azure OpenAI, required)")
+    k.add_argument("--judge-evaluators", metavar="NAMES", default="",
+                   help="also score both answers with Azure AI Evaluation's evaluators, asked of the judge model: "
+                        "a comma-separated list of coherence, fluency, relevance, similarity (1-5, paired CIs)")
     k.add_argument("--resume", metavar="NAME", default=None,
                    help="continue the comparison NAME (in --reports) with its saved settings: only lines that "
                         "have no answer are asked again")

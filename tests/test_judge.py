@@ -117,35 +117,66 @@ def summary(tmp_path, name: str) -> dict:
     return json.loads((tmp_path / "reports" / name / "summary.json").read_text())
 
 
+def judge_and_evaluators(messages: list[dict]) -> str:
+    """A judge for the pairwise prompts (by_content) and for Azure AI Evaluation's prompty evaluators: a JSON
+    score of 5 for an answer that says GOOD, else 2; for line 3 a reply the evaluator cannot read."""
+    if "[[C]]" in messages[0]["content"]:
+        return by_content(messages)
+    text = messages[-1]["content"]
+    if re.search(r"answer 3\b", text):
+        return "I would rather not say."
+    return json.dumps({"reason": "Let's think step by step: planted.", "score": 5 if "GOOD" in text else 2,
+                       "status": "completed"})
+
+
 @pytest.mark.slow
-def test_judged_by_content_both_runners_give_the_known_win_rate_and_a_rerun_asks_nothing(setting, tmp_path):
+def test_judged_by_content_both_runners_give_the_known_win_rate_evaluator_means_and_a_rerun_asks_nothing(setting, tmp_path):
+    """The pairwise verdicts (a judge that prefers by content: an exact, known win rate) and, with
+    --judge-evaluators, azure-ai-evaluation's own Coherence/Fluency/Relevance/Similarity evaluators given the
+    judge connection as their OpenAIModelConfiguration: means and paired CIs beside the lexical metrics, a reply
+    without a score counted (not a number). Both runners agree; the twin's run asks the judge nothing more."""
     make_judge, data = setting
-    judge = make_judge("content_judge", by_content, faults=["429:1", "503:0"])  # retried, not lost
+    judge = make_judge("content_judge", judge_and_evaluators, faults=["429:1", "503:0"])  # retried, not lost
+    names = "coherence,fluency,relevance,similarity"
     got = {}
     for runner in ("promptflow", "maf"):
         if runner == "maf" and not (REPO / ".venv-maf" / "bin" / "python").exists():
             continue
         done = compare(tmp_path, data, "--runner", runner, "--name", f"judged_{runner}", "--judge", "content_judge",
-                       "--judge-model", "content-v1")
+                       "--judge-model", "content-v1", "--judge-evaluators", names)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        got[runner] = summary(tmp_path, f"judged_{runner}")["judge"]
+        got[runner] = summary(tmp_path, f"judged_{runner}")
         if runner == "promptflow":
             asked = judge.asked
-            assert asked == 2 * 16 + 2  # both orders of 16 lines, and the two planted faults retried
+            # both orders of 16 lines, the two planted faults retried; 4 evaluators x 2 answers x 16 lines
+            assert asked == 2 * 16 + 2 + 4 * 2 * 16
             assert "ft wins 12, loses 2, ties 2 of 16 -> win rate 0.812" in done.stdout
-    j = got["promptflow"]
+            assert "judge, 1-5, 15 lines (1 unscored)" in done.stdout
+    j = got["promptflow"]["judge"]
     assert (j["n"], j["wins"], j["losses"], j["ties"], j["parse_failures"], j["failed"]) == (16, 12, 2, 2, 0, 0)
     assert j["win_rate"] == pytest.approx(13 / 16) and j["ci_low"] < 13 / 16 < j["ci_high"]
     assert j["position_consistency"] == 1.0 and j["first_slot_rate"] == pytest.approx(14 / 32)
     assert j["model"] == "content-v1" and 0 < j["lc_win_rate"] < 1
-    if "maf" in got:  # the same verdicts from the Agent Framework twin, and not one more question to the judge
-        assert got["maf"] == j and judge.asked == asked
+    rows = {r["metric"]: r for r in got["promptflow"]["rows"]}
+    for name in names.split(","):  # line 3 unscored; GOOD: the candidate on lines 0-11, the base on 12-13
+        r = rows[name]
+        assert (r["n"], r["unscored"], r["scale"]) == (15, 1, "1-5")
+        assert r["candidate"] == pytest.approx(63 / 15) and r["base"] == pytest.approx(36 / 15)
+        assert r["delta"] == pytest.approx(27 / 15) and r["ci_low"] < r["delta"] < r["ci_high"]
+    assert "scale" not in rows["f1_score"] and rows["f1_score"]["delta"] is not None  # the lexical rows beside them
+    if "maf" in got:  # the same verdicts and scores from the Agent Framework twin, all from the cache
+        maf_rows = {r["metric"]: r for r in got["maf"]["rows"]}
+        assert got["maf"]["judge"] == j and all(maf_rows[n] == rows[n] for n in names.split(","))
+        assert judge.asked == asked
     import pandas as pd
 
     lines = pd.read_csv(tmp_path / "reports" / "judged_promptflow" / "lines.csv").set_index("line")
     assert (lines.loc[0, "judge_verdict_1"], lines.loc[0, "judge_verdict_2"], lines.loc[0, "judge_outcome"]) == ("B", "A", "win")
     assert "better" in lines.loc[0, "judge_reason_1"]
+    assert (lines.loc[0, "coherence_ft"], lines.loc[0, "coherence_base"]) == (5, 2) and pd.isna(lines.loc[3, "fluency_ft"])
     assert "judge content-v1" in (tmp_path / "reports" / "judged_promptflow" / "compare.html").read_text()
+    wrong = compare(tmp_path, data, "--name", "bad_evaluator", "--judge", "content_judge", "--judge-evaluators", "wit")
+    assert wrong.returncode == 2 and "unknown judge evaluator wit" in wrong.stderr
 
 
 @pytest.mark.slow

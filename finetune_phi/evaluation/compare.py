@@ -99,8 +99,18 @@ class CompareConfig:
     max_failed: float = 0.05  # a side failing more of its lines than this makes compare exit non-zero
     judge: str | None = None  # a Prompt flow connection (open_ai / azure_open_ai) of a judge model
     judge_model: str | None = None  # its model (OpenAI) or deployment (Azure OpenAI) name
+    judge_evaluators: tuple = ()  # Azure AI Evaluation evaluators asked of the judge: coherence, fluency, ...
 
     def __post_init__(self):
+        from .judge import JudgeError
+        from .quality import parse_names
+
+        try:
+            self.judge_evaluators = parse_names(self.judge_evaluators)
+        except JudgeError as e:
+            raise CompareError(f"--judge-evaluators: {e}") from None
+        if self.judge_evaluators and not self.judge:
+            raise CompareError("--judge-evaluators asks the judge model: give it with --judge CONNECTION")
         if not 0 <= self.temperature <= 2:
             raise CompareError(f"--temperature must be from 0 (greedy) to 2, got {self.temperature}")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -364,7 +374,7 @@ class State:
         os.replace(tmp, self.path)
 
 
-JUDGE_OUTPUTS = ("outcome", "verdict_1", "verdict_2", "reason_1", "reason_2", "length_delta")
+JUDGE_OUTPUTS = ("outcome", "verdict_1", "verdict_2", "reason_1", "reason_2", "length_delta", "quality")
 
 
 def judge_connection(pf, name: str):
@@ -378,11 +388,13 @@ def judge_connection(pf, name: str):
     return conn
 
 
-def judge_rows(rows: list[dict], base: Side, cand: Side) -> list[dict]:
-    """The judge flow's input: one row per paired line, both answers and the reference beside the question."""
+def judge_rows(rows: list[dict], base: Side, cand: Side, evaluators: tuple = ()) -> list[dict]:
+    """The judge flow's input: one row per paired line, both answers and the reference beside the question,
+    and the Azure AI Evaluation evaluators to score both answers with."""
     return [{"line": i, "question": rows[i]["question"], "chat_history": rows[i].get("chat_history") or [],
              "ground_truth": rows[i].get("ground_truth") or "", "answer_base": base.answers[i],
-             "answer_candidate": cand.answers[i]} for i in paired_lines(base, cand)]
+             "answer_candidate": cand.answers[i], "evaluators": ",".join(evaluators)}
+            for i in paired_lines(base, cand)]
 
 
 def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> dict[int, dict | None]:
@@ -400,8 +412,9 @@ def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> 
     run = Run(flow=str(project.flow("judge")), data=str(data), name=name,
               column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
                               "ground_truth": "${data.ground_truth}", "answer_base": "${data.answer_base}",
-                              "answer_candidate": "${data.answer_candidate}", "model": config.judge_model or ""},
-              connections={"judge": {"connection": config.judge}},
+                              "answer_candidate": "${data.answer_candidate}", "model": config.judge_model or "",
+                              "evaluators": "${data.evaluators}"},
+              connections={node: {"connection": config.judge} for node in ("judge", "quality")},
               environment_variables={"PF_WORKER_COUNT": str(config.workers)})
     with pf_console_quiet(log):
         pf.runs.create_or_update(run)
@@ -412,6 +425,7 @@ def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> 
         verdicts = [row.get(f"outputs.verdict_{k}") for k in (1, 2)]
         if isinstance(row.get("outputs.reason_1"), str) and row.get("outputs.reason_1") != "(Failed)":
             found[i] = {k: row.get(f"outputs.{k}") for k in JUDGE_OUTPUTS}
+            found[i]["quality"] = found[i]["quality"] if isinstance(found[i]["quality"], dict) else {}
             found[i].update(verdict_1=verdicts[0] if verdicts[0] in ("A", "B", "C") else None,
                             verdict_2=verdicts[1] if verdicts[1] in ("A", "B", "C") else None)
     return found
@@ -424,6 +438,24 @@ def judged(results: dict[int, dict | None], model: str) -> dict:
     ok = [r for _, r in sorted(results.items()) if r is not None]
     return {**summarize(ok, [float(r["length_delta"]) for r in ok], model),
             "failed": sum(r is None for r in results.values())}
+
+
+def quality_table(results: dict[int, dict | None], names: tuple) -> list[dict]:
+    """One row per Azure AI Evaluation evaluator (1-5 scale), like table()'s: over the judged lines where it
+    scored both answers; `n` of them, and `unscored` judged lines where the judge's reply gave no score."""
+    rows = []
+    judged_lines = [r.get("quality") or {} for r in results.values() if r is not None]
+    for name in names:
+        pairs = [(q["base"][name], q["candidate"][name]) for q in judged_lines
+                 if q and q["base"].get(name) is not None and q["candidate"].get(name) is not None]
+        row = {"metric": name, "base": None, "candidate": None, "delta": None, "ci_low": None, "ci_high": None,
+               "scale": "1-5", "n": len(pairs), "unscored": len(judged_lines) - len(pairs)}
+        if pairs:
+            delta, lo, hi = paired_bootstrap([c - b for b, c in pairs])
+            row |= {"base": sum(b for b, _ in pairs) / len(pairs), "candidate": sum(c for _, c in pairs) / len(pairs),
+                    "delta": delta, "ci_low": lo, "ci_high": hi}
+        rows.append(row)
+    return rows
 
 
 def paired_bootstrap(deltas, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
@@ -497,6 +529,9 @@ def per_line_frame(rows: list[dict], base: Side, cand: Side, judge: dict[int, di
             rec |= {"judge_outcome": verdict.get("outcome") if i in judge else None,
                     "judge_verdict_1": verdict.get("verdict_1"), "judge_verdict_2": verdict.get("verdict_2"),
                     "judge_reason_1": verdict.get("reason_1"), "judge_reason_2": verdict.get("reason_2")}
+            for side, label in (("base", base.label), ("candidate", cand.label)):  # Azure AI Evaluation's scores
+                for name, value in ((verdict.get("quality") or {}).get(side) or {}).items():
+                    rec[f"{name}_{label}"] = value
         records.append({k: spreadsheet_safe(v) for k, v in rec.items()})
     frame = pd.DataFrame(records)
     return frame.sort_values(["paired", "f1_score_delta", "rouge_l_delta", "line"],
@@ -524,6 +559,8 @@ def format_table(rows: list[dict], base: Side, cand: Side, losses: dict | None, 
     lines = [head, "-" * len(head)]
     for r in rows:
         ci = "" if r["delta"] is None else f"   [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+        if r.get("scale"):  # an Azure AI Evaluation evaluator, asked of the judge
+            ci += f"   judge, {r['scale']}, {r['n']} lines" + (f" ({r['unscored']} unscored)" if r["unscored"] else "")
         lines.append(f"{r['metric']:<16}{_num(r['base'], '.3f'):>10}{_num(r['candidate'], '.3f'):>12}"
                      f"{_num(r['delta'], '+.3f'):>10}{ci}")
     if losses:
@@ -547,7 +584,7 @@ def chart(rows: list[dict], base: Side, cand: Side, path: Path, judge: dict | No
     import matplotlib.pyplot as plt
 
     # the [0, 1] metrics share one axis; with no paired line there is nothing to draw
-    shown = [r for r in rows if r["metric"] != "answer_length" and r["delta"] is not None]
+    shown = [r for r in rows if r["metric"] != "answer_length" and not r.get("scale") and r["delta"] is not None]
     names = [r["metric"] for r in shown]
     x = range(len(shown))
     panels = 3 if judge and judge["n"] else 2
@@ -686,7 +723,8 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
         if judge_client is not None:
             judge_data = out / "judge-input.jsonl"
             judge_data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                          for r in judge_rows(rows, base_side, cand_side)), encoding="utf-8")
+                                          for r in judge_rows(rows, base_side, cand_side, config.judge_evaluators)),
+                                  encoding="utf-8")
             if config.runner == "maf":
                 from .maf_runner import judge_side
 
@@ -697,6 +735,8 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
     sides = [base_side, cand_side]
 
     result_rows = table(base_side, cand_side)
+    if judge_results is not None and config.judge_evaluators:
+        result_rows += quality_table(judge_results, config.judge_evaluators)
     frame = per_line_frame(rows, base_side, cand_side, judge_results)
     paths = write_report(out, config.name, result_rows, base_side, cand_side, losses, frame, loss_error, judge)
     print("\n" + format_table(result_rows, base_side, cand_side, losses, loss_error, judge))

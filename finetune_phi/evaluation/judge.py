@@ -53,6 +53,7 @@ class Judge:
     model: str
     headers: dict = field(repr=False, default_factory=dict)
     kind: str = "open_ai"
+    max_tokens: int = 1024  # the longest reply: an explanation, then the verdict
 
     @classmethod
     def from_connection(cls, connection, model: str | None = None) -> "Judge":
@@ -82,8 +83,8 @@ class Judge:
 
     def ask(self, messages: list[dict], retry: RetryPolicy | None = None, timeout: float = 300) -> str:
         """The judge's reply (temperature 0), from the cache when this exact prompt was asked before."""
-        body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": 1024}
-        key = hashlib.sha256(json.dumps([self.url, self.model, messages], sort_keys=True).encode()).hexdigest()
+        body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
+        key = hashlib.sha256(json.dumps([self.url, self.model, self.max_tokens, messages], sort_keys=True).encode()).hexdigest()
         cached = _cache_dir() / key[:2] / f"{key}.json"
         if cached.exists():
             return json.loads(cached.read_text(encoding="utf-8"))["reply"]

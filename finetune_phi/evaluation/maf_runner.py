@@ -313,7 +313,7 @@ def run_judge(data: str | Path, name: str, judge, runs_dir: str | Path = RUNS, w
     out = _run_dir(runs_dir, name, resume=True)  # judging again is free: the judge's replies are cached
     t = time.time()
     batch = [flow.JudgeRow(r["question"], r["answer_base"], r["answer_candidate"], r.get("chat_history") or [],
-                           r.get("ground_truth") or "") for r in rows]
+                           r.get("ground_truth") or "", r.get("evaluators") or "") for r in rows]
     result = asyncio.run(flow.create_workflow(judge, workers).run(batch)).get_outputs()[0]
     outputs = [{"line_number": i, "line": r["line"], **line} for i, (r, line) in enumerate(zip(rows, result["lines"]))]
     record = {"name": name, "flow": str(project.flow("judge-maf")), "data": str(Path(data).resolve()),

@@ -2,8 +2,10 @@
 
     flows/judge/flow.dag.yaml                        this file
     inputs: question, chat_history, ground_truth,   ->    JudgeRow (one per paired line of the batch)
-            answer_base, answer_candidate, model
+            answer_base, answer_candidate, model,
+            evaluators
     node `judge` (judge.py)                    ->    JudgeExecutor: finetune_phi.evaluation.judge.judge_pair per row
+    node `quality` (quality.py)                ->    ... and finetune_phi.evaluation.quality.score_pair (output "quality")
     node `aggregate` (aggregation: true)       ->    AggregateExecutor: finetune_phi.evaluation.judge.summarize
     connection (open_ai / azure_open_ai)       ->    create_workflow(judge): a finetune_phi.evaluation.judge.Judge
 
@@ -19,6 +21,7 @@ from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
 from typing_extensions import Never
 
 from finetune_phi.evaluation.judge import Judge, judge_pair, summarize
+from finetune_phi.evaluation.quality import score_pair
 
 
 @dataclass
@@ -28,10 +31,17 @@ class JudgeRow:
     answer_candidate: str
     chat_history: list = field(default_factory=list)
     ground_truth: str = ""
+    evaluators: str = ""  # Azure AI Evaluation evaluators for both answers, e.g. "coherence,fluency"
+
+
+def _judge_row(judge: Judge, row: JudgeRow) -> dict:
+    verdicts = judge_pair(judge, row.question, row.chat_history, row.ground_truth, row.answer_base, row.answer_candidate)
+    return {**verdicts, "quality": score_pair(judge, row.evaluators, row.question, row.ground_truth, row.answer_base,
+                                              row.answer_candidate)}
 
 
 class JudgeExecutor(Executor):
-    """The judge node, applied to every row of the batch, `workers` rows at a time (judge calls are I/O)."""
+    """The judge and quality nodes, applied to every row of the batch, `workers` rows at a time (judge calls are I/O)."""
 
     def __init__(self, judge: Judge, workers: int = 4, **kwargs):
         super().__init__(**kwargs)
@@ -42,8 +52,7 @@ class JudgeExecutor(Executor):
         async def one(row: JudgeRow) -> dict:
             async with self._gate:
                 try:
-                    return await asyncio.to_thread(judge_pair, self._judge, row.question, row.chat_history,
-                                                   row.ground_truth, row.answer_base, row.answer_candidate)
+                    return await asyncio.to_thread(_judge_row, self._judge, row)
                 except Exception as e:  # the line fails (counted), the batch goes on, as in a pf run
                     return {"error": f"{type(e).__name__}: {e}"}
 
