@@ -46,9 +46,9 @@ def main(argv=None):
     p.add_argument("--data", default=str(ULTRACHAT40), help="UltraChat rows (full schema, `messages`)")
     p.add_argument("--pairs", type=int, default=40)
     p.add_argument("--model", default="smollm2-135m", help="the judge model served by `finetune-phi serve`")
-    p.add_argument("--max-answer-words", type=int, default=120, help="answers are cut to this many words (CPU)")
-    p.add_argument("--workers", type=int, default=8, help="pairs judged at once")
-    p.add_argument("--max-tokens", type=int, default=256, help="the longest judge reply (CPU)")
+    p.add_argument("--max-answer-words", type=int, default=80, help="answers are cut to this many words (CPU)")
+    p.add_argument("--workers", type=int, default=4, help="pairs judged at once (each pair: two requests)")
+    p.add_argument("--max-tokens", type=int, default=192, help="the longest judge reply (CPU)")
     p.add_argument("--workdir", default="bench-out/judge")
     args = p.parse_args(argv)
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -60,7 +60,6 @@ def main(argv=None):
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    os.environ["FINETUNE_PHI_CACHE"] = str(work / "cache")  # judge replies cached per workdir: a fresh run asks
     pairs = known_pairs(Path(args.data), args.pairs)
     cut = lambda text: " ".join(text.split()[:args.max_answer_words])  # noqa: E731
     path = models.resolve(args.model)
@@ -70,7 +69,8 @@ def main(argv=None):
     log = work / "serve.log"
     with log.open("w") as out:
         server = subprocess.Popen([sys.executable, "-m", "finetune_phi.cli", "serve", "--deployment", f"judge={path}",
-                                   "--max-new-tokens-cap", str(args.max_tokens), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+                                   "--max-new-tokens-cap", str(args.max_tokens), "--request-timeout-ms", "900000",
+                                   "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_ready(url + "/ready", headers={"Authorization": f"Bearer {key}"}, proc=server, log=log)
         judge = Judge(url + "/v1/chat/completions", "judge", {"Authorization": f"Bearer {key}"}, max_tokens=args.max_tokens)

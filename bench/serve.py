@@ -52,6 +52,8 @@ TURNS = 5
 DEFAULT_TOK_1, DEFAULT_TOK_16 = 1.0, 1.3          # default engine / baseline tok/s at 1 and at 16 clients
 QUANT_TOK_1_ABS, QUANT_TOK_16 = 76.0, 2.0         # quantized engine: tok/s at 1 client (llama-cpp-python), x baseline at 16
 TURN5_MAX, PF_MAX_MS = 1.5, 30.0
+JSON_MIN = 0.8  # constrained decoding (response_format json_object) / free decoding, tok/s, same server and clients
+JSON_OBJECT = {"response_format": {"type": "json_object"}}
 
 
 def log(msg: str):
@@ -163,9 +165,9 @@ class Result:
 
 
 def chat(server: Server, messages: list[dict], max_tokens: int | None, temperature: float = 0.0,
-         timeout: float = 900) -> Result:
+         timeout: float = 900, extra: dict | None = None) -> Result:
     """One streamed /v1/chat/completions request: TTFT (first content chunk), latency, text, usage."""
-    body = {"messages": messages, "stream": True, "temperature": temperature}
+    body = {"messages": messages, "stream": True, "temperature": temperature, **(extra or {})}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if server.model:
@@ -197,7 +199,8 @@ def chat(server: Server, messages: list[dict], max_tokens: int | None, temperatu
         conn.close()
 
 
-def drive(server: Server, clients: int, seconds: float, max_tokens: int, questions: list[str], cursor: list[int]) -> dict:
+def drive(server: Server, clients: int, seconds: float, max_tokens: int, questions: list[str], cursor: list[int],
+          extra: dict | None = None, label: str | None = None) -> dict:
     """N client threads sending requests back to back for `seconds` (requests started by then finish). Each
     request takes the next question after `cursor`, so no row repeats an earlier row's prompt (no prefix-cache
     hits from the bench itself) and every server gets the same questions in the same order."""
@@ -210,7 +213,7 @@ def drive(server: Server, clients: int, seconds: float, max_tokens: int, questio
             with lock:
                 question = questions[cursor[0] % len(questions)]
                 cursor[0] += 1
-            r = chat(server, [{"role": "user", "content": question}], max_tokens)
+            r = chat(server, [{"role": "user", "content": question}], max_tokens, extra=extra)
             with lock:
                 results.append(r)
 
@@ -220,7 +223,7 @@ def drive(server: Server, clients: int, seconds: float, max_tokens: int, questio
         t.start()
     for t in threads:
         t.join()
-    return {"server": server.label, "clients": clients, "wall": time.perf_counter() - t0, "results": results}
+    return {"server": label or server.label, "clients": clients, "wall": time.perf_counter() - t0, "results": results}
 
 
 def multi_turn(server: Server, conversations: list[list[str]], max_tokens: int) -> dict:
@@ -524,6 +527,8 @@ def main():
     ap.add_argument("--pf-requests", type=int, default=20)
     ap.add_argument("--no-baseline", action="store_true", help=f"skip `{BASELINE} --continuous-batching`")
     ap.add_argument("--no-pf", action="store_true", help="skip the pf flow serve overhead")
+    ap.add_argument("--no-json", action="store_true",
+                    help=f"skip constrained decoding (response_format json_object) on the {DEFAULT_ENGINE} engine")
     args = ap.parse_args()
     for var, value in (("HF_HUB_OFFLINE", "1"), ("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true"),
                        ("APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL", "true")):
@@ -563,6 +568,12 @@ def main():
             for clients in args.clients:
                 log(f"{server.label}: {clients} client(s) for {args.seconds:g} s")
                 runs.append(drive(server, clients, args.seconds, args.max_new_tokens, questions, cursor))
+            if server.label == f"engine {DEFAULT_ENGINE}" and not args.no_json:  # the same questions, held to JSON
+                json_cursor = [1]
+                for clients in args.clients:
+                    log(f"{server.label}: json_object, {clients} client(s) for {args.seconds:g} s")
+                    runs.append(drive(server, clients, args.seconds, args.max_new_tokens, questions, json_cursor,
+                                      extra=JSON_OBJECT, label=f"{server.label} json"))
         except (Unavailable, TimeoutError) as e:
             skipped[server.label] = str(e)
             log(f"{server.label}: unavailable here: {e}")
@@ -643,6 +654,17 @@ def main():
                   + (f"   {'; '.join(targets)}" if targets else ""))
         if 16 not in args.clients:
             print(f"{label:<28}(16-client targets not measured; largest here: {top})")
+
+    json_label = f"engine {DEFAULT_ENGINE}"
+    if any(key[0] == json_label + " json" for key in table):
+        print(f"\nconstrained decoding on the {DEFAULT_ENGINE} engine: response_format json_object (xgrammar) vs free, "
+              "the same questions; tok/s x, TTFT x, latency p50 x")
+        for clients in args.clients:
+            s, b = table.get((json_label + " json", clients)), table.get((json_label, clients))
+            if s and b and b["tok_s"]:
+                ratio = s["tok_s"] / b["tok_s"]
+                print(f"{json_label + ' json':<28}{clients:>3} clients: tok/s {ratio:5.2f}x  TTFT {s['ttft'] / b['ttft']:5.2f}x  "
+                      f"latency {s['p50'] / b['p50']:5.2f}x   target >= {JSON_MIN}x: {verdict(ratio, JSON_MIN)}")
 
     if pf is None:
         return

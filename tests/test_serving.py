@@ -48,6 +48,22 @@ def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
     assert alone[0].startswith("Hello Maya")
 
 
+def test_top_p_sorts_only_the_rows_that_ask_for_it_and_matches_the_stock_warper_there(engine):
+    """The engine's top-p warper leaves rows at top_p 1 (greedy rows, default sampling) untouched without sorting
+    their vocabulary, and gives rows with top_p < 1 exactly what transformers' own per-request warper gives."""
+    import torch
+    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
+
+    (ours,) = [p for p in engine.manager.logit_processor.logits_processor if isinstance(p, ContinuousBatchingTopPLogitsWarper)]
+    assert type(ours) is not ContinuousBatchingTopPLogitsWarper
+    scores = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * 3
+    top_p = torch.tensor([1.0, 0.9, 1.0, 0.5], dtype=torch.float32).view(dtype=torch.int32)
+    got = ours(scores.clone(), top_p)
+    stock = ContinuousBatchingTopPLogitsWarper.__call__(ours, scores.clone(), top_p)
+    assert torch.equal(got[[0, 2]], scores[[0, 2]]) and torch.equal(got[[1, 3]], stock[[1, 3]])
+    assert torch.isinf(got[3]).sum() > torch.isinf(got[1]).sum() > 0  # a smaller top_p keeps fewer tokens
+
+
 def test_each_row_keeps_its_own_settings_inside_a_batch(engine):
     from finetune_phi.serving.generation import GenerationParams
 
