@@ -64,6 +64,23 @@ def test_top_p_sorts_only_the_rows_that_ask_for_it_and_matches_the_stock_warper_
     assert torch.isinf(got[3]).sum() > torch.isinf(got[1]).sum() > 0  # a smaller top_p keeps fewer tokens
 
 
+def test_a_json_schema_row_decodes_in_the_batch_beside_free_rows_which_it_leaves_alone(engine):
+    """response_format rows are held to their grammar inside the continuous batch: a schema that allows one
+    document only gives exactly it, while the free rows decoded beside it in the same steps are token for
+    token what they are alone."""
+    from finetune_phi.serving.generation import GenerationParams
+
+    alone = [engine.run(rows_for(engine, [q]))[0].text for q in QUESTIONS[:2]]
+    free_1, held, free_2 = rows_for(engine, [QUESTIONS[0], QUESTIONS[3], QUESTIONS[1]])
+    schema = {"type": "object", "properties": {"answer": {"enum": ["moo"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    held.params = GenerationParams.parse({"temperature": 0, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "only", "schema": schema}}})
+    out = engine.run([free_1, held, free_2])
+    assert json.loads(out[1].text) == {"answer": "moo"} and out[1].finish_reason == "stop"
+    assert [out[0].text, out[2].text] == alone
+
+
 def test_each_row_keeps_its_own_settings_inside_a_batch(engine):
     from finetune_phi.serving.generation import GenerationParams
 

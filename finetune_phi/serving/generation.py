@@ -113,6 +113,8 @@ class Row:
     text: str = ""
     sent: int = 0  # characters already streamed
     finish_reason: str | None = None
+    grammar: object = None  # response_format: the engine's grammar matcher for this row
+    grammar_seen: int = 0  # tokens the matcher has been fed
 
     @property
     def needs_each_token(self) -> bool:

@@ -3,8 +3,9 @@
 transformers' ContinuousBatchingManager schedules the requests: each joins the running batch at the
 next decoding step and leaves when it ends, over a paged KV cache whose full blocks are shared
 between requests with the same prefix (a chat's history, resent every turn). What it lacks is kept
-here, thin: per-request greedy decoding next to sampled rows, stop strings, cancellation when a
-client leaves, and text streaming (generation.Row does the last three for every engine).
+here, thin: per-request greedy decoding next to sampled rows, JSON grammars for response_format rows
+in the same batch, stop strings, cancellation when a client leaves, and text streaming (generation.Row
+does the last three for every engine).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import threading
 from concurrent.futures import Future
 
-from ..generation import Row
+from ..generation import ParamError, Row
 from .base import Engine
 
 log = logging.getLogger("finetune_phi.serving.engines")
@@ -25,7 +26,7 @@ GREEDY_TEMPERATURE = 1e-10
 
 class TransformersEngine(Engine):
     name = "transformers"
-    # response_format: rows held to a JSON grammar by xgrammar (_Constrained below), when it is installed
+    # response_format: rows held to a JSON grammar by xgrammar inside the batch (_mask_by_grammar), when installed
     constrains = importlib.util.find_spec("xgrammar") is not None
 
     def __init__(self, model, tokenizer, kv_cache_tokens: int = 16_384, page_size: int = 64,
@@ -37,7 +38,7 @@ class TransformersEngine(Engine):
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(tokenizer, context, stop_token_ids(tokenizer, model.generation_config))
         self.model = model
-        self._constrained = None  # made on the first response_format request
+        self._grammars = _Grammars(tokenizer, model.config.vocab_size, sorted(self.stop_ids)) if self.constrains else None
         # Temperature and top_p must differ from 1.0 here for transformers to create their per-request
         # processors; every request then passes its own values.
         generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.99, top_k=0,
@@ -50,6 +51,8 @@ class TransformersEngine(Engine):
         self.manager = model.init_continuous_batching(generation_config=generation_config,
                                                       continuous_batching_config=config)
         _sort_only_where_needed(self.manager)
+        if self.constrains:
+            _mask_by_grammar(self.manager, self._row)
         # Started from a daemon thread so that its generation thread is a daemon too (threads inherit it):
         # a process that never calls close() (Azure's inference server on SIGTERM) can still exit.
         starter = threading.Thread(target=self.manager.start, daemon=True)
@@ -65,10 +68,8 @@ class TransformersEngine(Engine):
         return cls(*models.load(spec), **options)
 
     def submit(self, row: Row) -> Future:
-        if row.params.response_format:  # the manager has no grammar hook: these rows decode beside it
-            if self._constrained is None:
-                self._constrained = _Constrained(self)
-            return self._constrained.submit(row)
+        if row.params.response_format:  # held to its grammar inside the batch (_GrammarMask)
+            row.grammar = self._grammars.matcher(row.params.response_format)
         future: Future = Future()
         future.set_running_or_notify_cancel()  # the manager schedules it at once: it never waits for a batch to drain
         request_id = self._track(row, future)
@@ -156,65 +157,91 @@ def _row_top_p(stock):
     return RowTopP()
 
 
-class _Constrained:
-    """Rows whose answer must follow a JSON grammar (response_format json_object / json_schema), decoded one
-    at a time with `model.generate` on the same weights, beside the manager's batch, through xgrammar's
-    logits processor (the grammar library vLLM and SGLang use): a token bitmask applied to these rows only,
-    so free rows pay nothing. Grammars are compiled once per schema. The row's own settings, stop ids,
-    cancellation and streaming apply as on the manager's rows (Row.add is called token by token)."""
+class _Grammars:
+    """response_format -> a fresh xgrammar GrammarMatcher (xgrammar: the grammar library vLLM and SGLang use),
+    each grammar compiled once. json_object is an object, as OpenAI's is (xgrammar's builtin JSON grammar also
+    allows "[1]"); compact (no free whitespace): a small model held to a grammar otherwise indents until
+    max_tokens. The matcher lets a stop token through once the JSON is complete."""
 
-    def __init__(self, engine: TransformersEngine):
-        from concurrent.futures import ThreadPoolExecutor
-
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int]):
         import xgrammar
 
-        self.engine, self.xgr = engine, xgrammar
-        vocab = engine.model.config.vocab_size
-        self.compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(engine.tok, vocab_size=vocab))
-        self.grammars: dict[str, object] = {}
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="constrained")
+        self.xgr = xgrammar
+        info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=stop_ids)
+        self.compiler = xgrammar.GrammarCompiler(info)
+        self.compiled: dict[str, object] = {}
+        self.lock = threading.Lock()
 
-    def grammar(self, response_format: dict):
+    def matcher(self, response_format: dict):
         import json
 
         key = json.dumps(response_format, sort_keys=True)
-        if key not in self.grammars:
-            # json_object is an object, as OpenAI's is (xgrammar's builtin JSON grammar also allows "[1]"); compact
-            # (no free whitespace): a small model held to a grammar otherwise indents until max_tokens
-            schema = {"type": "object"} if response_format["type"] == "json_object" else response_format["schema"]
-            self.grammars[key] = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
-        return self.grammars[key]
+        with self.lock:
+            if key not in self.compiled:
+                schema = {"type": "object"} if response_format["type"] == "json_object" else response_format["schema"]
+                try:
+                    self.compiled[key] = self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+                except Exception as e:  # a schema xgrammar cannot compile: the caller's 400
+                    raise ParamError(f"response_format: the JSON schema cannot be used: {e}") from None
+            return self.xgr.GrammarMatcher(self.compiled[key])
 
-    def submit(self, row: Row) -> Future:
-        future: Future = Future()
-        self.pool.submit(self._run, row, future)
-        return future
 
-    def _run(self, row: Row, future: Future):
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
+def _mask_by_grammar(manager, row_of):
+    """Put a grammar mask first in the manager's logits processors (before temperature and top-p, as generate()
+    orders them): rows with a response_format get xgrammar's token bitmask, the others nothing. The manager
+    gives a per-request processor the requests of each step in the order of the logits rows; the mask reads
+    each request's row (its matcher), feeds the matcher the tokens it has not seen yet and fills that row's
+    bitmask, so constrained rows decode in the same batch as free ones and cost a bitmask each."""
+    import torch
+    import xgrammar
+    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
 
-        if not future.set_running_or_notify_cancel():  # withdrawn while queued (max_queue_wait_ms)
-            return
-        engine = self.engine
-        request_id = engine._track(row, future)
+    vocab_size = manager.model.config.vocab_size
 
-        class Follow(StoppingCriteria):  # each new token into the row: stop ids, stop strings, length, cancel
-            def __call__(self, input_ids, scores, **kwargs):
-                done = row.add([int(input_ids[0, -1])], engine.decode, engine.stop_ids)
-                return torch.tensor([done], dtype=torch.bool, device=input_ids.device)
+    class GrammarMask(ContinuousBatchingLogitsProcessor):
+        supported_kwargs: dict = {}
+        ignored_kwargs: tuple = ()
 
-        p = row.params
-        sampling = dict(do_sample=True, temperature=float(p.temperature), top_p=float(p.top_p), top_k=0) if p.do_sample \
-            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-        try:
-            processor = self.xgr.contrib.hf.LogitsProcessor(self.grammar(p.response_format))
-            with torch.inference_mode():
-                engine.model.generate(
-                    torch.tensor([row.prompt_ids], device=engine.model.device), max_new_tokens=p.max_new_tokens + 1,
-                    eos_token_id=sorted(engine.stop_ids), pad_token_id=sorted(engine.stop_ids)[0],
-                    logits_processor=[processor], stopping_criteria=StoppingCriteriaList([Follow()]), **sampling)
-            engine._end(request_id, row.finish_reason or "length")
-        except Exception as e:  # a schema xgrammar cannot compile, or a failure while decoding: this row only
-            log.warning("constrained decoding failed: %s", e)
-            engine._fail(request_id, RuntimeError(f"constrained decoding failed: {e}"))
+        def __init__(self):
+            self.bitmask = xgrammar.allocate_token_bitmask(1, vocab_size)
+
+        def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
+            int32_tensor.fill_(-1)  # -1: a free row
+
+        def prepare_tensor_args(self, requests) -> torch.Tensor:
+            slots, filled = [], 0
+            for request in requests:
+                row = row_of(request.state.request_id)
+                matcher = getattr(row, "grammar", None)
+                if matcher is None:
+                    slots.append(-1)
+                    continue
+                generated = request.state.generated_tokens
+                for token in generated[row.grammar_seen:]:  # what the batch chose since the last step
+                    if not matcher.is_terminated():
+                        matcher.accept_token(token)
+                row.grammar_seen = len(generated)
+                if filled == self.bitmask.size(0):
+                    self.bitmask = torch.cat([self.bitmask, xgrammar.allocate_token_bitmask(filled, vocab_size)])
+                matcher.fill_next_token_bitmask(self.bitmask, filled)
+                slots.append(filled)
+                filled += 1
+            return torch.tensor(slots, dtype=torch.int32)
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            slots = tensor_arg[: scores.size(0)]
+            rows = (slots >= 0).nonzero().squeeze(-1)
+            if rows.numel() == 0:
+                return scores
+            masked = scores[rows]
+            xgrammar.apply_token_bitmask_inplace(masked, self.bitmask[slots[rows].long()].to(masked.device),
+                                                 vocab_size=scores.size(-1))
+            scores = scores.clone()
+            scores[rows] = masked
+            return scores
+
+    processors = manager.logit_processor
+    processors.logits_processor.insert(0, GrammarMask())
+    processors.tensors_required += 1
+    processors._retrieve_processors_kwargs()
+    processors.do_processing = True
