@@ -154,7 +154,12 @@ def cmd_serve(args):
     limits = Limits(max_concurrent_requests_per_instance=args.max_concurrent_requests,
                     max_queue_wait_ms=args.max_queue_wait_ms, request_timeout_ms=args.request_timeout_ms,
                     max_body_bytes=args.max_body_bytes, max_new_tokens_cap=args.max_new_tokens_cap)
-    serve(deployments, traffic, args.host, args.port, limits, engine=args.engine)
+    options = {}
+    if args.kv_cache_tokens is not None:
+        if args.engine != "transformers":
+            raise UserError(f"--kv-cache-tokens sizes the transformers engine's cache, not the {args.engine} engine's")
+        options["kv_cache_tokens"] = args.kv_cache_tokens
+    serve(deployments, traffic, args.host, args.port, limits, engine=args.engine, engine_options=options)
 
 
 def cmd_connect(args):
@@ -300,6 +305,9 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
                    help="longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)")
     s.add_argument("--max-body-bytes", type=POSITIVE, default=1_000_000, help="larger request bodies get 413")
     s.add_argument("--max-new-tokens-cap", type=POSITIVE, default=1024, help="largest max_new_tokens / max_tokens accepted")
+    s.add_argument("--kv-cache-tokens", type=_at_least(16), default=None,
+                   help="the transformers engine's KV cache in tokens (default 16384): a request starts when its prompt "
+                        "and max_new_tokens fit beside those decoding, else waits (408 after --max-queue-wait-ms)")
     from .serving.engines.base import DEFAULT_ENGINE, ENGINES
 
     s.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,

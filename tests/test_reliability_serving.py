@@ -242,6 +242,37 @@ def test_the_real_phi3_tokenizer_keeps_typed_role_strings_as_text_and_plain_rows
         assert chat_token_ids(tok, messages) == tok(text, add_special_tokens=False)["input_ids"]
 
 
+def test_requests_that_do_not_fit_the_kv_cache_wait_and_get_408_at_the_queue_limit(tiny_model, test_root):
+    """More clients than the KV cache holds (room for one prompt + max_tokens at a time): those that cannot start
+    within max_queue_wait_ms get 408 queue_timeout, the others their answer, none a 5xx; then the cache is free."""
+    s = Server(["--deployment", f"only={tiny_model}", "--kv-cache-tokens", "256", "--max-queue-wait-ms", "1"],
+               test_root / "serve-kv.log", env=KEY)
+    try:
+        body = {"messages": [{"role": "user", "content": "What is the capital of Peru?"}], "max_tokens": 120,
+                "temperature": 0}
+        results = []
+
+        def ask():
+            results.append(http("POST", s.url + "/v1/chat/completions", body, s.auth()))
+
+        threads = [threading.Thread(target=ask) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        statuses = sorted(status for status, _, _ in results)
+        assert 200 in statuses and 408 in statuses and set(statuses) <= {200, 408}, statuses
+        refused = next(answer for status, _, answer in results if status == 408)
+        assert refused["error"]["code"] == "queue_timeout", refused
+        too_big = dict(body, max_tokens=400)  # more than the whole cache: the caller's 400, not a 500
+        status, _, answer = http("POST", s.url + "/v1/chat/completions", too_big, s.auth())
+        assert status == 400 and "exceeds the engine's KV cache of 256 tokens" in answer["error"]["message"], answer
+        status, _, answer = http("POST", s.url + "/v1/chat/completions", body, s.auth())  # nothing left reserved
+        assert status == 200, answer
+    finally:
+        s.stop()
+
+
 def test_dropped_streams_leave_no_unretrieved_futures_and_the_server_ready(strict):
     since = len(strict.log.read_text())
     streams = [open_stream(strict, LONG) for _ in range(6)]  # one decodes, the others wait in the queue

@@ -81,6 +81,28 @@ def test_a_json_schema_row_decodes_in_the_batch_beside_free_rows_which_it_leaves
     assert [out[0].text, out[2].text] == alone
 
 
+def test_a_row_starts_when_its_tokens_fit_the_kv_cache_and_waits_unstarted_until_then(trained):
+    """Admission by the KV cache: with room for one row's prompt + max_new_tokens, the second waits unstarted (so
+    the endpoint can withdraw it: 408) and starts when the first ends; a row withdrawn while waiting never runs."""
+    from finetune_phi.serving.engines import load_engine
+    from finetune_phi.serving.generation import GenerationParams, Row
+
+    engine = load_engine("transformers", str(trained.out), kv_cache_tokens=128)
+    try:
+        p = GenerationParams.parse({"temperature": 0, "max_new_tokens": 80})
+        rows = [Row(engine.encode([{"role": "user", "content": q}], p), p) for q in QUESTIONS[:3]]
+        assert all(len(r.prompt_ids) + 80 > 64 for r in rows)  # two never fit at once
+        first, second, withdrawn = (engine.submit(r) for r in rows)
+        assert first.running() and not second.running() and not withdrawn.running()
+        assert withdrawn.cancel()  # still waiting: withdrawn, as the endpoint does at max_queue_wait_ms
+        assert first.result(timeout=120).text and second.result(timeout=120).text
+        assert rows[2].ids == [] and engine._reserved == {} and not engine._waiting
+        alone = engine.run([Row(list(rows[1].prompt_ids), p)])[0].text
+        assert second.result().text == alone  # waiting changed nothing in the answer
+    finally:
+        engine.close()
+
+
 def test_each_row_keeps_its_own_settings_inside_a_batch(engine):
     from finetune_phi.serving.generation import GenerationParams
 

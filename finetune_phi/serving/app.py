@@ -206,12 +206,13 @@ def _once(fn):
 
 
 def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = "127.0.0.1", port: int = 5000,
-          limits: Limits | None = None, key_env: str = keys.KEY_ENV, engine: str = DEFAULT_ENGINE):
+          limits: Limits | None = None, key_env: str = keys.KEY_ENV, engine: str = DEFAULT_ENGINE,
+          engine_options: dict | None = None):
     import uvicorn
 
     api_key, source = keys.get_or_create_key(key_env)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("deployments %s, traffic %s; key from %s", deployments, traffic, source)
     log.info("scoring URI http://%s:%d/score; OpenAI base URL http://%s:%d/v1", host, port, host, port)
-    app = create_app(Endpoint(deployments, traffic, api_key, limits, engine))
+    app = create_app(Endpoint(deployments, traffic, api_key, limits, engine, engine_options))
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -85,9 +85,10 @@ class Endpoint:
     """Deployments, traffic, key and limits; the FastAPI app is built around one of these."""
 
     def __init__(self, deployments: dict[str, str], traffic: dict[str, int], api_key: str, limits: Limits | None = None,
-                 engine: str = DEFAULT_ENGINE):
+                 engine: str = DEFAULT_ENGINE, engine_options: dict | None = None):
         self.deployments = {name: Deployment(name, spec) for name, spec in deployments.items()}
         self.engine = engine
+        self.engine_options = engine_options or {}  # passed to each deployment's engine (kv_cache_tokens)
         self.traffic = traffic
         self.api_key = keys.check_key(api_key, "the endpoint's configuration")  # never serve behind an empty key
         self.limits = limits or Limits()
@@ -101,7 +102,7 @@ class Endpoint:
         try:
             for d in self.deployments.values():
                 t = time.time()
-                d.engine = load_engine(self.engine, d.model)
+                d.engine = load_engine(self.engine, d.model, **self.engine_options)
                 log.info("deployment %s: loaded %s (%s engine) in %.1fs", d.name, d.model, self.engine, time.time() - t)
             self.loaded.set()
         except Exception as e:  # noqa: BLE001 - reported through /ready, the process stays up

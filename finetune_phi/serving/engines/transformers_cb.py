@@ -9,12 +9,13 @@ does the last three for every engine).
 """
 from __future__ import annotations
 
+import collections
 import importlib.util
 import logging
 import threading
 from concurrent.futures import Future
 
-from ..generation import ParamError, Row
+from ..generation import ContextLengthError, ParamError, Row
 from .base import Engine
 
 log = logging.getLogger("finetune_phi.serving.engines")
@@ -38,6 +39,13 @@ class TransformersEngine(Engine):
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(tokenizer, context, stop_token_ids(tokenizer, model.generation_config))
         self.model = model
+        # admission: a row starts when the tokens it may hold (prompt + max_new_tokens) fit beside the rows in
+        # flight; until then it waits, unstarted (the endpoint's max_queue_wait_ms withdraws it: 408)
+        self.page_size = page_size
+        self.kv_cache_tokens = max(kv_cache_tokens // page_size, 1) * page_size  # whole pages, as the manager has
+        self._reserved: dict[str, int] = {}  # request id -> tokens it may hold
+        self._waiting: collections.deque = collections.deque()  # (row, future) in arrival order
+        self._admit_lock = threading.Lock()
         self._grammars = _Grammars(tokenizer, model.config.vocab_size, sorted(self.stop_ids)) if self.constrains else None
         # Temperature and top_p must differ from 1.0 here for transformers to create their per-request
         # processors; every request then passes its own values.
@@ -68,18 +76,67 @@ class TransformersEngine(Engine):
         return cls(*models.load(spec), **options)
 
     def submit(self, row: Row) -> Future:
-        if row.params.response_format:  # held to its grammar inside the batch (_GrammarMask)
+        if row.params.response_format:  # held to its grammar inside the batch (_mask_by_grammar)
             row.grammar = self._grammars.matcher(row.params.response_format)
         future: Future = Future()
-        future.set_running_or_notify_cancel()  # the manager schedules it at once: it never waits for a batch to drain
-        request_id = self._track(row, future)
+        with self._admit_lock:
+            self._waiting.append((row, future))
+        self._admit()
+        return future
+
+    def _tokens(self, row: Row) -> int:
+        """The KV cache a row may take: its prompt and max_new_tokens, in whole pages."""
+        return -(-(len(row.prompt_ids) + row.params.max_new_tokens) // self.page_size) * self.page_size
+
+    def encode(self, prompt, params):
+        ids = super().encode(prompt, params)
+        if len(ids) + params.max_new_tokens > self.kv_cache_tokens:
+            raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that "
+                                     f"exceeds the engine's KV cache of {self.kv_cache_tokens} tokens (--kv-cache-tokens)")
+        return ids
+
+    def _admit(self):
+        """Start waiting rows, in order, while their pages fit in the KV cache beside those in flight (encode
+        refuses a row larger than the whole cache). A row withdrawn while waiting (future cancelled) is skipped."""
+        while True:
+            with self._admit_lock:
+                if not self._waiting:
+                    return
+                row, future = self._waiting[0]
+                in_flight = sum(self._reserved.values())
+                if future.cancelled():
+                    self._waiting.popleft()
+                    continue
+                if in_flight + self._tokens(row) > self.kv_cache_tokens:
+                    return  # the head waits for room; rows behind it wait their turn (no overtaking)
+                self._waiting.popleft()
+                if not future.set_running_or_notify_cancel():
+                    continue
+                request_id = f"r{next(self._ids)}"
+                self._reserved[request_id] = self._tokens(row)
+            self._start(row, future, request_id)
+
+    def _start(self, row: Row, future: Future, request_id: str):
+        self._track(row, future, request_id=request_id)
         p = row.params
         self.manager.add_request(
             row.prompt_ids, request_id=request_id, max_new_tokens=p.max_new_tokens,
             streaming=row.needs_each_token, eos_token_id=sorted(self.stop_ids),
             temperature=float(p.temperature) if p.do_sample else GREEDY_TEMPERATURE,
             top_p=float(p.top_p) if p.do_sample else 1.0)
-        return future
+
+    def _release(self, request_id: str):
+        with self._admit_lock:
+            self._reserved.pop(request_id, None)
+        self._admit()
+
+    def _end(self, request_id: str, reason: str):
+        super()._end(request_id, reason)
+        self._release(request_id)
+
+    def _fail(self, request_id: str, error: Exception):
+        super()._fail(request_id, error)
+        self._release(request_id)
 
     def _dispatch(self):
         """Route the manager's outputs to their rows; cancel rows whose client left or that hit a stop string."""
@@ -112,7 +169,13 @@ class TransformersEngine(Engine):
     def close(self):
         self.closed = True
         self.manager.stop(block=True, timeout=10)
-        self._fail_all(RuntimeError("the engine was closed"))
+        error = RuntimeError("the engine was closed")
+        with self._admit_lock:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for _, future in waiting:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(error)
+        self._fail_all(error)
 
 
 def _sort_only_where_needed(manager):
