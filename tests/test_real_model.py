@@ -16,7 +16,7 @@ NEW_TOKENS = 24
 
 def plain_generate(model_dir, question: str, max_new_tokens: int = NEW_TOKENS) -> tuple[str, list[int]]:
     """What transformers alone makes of the saved folder: greedy, its own generation config."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = _load(str(model_dir))

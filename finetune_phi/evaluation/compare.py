@@ -278,13 +278,6 @@ def run_eval(pf, data: Path, chat_run: str, name: str, log: Path):
                environment_variables={"PF_WORKER_COUNT": str(eval_workers())})
 
 
-def eval_workers() -> int:
-    """Worker processes for an eval run: scoring is CPU work, and each worker first imports the metric
-    libraries (azure-ai-evaluation: seconds of CPU), so more workers than cores only add start-up time
-    (8 workers on 2 cores: ~20 s for 40 rows; 2 workers: a few seconds)."""
-    return max(1, min(os.cpu_count() or 1, DEFAULT_WORKERS))
-
-
 def pf_side(pf, data: Path, n_rows: int, config: CompareConfig, role: str, label: str, state: "State", log: Path) -> Side:
     """One side through Prompt flow: the chat run (continued from the last one when resuming and lines
     are missing), then the eval run over it. A side whose every line failed gets no eval run (there is

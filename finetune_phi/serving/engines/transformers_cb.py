@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import collections
 import importlib.util
-import logging
 import threading
 from concurrent.futures import Future
 
 from ..generation import ContextLengthError, ParamError, Row
 from .base import Engine
-
-log = logging.getLogger("finetune_phi.serving.engines")
 
 # Sampling is one switch for the whole manager, so greedy rows sample at a temperature so low that
 # the softmax is one-hot on the argmax: the same token as argmax unless two logits are exactly tied.
