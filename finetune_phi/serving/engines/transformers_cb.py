@@ -28,7 +28,7 @@ class TransformersEngine(Engine):
     constrains = importlib.util.find_spec("xgrammar") is not None
 
     def __init__(self, model, tokenizer, kv_cache_tokens: int = 16_384, page_size: int = 64,
-                 max_batch_tokens: int = 512):
+                 max_batch_tokens: int = 2048):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         from ...modeling.models import stop_token_ids
