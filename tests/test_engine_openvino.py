@@ -86,11 +86,22 @@ def test_export_carries_tokenizer_and_manifest_and_refuses_existing_folder(tiny_
     assert not [p for p in tiny_export.parent.iterdir() if p.name.startswith(".")]  # no temp folder left behind
 
 
-def test_unexported_folder_is_a_clear_error_naming_export(tiny_model):
-    from finetune_phi.serving.engines import EngineUnavailable, load_engine
+@pytest.mark.slow
+def test_a_model_folder_is_exported_on_first_use_into_the_cache_and_reused(tiny_model, tmp_path, monkeypatch):
+    """`serve --engine openvino --deployment ft=FOLDER` needs no `finetune-phi export` first: the engine exports the
+    folder into the cache (keyed by its content) the first time and loads that same export the next time."""
+    exporter_or_skip()
+    from finetune_phi.serving.engines import load_engine
 
-    with pytest.raises(EngineUnavailable, match="finetune-phi export --format openvino"):
-        load_engine("openvino", str(tiny_model))
+    monkeypatch.setenv("FINETUNE_PHI_CACHE", str(tmp_path / "cache"))
+    first = load_engine("openvino", str(tiny_model))
+    folder = first.path
+    first.close()
+    assert folder.is_relative_to(tmp_path / "cache" / "exports") and (folder / "openvino_model.xml").is_file()
+    made = (folder / "finetune_phi_export.json").stat().st_mtime_ns
+    again = load_engine("openvino", str(tiny_model))
+    assert again.path == folder and (folder / "finetune_phi_export.json").stat().st_mtime_ns == made  # not made twice
+    again.close()
 
 
 @pytest.mark.slow

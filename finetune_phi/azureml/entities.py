@@ -110,7 +110,7 @@ def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_n
 
 def model_asset(source: str, name: str = MODEL_NAME, engine: str = "transformers"):
     """The model to serve: a finished job's output (job:NAME), a local folder, or an azureml:/azureml:// path.
-    For the openvino engine a local folder must be an export (`finetune-phi export --format openvino`)."""
+    For the openvino engine a local folder that is not an export is exported first (cached by its content)."""
     from azure.ai.ml.constants import AssetTypes
     from azure.ai.ml.entities import Model
 
@@ -123,8 +123,9 @@ def model_asset(source: str, name: str = MODEL_NAME, engine: str = "transformers
         if not (local / "config.json").exists():
             raise UserError(f"{source}: not a Hugging Face model folder (no config.json)")
         if engine == "openvino" and not (local / "openvino_model.xml").exists():
-            raise UserError(f"{source}: --engine openvino deploys a folder made by `finetune-phi export --format "
-                            f"openvino {source} OUT` (no openvino_model.xml here); export it, then deploy OUT")
+            from ..modeling.export import cached_export
+
+            local = cached_export(str(local))  # exported on first use, kept in the cache (export.cached_export)
         path = str(local.resolve())
     return Model(name=name, path=path, type=AssetTypes.CUSTOM_MODEL,
                  description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)")

@@ -157,6 +157,49 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
     return out
 
 
+def content_key(folder: Path) -> str:
+    """What a model folder is, for the export cache: sha256 over its weights, config and tokenizer files."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    names = sorted(f.name for f in folder.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".json", ".jinja")
+                                                                       and f.name != MANIFEST))
+    for name in names:
+        digest.update(name.encode())
+        with open(folder / name, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def cached_export(spec: str, format: str = "openvino", precision: str | None = None, progress=print) -> Path:
+    """The engine's own folder for a model (a folder, models:/..., tiny, smollm2-135m): exported on first use
+    into the user's cache, keyed by the model's content, so `serve --engine openvino --deployment ft=FOLDER`
+    needs no `finetune-phi export` first. The exporter's venv is built once, on demand, when none is found."""
+    from . import models
+    from .cache import cache_dir
+
+    precision = precision or DEFAULT_PRECISION[format]
+    source = Path(models.resolve(spec))
+    if (source / "openvino_model.xml").is_file():
+        return source  # already an export
+    if not (source / "config.json").is_file():
+        raise ExportError(f"{spec}: not a Hugging Face model folder (no config.json) to export")
+    out = cache_dir() / "exports" / f"{source.name}-{format}-{precision}-{content_key(source)}"
+    if (out / MANIFEST).is_file():
+        return out
+    try:
+        openvino_exporter()
+    except ExportError:
+        if os.environ.get("FINETUNE_PHI_OPENVINO_EXPORTER"):
+            raise  # an exporter was named and is not there: say so, build nothing
+        venv = _venvs()[-1]  # the cache's, whatever project this runs in
+        progress(f"no OpenVINO exporter venv found: building one at {venv} (once; a few minutes and ~2 GB: torch, "
+                 "transformers < 5.6, optimum-intel, nncf) ...")
+        setup_export_env(venv, os.environ.get("TORCH_INDEX") or None)
+    return export(spec, out, format, precision, overwrite=True, progress=progress)
+
+
 def _replace(new: Path, out: Path):
     """Rename `new` to `out`; an existing `out` (overwrite) is moved aside first and removed after."""
     old = None

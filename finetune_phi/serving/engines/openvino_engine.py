@@ -1,14 +1,15 @@
 """OpenVINO GenAI on CPU: int8 (or int4/fp16/fp32) weights with continuous batching.
 
 Serves a folder made by `finetune-phi export --format openvino` (OpenVINO IR plus the source's Hugging
-Face tokenizer files). OpenVINO GenAI's ContinuousBatchingPipeline schedules the requests: each joins
+Face tokenizer files), or any model spec (a fine-tuned folder, models:/..., smollm2-135m), exported on first
+use into the user's cache and kept, keyed by the model's content. OpenVINO GenAI's ContinuousBatchingPipeline schedules the requests: each joins
 the running batch at the next step and leaves when it ends, over a paged KV cache (prefix caching on,
 so a chat's resent history is not recomputed). One worker thread owns the pipeline: it adds the
 submitted rows, runs a step, and hands each row its new tokens (generation.Row does stop strings,
 cancellation and streaming, as for every engine).
 
-Needs `pip install 'finetune-phi[openvino]'` (openvino-genai); without it, or given a folder that was
-not exported, choosing the engine is a clear error (EngineUnavailable), never a silent fall back.
+Needs `pip install 'finetune-phi[openvino]'` (openvino-genai); without it choosing the engine is a clear
+error (EngineUnavailable), never a silent fall back.
 """
 from __future__ import annotations
 
@@ -34,18 +35,13 @@ def _require_openvino():
                                 "(openvino-genai)") from None
 
 
-def exported_folder(spec: str) -> Path:
-    """The exported folder a spec names; EngineUnavailable (naming `finetune-phi export`) for anything else."""
-    from ...modeling import models
+def exported_folder(spec: str, precision: str = "int8") -> Path:
+    """The exported folder for a spec: the spec itself when it is an export, else its export, made on first use
+    into the cache (keyed by the model's content; finetune_phi.modeling.export.cached_export), with a progress line."""
+    from ...modeling import export
 
-    try:
-        path = Path(models.resolve(spec))
-    except models.ModelNotFound:
-        path = Path(spec)  # an export need not look like an HF folder to resolve(); check it below
-    if not (path / "openvino_model.xml").is_file():
-        raise EngineUnavailable(f"--engine openvino serves a folder made by `finetune-phi export --format openvino "
-                                f"{spec} OUT`; {spec} is not one (no openvino_model.xml). Export it, then serve OUT.")
-    return path
+    log.info("--engine openvino: finding or making the OpenVINO %s export of %s", precision, spec)
+    return export.cached_export(spec, "openvino", precision, progress=lambda line: log.info("%s", line))
 
 
 class OpenVINOEngine(Engine):
@@ -79,7 +75,7 @@ class OpenVINOEngine(Engine):
     @classmethod
     def load(cls, spec: str, **options) -> "OpenVINOEngine":
         _require_openvino()
-        path = exported_folder(spec)
+        path = exported_folder(spec, options.get("precision") or "int8")
         manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else {}
         options.setdefault("precision", manifest.get("precision", "int8"))
         return cls(path, *cls.describe(str(path)), **options)
