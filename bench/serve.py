@@ -471,6 +471,26 @@ def machine_line() -> str:
             f"{torch.get_num_threads()} threads, {gpu}")
 
 
+def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """The machine's memory read bandwidth in GB/s: the best of a few sums over an array far larger than the
+    caches (what one decoding step does to the weights: read each once)."""
+    import numpy as np
+
+    data = np.ones(int(gib * (1 << 30)) // 4, dtype=np.float32)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        data.sum()
+        best = max(best, data.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def weight_bytes(folder: str) -> int:
+    """Bytes of weights one decoding step reads: the safetensors files, or an OpenVINO export's .bin."""
+    files = list(Path(folder).glob("*.safetensors")) or list(Path(folder).glob("openvino_model.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
 def model_line(spec: str, path: str) -> str:
     config = json.loads((Path(path) / "config.json").read_text())
     return (f"model: {spec} ({path}): {config.get('model_type')}, {config.get('num_hidden_layers')} layers x "
@@ -603,6 +623,9 @@ def main():
           f"tokens counted from {'each stream’s usage' if by_usage else 'the streamed text, re-tokenized'}; logs {work}")
     for label, why in skipped.items():
         print(f"skipped {label}: {why}")
+    bandwidth = read_bandwidth()
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s (best of 3 sums over 1 GiB): one client's bound is "
+          "bandwidth / weight bytes read per token")
     print()
     print(f"{'server':<28}{'clients':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'lat p50':>9}{'lat p95':>9}"
           f"{'tok/req':>8}{'n':>6}{'errors':>7}   (ms)")
@@ -654,6 +677,16 @@ def main():
                   + (f"   {'; '.join(targets)}" if targets else ""))
         if 16 not in args.clients:
             print(f"{label:<28}(16-client targets not measured; largest here: {top})")
+
+    print("\nsingle stream (1 client) against the machine's bound (read every weight once per token):")
+    for name, model, label in engines + ([(BASELINE, model_dir, BASELINE)] if not args.no_baseline else []):
+        s = table.get((label, 1))
+        folder = model if Path(model).is_dir() else model_dir
+        if s is None or not weight_bytes(folder):
+            continue
+        bound = bandwidth * 1e9 / weight_bytes(folder)
+        print(f"{label:<28} {s['tok_s']:6.1f} tok/s of a bound of {bound:6.1f} ({weight_bytes(folder) / 1e6:.0f} MB "
+              f"of weights): {s['tok_s'] / bound:.0%}")
 
     json_label = f"engine {DEFAULT_ENGINE}"
     if any(key[0] == json_label + " json" for key in table):
