@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import Future
 
 from ..generation import ContextLengthError, ParamError, Row
+from . import rowwise_attention
 from .base import Engine
 
 # Sampling is one switch for the whole manager, so greedy rows sample at a temperature so low that
@@ -50,9 +51,13 @@ class TransformersEngine(Engine):
                                              eos_token_id=sorted(self.stop_ids))
         # On CPU the manager sizes its cache from free RAM (gigabytes); a token budget keeps it to what
         # the requests need. Pages of 64 tokens let chat turns share most of their history.
+        # Attention one request at a time (rowwise_attention) where the model allows: the manager's own SDPA
+        # path attends every request to the whole batch's keys through a mask
+        rowwise = rowwise_attention.use_for(model)
         config = ContinuousBatchingConfig(
             page_size=page_size, num_blocks=max(kv_cache_tokens // page_size, 1), max_batch_tokens=max_batch_tokens,
-            per_request_processors=True, allow_block_sharing=True)
+            per_request_processors=True, allow_block_sharing=True,
+            **(dict(max_blocks_per_request=0, use_async_batching=False) if rowwise else {}))
         self.manager = model.init_continuous_batching(generation_config=generation_config,
                                                       continuous_batching_config=config)
         _sort_only_where_needed(self.manager)
