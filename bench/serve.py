@@ -682,6 +682,10 @@ def main():
     for name, model, label in engines + ([(BASELINE, model_dir, BASELINE)] if not args.no_baseline else []):
         s = table.get((label, 1))
         folder = model if Path(model).is_dir() else model_dir
+        if name == "openvino":  # what the engine reads: its export (made on first use, found in the cache now)
+            from finetune_phi.modeling.export import cached_export
+
+            folder = str(cached_export(folder, progress=log))
         if s is None or not weight_bytes(folder):
             continue
         bound = bandwidth * 1e9 / weight_bytes(folder)
