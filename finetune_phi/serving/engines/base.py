@@ -118,10 +118,16 @@ class Engine(ABC):
             ids = chat_token_ids(self.tok, prompt)
         if not ids:
             raise ParamError("the prompt is empty")
-        if len(ids) + params.max_new_tokens > self.context_length:
-            raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that "
-                                     f"exceeds the model's context of {self.context_length} tokens")
+        for limit, what, setting in self.token_limits():
+            if len(ids) + params.max_new_tokens > limit:
+                raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
+                                         f"that exceeds {what} of {limit} tokens{setting}")
         return ids
+
+    def token_limits(self) -> list[tuple[int, str, str]]:
+        """(tokens, what holds them, the setting that sizes it) that a prompt and its answer must fit: the model's
+        context, and what an engine adds (its KV cache)."""
+        return [(self.context_length, "the model's context", "")]
 
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)

@@ -14,7 +14,7 @@ import importlib.util
 import threading
 from concurrent.futures import Future
 
-from ..generation import ContextLengthError, ParamError, Row
+from ..generation import ParamError, Row
 from . import rowwise_attention
 from .base import Engine
 
@@ -55,7 +55,7 @@ class TransformersEngine(Engine):
         # path attends every request to the whole batch's keys through a mask
         rowwise = rowwise_attention.use_for(model)
         config = ContinuousBatchingConfig(
-            page_size=page_size, num_blocks=max(kv_cache_tokens // page_size, 1), max_batch_tokens=max_batch_tokens,
+            page_size=page_size, num_blocks=self.kv_cache_tokens // page_size, max_batch_tokens=max_batch_tokens,
             per_request_processors=True, allow_block_sharing=True,
             **(dict(max_blocks_per_request=0, use_async_batching=False) if rowwise else {}))
         self.manager = model.init_continuous_batching(generation_config=generation_config,
@@ -90,12 +90,8 @@ class TransformersEngine(Engine):
         """The KV cache a row may take: its prompt and max_new_tokens, in whole pages."""
         return -(-(len(row.prompt_ids) + row.params.max_new_tokens) // self.page_size) * self.page_size
 
-    def encode(self, prompt, params):
-        ids = super().encode(prompt, params)
-        if len(ids) + params.max_new_tokens > self.kv_cache_tokens:
-            raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} that "
-                                     f"exceeds the engine's KV cache of {self.kv_cache_tokens} tokens (--kv-cache-tokens)")
-        return ids
+    def token_limits(self) -> list[tuple[int, str, str]]:
+        return super().token_limits() + [(self.kv_cache_tokens, "the engine's KV cache", " (--kv-cache-tokens)")]
 
     def _admit(self):
         """Start waiting rows, in order, while their pages fit in the KV cache beside those in flight (encode
