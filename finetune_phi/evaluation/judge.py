@@ -84,10 +84,6 @@ class Judge:
     def ask(self, messages: list[dict], retry: RetryPolicy | None = None, timeout: float = 300) -> str:
         """The judge's reply (temperature 0), from the cache when this exact prompt was asked before."""
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
-        key = hashlib.sha256(json.dumps([self.url, self.model, self.max_tokens, messages], sort_keys=True).encode()).hexdigest()
-        cached = _cache_dir() / key[:2] / f"{key}.json"
-        if cached.exists():
-            return json.loads(cached.read_text(encoding="utf-8"))["reply"]
 
         def read(response):
             with response:
@@ -96,18 +92,29 @@ class Judge:
                 except (ValueError, KeyError, IndexError, TypeError):
                     raise EndpointError(f"{self.url} answered something that is not a chat completion") from None
 
-        reply = _post(self.url, "", body, None, timeout, read, retry, headers=self.headers)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"model": self.model, "reply": reply}), encoding="utf-8")
-        os.replace(tmp, cached)
-        return reply
+        return cached([self.url, self.model, self.max_tokens, messages], "reply", {"model": self.model},
+                      lambda: _post(self.url, "", body, None, timeout, read, retry, headers=self.headers))
 
 
 def _cache_dir() -> Path:
     from ..modeling.cache import cache_dir
 
     return cache_dir() / "judge"
+
+
+def cached(key: list, field: str, about: dict, compute, folder: str = ""):
+    """What the judge answered for `key` (judge, model, prompt ...), from <cache>/judge[/folder] when it was asked
+    before, else compute() written there atomically as {**about, field: value}: a re-run asks nothing again."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    path = _cache_dir() / folder / digest[:2] / f"{digest}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))[field]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**about, field: value}), encoding="utf-8")
+    os.replace(tmp, path)
+    return value
 
 
 def prompt(question: str, chat_history: list | None, reference: str | None, answer_a: str, answer_b: str) -> list[dict]:

@@ -10,13 +10,10 @@ counted per evaluator, never a number made up.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import urllib.parse
 
-from .judge import Judge, JudgeError, _cache_dir
+from .judge import Judge, JudgeError, cached
 
 # name -> (azure.ai.evaluation class, the inputs it takes of query / response / ground_truth)
 EVALUATORS = {
@@ -80,20 +77,16 @@ def score(judge: Judge, name: str, query: str, response: str, ground_truth: str 
     """One evaluator's 1-5 score of one answer (None when the judge's reply had no score), cached."""
     inputs = {"query": query, "response": response, "ground_truth": ground_truth}
     inputs = {k: inputs[k] for k in EVALUATORS[name][1]}
-    key = hashlib.sha256(json.dumps([judge.url, judge.model, name, inputs], sort_keys=True).encode()).hexdigest()
-    cached = _cache_dir() / "evaluators" / key[:2] / f"{key}.json"
-    if cached.exists():
-        return json.loads(cached.read_text(encoding="utf-8"))["score"]
-    try:
-        value = _evaluator(judge, name)(**inputs).get(name)
-    except ValueError:  # the evaluator could not read the judge's reply (not JSON): no score, not a failed line
-        value = None
-    value = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"evaluator": name, "model": judge.model, "score": value}), encoding="utf-8")
-    os.replace(tmp, cached)
-    return value
+
+    def ask():
+        try:
+            value = _evaluator(judge, name)(**inputs).get(name)
+        except ValueError:  # the evaluator could not read the judge's reply (not JSON): no score, not a failed line
+            return None
+        return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+    return cached([judge.url, judge.model, name, inputs], "score", {"evaluator": name, "model": judge.model}, ask,
+                  folder="evaluators")
 
 
 def score_pair(judge: Judge, names, question: str, ground_truth: str, base: str, candidate: str) -> dict:
