@@ -25,27 +25,18 @@ def _offline_env():
         os.environ.setdefault(var, "true")
 
 
-def _at_least(low: int, high: int | None = None):
-    """An argparse type: a whole number from `low` (to `high`); anything else is argparse's one-line usage error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}" if high is not None
-                                             else f"{value} is too small: give at least {low}")
-        return value
-    parse.__name__ = "number"  # what argparse calls it in its message
-    return parse
-
-
-PORT = _at_least(1, 65535)
-POSITIVE = _at_least(1)
-
-
 COMMANDS = ("data", "tiny", "train", "serve", "connect", "deploy", "delete", "compare", "demo", "export")
 MODEL_COMMANDS = ("train", "serve", "demo", "compare", "tiny")
+# commands whose settings are dataclasses (finetune_phi.options): flags, --config YAML and defaults from one field each
+OPTIONS = {"train": "finetune_phi.training.config:TRAIN_COMMAND", "serve": "finetune_phi.serving.options:SERVE_COMMAND",
+           "deploy": "finetune_phi.azureml.options:DEPLOY_COMMAND", "compare": "finetune_phi.evaluation.compare:COMPARE_COMMAND"}
+
+
+def _options(command: str) -> tuple:
+    import importlib
+
+    module, name = OPTIONS[command].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _quiet_libraries():
@@ -146,20 +137,10 @@ def _flag_errors():
 
 def cmd_serve(args):
     from .serving.app import serve
-    from .serving.endpoint import Limits, parse_pairs, parse_traffic
 
-    with _flag_errors():
-        deployments = parse_pairs(args.deployment or ["default=tiny"], "deployment")
-        traffic = parse_traffic(args.traffic or [], list(deployments))
-    limits = Limits(max_concurrent_requests_per_instance=args.max_concurrent_requests,
-                    max_queue_wait_ms=args.max_queue_wait_ms, request_timeout_ms=args.request_timeout_ms,
-                    max_body_bytes=args.max_body_bytes, max_new_tokens_cap=args.max_new_tokens_cap)
-    options = {}
-    if args.kv_cache_tokens is not None:
-        if args.engine != "transformers":
-            raise UserError(f"--kv-cache-tokens sizes the transformers engine's cache, not the {args.engine} engine's")
-        options["kv_cache_tokens"] = args.kv_cache_tokens
-    serve(deployments, traffic, args.host, args.port, limits, engine=args.engine, engine_options=options)
+    options, limits = args.options
+    serve(options.deployments(), options.traffic_split(), options.host, options.port, limits, engine=options.engine,
+          engine_options=options.engine_options())
 
 
 def cmd_connect(args):
@@ -186,20 +167,9 @@ def cmd_connect(args):
 
 
 def cmd_deploy(args):
-    from pathlib import Path
-
     from .azureml import ops
-    from .serving.endpoint import parse_weights
 
-    with _flag_errors():
-        traffic = parse_weights(args.traffic) if args.traffic else {args.deployment_name: 100}
-    if args.deployment_name not in traffic:
-        traffic[args.deployment_name] = 0  # created and reachable by header, no traffic yet
-    # the quantized CPU engine runs on a CPU VM (the original tutorial's size); the others on an A100 by default
-    instance_type = args.instance_type or ("Standard_E4s_v3" if args.engine == "openvino" else "Standard_NC24ads_A100_v4")
-    ops.deploy(_azure_settings(args), args.endpoint_name, args.deployment_name, args.model, traffic,
-               instance_type, args.instance_count, args.max_concurrent_requests, args.request_timeout_ms,
-               args.max_queue_wait_ms, args.image, args.dry_run, Path(args.dry_run_dir), engine=args.engine)
+    ops.deploy(_azure_settings(args), *args.options)
 
 
 def cmd_delete(args):
@@ -211,19 +181,17 @@ def cmd_delete(args):
 
 
 def cmd_compare(args):
-    from .evaluation.compare import CompareConfig, compare, parse_share
+    from dataclasses import replace
 
+    from .evaluation.compare import compare
+
+    (config,) = args.options
     if args.resume:
-        compare(CompareConfig(base="", candidate="", name=args.resume, reports=args.reports), resume=True)
+        compare(replace(config, base="", candidate="", name=args.resume), resume=True)
         return
-    if not (args.base and args.candidate):
+    if not (config.base and config.candidate):
         raise UserError("compare needs --base and --candidate (deployment names), or --resume NAME")
-    compare(CompareConfig(
-        base=args.base, candidate=args.candidate, data=args.data, name=args.name, base_model=args.base_model,
-        candidate_model=args.candidate_model, test_file=args.test_file, base_connection=args.base_connection,
-        candidate_connection=args.candidate_connection, reports=args.reports, runner=args.runner, workers=args.workers,
-        temperature=args.temperature, max_tokens=args.max_tokens, max_failed=parse_share(args.max_failed),
-        judge=args.judge, judge_model=args.judge_model, judge_evaluators=args.judge_evaluators))
+    compare(config)
 
 
 def cmd_demo(args):
@@ -242,23 +210,51 @@ def _add_azure_flags(p, identity: bool = False):
     return g
 
 
-def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
-    """The whole command line. `train`'s flags come from the dataclasses in config.py through
-    transformers' HfArgumentParser, whose import takes a second or two: `train_flags=False` leaves
-    them out, for commands other than train (main() builds only what the command line needs)."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default after its help, unless there is none to show (None, an empty list, off)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, [], False) or "%(default)" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line. The flags of train, serve, deploy and compare come from their settings' dataclasses
+    (OPTIONS) through transformers' HfArgumentParser, whose import takes a second or two: only the command named by
+    `options_of` gets them (main() builds only what the command line needs)."""
     parser_class = argparse.ArgumentParser
-    if train_flags:
+    if options_of in OPTIONS:
         from transformers import HfArgumentParser
 
         parser_class = HfArgumentParser  # an ArgumentParser that also takes dataclass_types
     p = argparse.ArgumentParser(prog="finetune-phi", description="Fine-tune Phi-3 on UltraChat, serve it, chat and evaluate with Prompt flow.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show the traceback of every error, the one-line ones too")
     p.add_argument("--project", default=None, metavar="PATH",
                    help="the finetune-phi checkout whose flows/, deploy/ and venvs to use (default: the current folder, "
                         "else the source of an editable install)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=parser_class)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
+    p.command_parsers = {}  # for --config
+
+    def with_options(name: str, help: str):
+        if name != options_of:
+            return sub.add_parser(name, help=help, formatter_class=fmt)
+        from .options import add_negations, bound_flags
+
+        classes = _options(name)
+        q = sub.add_parser(name, help=help, formatter_class=fmt, dataclass_types=classes)
+        add_negations(q, *classes)
+        bound_flags(q, *classes)
+        q.add_argument("--config", metavar="YAML", default=None,
+                       help=f"a YAML file of {name} settings, keyed by the flags' names (without --); flags on the "
+                            "command line override it")
+        p.command_parsers[name] = q
+        return q
+
+    from .options import whole_number
+    from .serving.options import PORT, SCORING_URI
 
     d = sub.add_parser("data", help="make train/test/eval jsonl from UltraChat", formatter_class=fmt)
     d.add_argument("--source", default="sample",
@@ -277,45 +273,15 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     t.add_argument("--tokenizer", default=None, help="build around this real Phi-3 tokenizer folder")
     t.set_defaults(func=cmd_tiny)
 
-    train_help = "fine-tune with TRL SFT, log to MLflow and register"
-    if train_flags:
-        from .training.config import TRAIN_COMMAND, TrainArguments, add_negations
-
-        tr = sub.add_parser("train", help=train_help, formatter_class=fmt, dataclass_types=TRAIN_COMMAND)
-        add_negations(tr, TrainArguments)
-        tr.add_argument("--config", metavar="YAML", default=None,
-                        help="a YAML file of train settings, keyed by the flags' names (base_model: tiny, lora: "
-                             "true, lr: 2.0e-4, ...); flags on the command line override it")
-        _add_azure_flags(tr)
-    else:
-        tr = sub.add_parser("train", help=train_help, formatter_class=fmt)
-    p.train_parser = tr  # for --config
+    tr = with_options("train", "fine-tune with TRL SFT, log to MLflow and register")
+    _add_azure_flags(tr)
     tr.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("serve", help="run the scoring endpoint locally", formatter_class=fmt)
-    s.add_argument("--deployment", action="append", metavar="NAME=MODEL",
-                   help="a deployment: MODEL is tiny, a folder or models:/NAME/VERSION (repeat; default default=tiny)")
-    s.add_argument("--traffic", action="append", metavar="NAME=PCT",
-                   help="traffic split in percent, summing to 100 (default: all to the first deployment)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=PORT, default=5000)
-    s.add_argument("--max-concurrent-requests", type=POSITIVE, default=32, help="in flight at once; more get 429")
-    s.add_argument("--max-queue-wait-ms", type=POSITIVE, default=5000, help="longest wait before decoding starts; then 408")
-    s.add_argument("--request-timeout-ms", type=POSITIVE, default=180000,
-                   help="longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)")
-    s.add_argument("--max-body-bytes", type=POSITIVE, default=1_000_000, help="larger request bodies get 413")
-    s.add_argument("--max-new-tokens-cap", type=POSITIVE, default=1024, help="largest max_new_tokens / max_tokens accepted")
-    s.add_argument("--kv-cache-tokens", type=_at_least(16), default=None,
-                   help="the transformers engine's KV cache in tokens (default 16384): a request starts when its prompt "
-                        "and max_new_tokens fit beside those decoding, else waits (408 after --max-queue-wait-ms)")
-    from .serving.engines.base import DEFAULT_ENGINE, ENGINES
-
-    s.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
-                   help="what decodes: transformers (continuous batching, CPU or GPU), vllm (CUDA GPU); see README")
+    s = with_options("serve", "run the scoring endpoint locally")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("connect", help="create/update the flows' Prompt flow connection", formatter_class=fmt)
-    c.add_argument("--endpoint-url", default="http://127.0.0.1:5000/score", help="scoring URI of the endpoint")
+    c.add_argument("--endpoint-url", default=SCORING_URI, help="scoring URI of the endpoint")
     c.add_argument("--api-key-env", default=None,
                    help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)")
     c.add_argument("--name", default="finetune_phi_endpoint", help="connection name")
@@ -325,25 +291,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     _add_azure_flags(c)
     c.set_defaults(func=cmd_connect)
 
-    dp = sub.add_parser("deploy", help="deploy a model to an Azure ML managed online endpoint", formatter_class=fmt)
-    dp.add_argument("--target", choices=["azure"], default="azure", help="locally, use `finetune-phi serve`")
-    dp.add_argument("--model", required=True, help="job:JOB_NAME (a training job's output), a model folder, or azureml:NAME:VERSION")
-    dp.add_argument("--endpoint-name", default="finetune-phi", help="online endpoint (kept if it exists)")
-    dp.add_argument("--deployment-name", default="ft", help="deployment to create or update")
-    dp.add_argument("--traffic", action="append", metavar="NAME=PCT",
-                    help="traffic after the deployment, e.g. --traffic ft=10 --traffic blue=90 (default: all to it)")
-    dp.add_argument("--engine", choices=sorted(ENGINES), default=DEFAULT_ENGINE,
-                    help="what deploy/score.py serves the model with (FINETUNE_PHI_ENGINE in the deployment); "
-                         "openvino takes a folder made by `finetune-phi export --format openvino`")
-    dp.add_argument("--instance-type", default=None,
-                    help="VM size of each instance (default: Standard_E4s_v3 for --engine openvino, else Standard_NC24ads_A100_v4)")
-    dp.add_argument("--instance-count", type=int, default=1)
-    dp.add_argument("--max-concurrent-requests", type=int, default=1, help="max_concurrent_requests_per_instance")
-    dp.add_argument("--request-timeout-ms", type=int, default=90000, help="request_timeout_ms (Azure caps it at 180000)")
-    dp.add_argument("--max-queue-wait-ms", type=int, default=500, help="max_queue_wait_ms")
-    dp.add_argument("--image", default=None, help="base image of the scoring environment")
-    dp.add_argument("--dry-run", action="store_true", help="print the YAML of every entity; create nothing")
-    dp.add_argument("--dry-run-dir", default="azure-dry-run/deploy", help="where --dry-run writes the YAML")
+    dp = with_options("deploy", "deploy a model to an Azure ML managed online endpoint")
     _add_azure_flags(dp, identity=True)
     dp.set_defaults(func=cmd_deploy)
 
@@ -360,38 +308,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
 
     add_export_parser(sub)
 
-    k = sub.add_parser("compare", help="base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report",
-                       formatter_class=fmt)
-    k.add_argument("--base", default=None, help="deployment name answering as the base (e.g. base)")
-    k.add_argument("--candidate", default=None, help="deployment name answering as the fine-tuned model (e.g. ft)")
-    k.add_argument("--data", default="data/eval.jsonl", help="eval rows (question, chat_history, ground_truth)")
-    k.add_argument("--name", default=None, help="prefix of the pf run names and the report folder (default: timestamped)")
-    k.add_argument("--base-model", default=None, help="model of the base deployment, to report held-out loss too")
-    k.add_argument("--candidate-model", default=None, help="model of the candidate deployment, for held-out loss")
-    k.add_argument("--test-file", default=None, help="UltraChat rows for the loss (default: test.jsonl beside --data)")
-    k.add_argument("--base-connection", default=None, help="pf connection for the base (default finetune_phi_endpoint)")
-    k.add_argument("--candidate-connection", default=None, help="pf connection for the candidate")
-    k.add_argument("--reports", default="reports", help="folder for the report")
-    from .evaluation.compare import DEFAULT_WORKERS
-
-    k.add_argument("--workers", type=POSITIVE, default=DEFAULT_WORKERS,
-                   help="chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)")
-    k.add_argument("--runner", choices=["promptflow", "maf"], default="promptflow",
-                   help="promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework "
-                        "twins flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
-    k.add_argument("--temperature", type=float, default=0.0,
-                   help="sampling temperature of both sides; 0 = greedy, so the same compare gives the same table")
-    k.add_argument("--max-tokens", type=POSITIVE, default=None, help="longest answer in tokens (default: the endpoint's)")
-    k.add_argument("--max-failed", default="5%",
-                   help="exit non-zero (after writing the report) when a side fails more than this share of lines")
-    k.add_argument("--judge", metavar="CONNECTION", default=None,
-                   help="also judge each paired line in both orders (MT-Bench's pairwise protocol) with the chat model "
-                        "behind this Prompt flow connection (type open_ai or azure_open_ai)")
-    k.add_argument("--judge-model", default=None,
-                   help="the judge's model (OpenAI; default gpt-4o) or deployment name (Azure OpenAI, required)")
-    k.add_argument("--judge-evaluators", metavar="NAMES", default="",
-                   help="also score both answers with Azure AI Evaluation's evaluators, asked of the judge model: "
-                        "a comma-separated list of coherence, fluency, relevance, similarity (1-5, paired CIs)")
+    k = with_options("compare", "base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report")
     k.add_argument("--resume", metavar="NAME", default=None,
                    help="continue the comparison NAME (in --reports) with its saved settings: only lines that "
                         "have no answer are asked again")
@@ -401,7 +318,7 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
     m.add_argument("--base-model", default="smollm2-135m",
                    help="base to fine-tune: smollm2-135m (real weights, several minutes on 2 cores) or tiny (random weights, ~1 min)")
-    m.add_argument("--port", type=PORT, default=5000, help="endpoint port (a free one if taken)")
+    m.add_argument("--port", type=whole_number(1, 65535), default=PORT, help="endpoint port (a free one if taken)")
     m.add_argument("--tokenizer", default=None, help="with --base-model tiny: build it around this real Phi-3 tokenizer folder")
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)
@@ -412,17 +329,27 @@ def build_parser(train_flags: bool = True) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The parsed command line; for `train`, also its settings as objects: `.train` (TrainConfig),
-    `.launch` (TrainLaunch) and `.job` (AzureJobOptions), a --config file's values under the flags."""
-    parser = build_parser(train_flags="train" in argv)
-    args = parser.parse_args(argv)
-    if args.command == "train":
-        from .training.config import AzureJobOptions, TrainConfig, TrainLaunch, from_namespace, load_yaml_defaults
+    """The parsed command line; for train, serve, deploy and compare also their settings as objects,
+    `.options` (a --config file's values under the flags'). train's: `.train` (TrainConfig), `.launch`
+    (TrainLaunch) and `.job` (AzureJobOptions)."""
+    from .options import from_namespace, load_yaml_defaults
 
-        if args.config:
-            load_yaml_defaults(parser.train_parser, args.config)
-            args = parser.parse_args(argv)  # again: the file's values are now the defaults
-        args.train, args.launch, args.job = (from_namespace(c, args) for c in (TrainConfig, TrainLaunch, AzureJobOptions))
+    command = next((a for a in argv if a in COMMANDS), None)
+    parser = build_parser(options_of=command)
+    args = parser.parse_args(argv)
+    if args.command not in OPTIONS:
+        return args
+    classes = _options(args.command)
+    if args.config:
+        load_yaml_defaults(parser.command_parsers[args.command], args.config, classes)
+        args = parser.parse_args(argv)  # again: the file's values are now the defaults
+    if args.command == "train":
+        from .training.config import TrainConfig
+
+        classes = (TrainConfig, *classes[1:])  # TrainArguments' flags, and the Python API's extra
+    args.options = tuple(from_namespace(c, args) for c in classes)
+    if args.command == "train":
+        args.train, args.launch, args.job = args.options
     return args
 
 

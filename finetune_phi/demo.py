@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import project
+from .serving.options import PORT
 
 QUESTION = "What is the capital of France?"
 
@@ -66,7 +67,7 @@ def pf_chat(question: str, deployment: str) -> str:
     return json.loads(out[out.rindex("{", 0, out.rindex('"answer"')):out.rindex("}") + 1])["answer"]
 
 
-def run_demo(workdir: str = "demo", port: int = 5000, base_model: str = "smollm2-135m", tokenizer: str | None = None,
+def run_demo(workdir: str = "demo", port: int = PORT, base_model: str = "smollm2-135m", tokenizer: str | None = None,
              epochs: float | None = None):
     from .data.prepare import prepare
     from .evaluation.compare import CompareConfig, compare

@@ -121,7 +121,7 @@ def test_deploy_with_the_quantized_engine_takes_an_export_and_a_cpu_vm(cli, tiny
 @pytest.mark.parametrize("args, message", [
     (["--traffic", "ft=10", "--traffic", "blue=80"], "must add up to 100"),
     (["--traffic", "ft=ten", "--traffic", "blue=90"], "integer from 0 to 100"),
-    (["--instance-count", "0"], "--instance-count must be at least 1"),
+    (["--instance-count", "0"], "--instance-count: 0 is too small: give at least 1"),
 ])
 def test_bad_deploy_flags_are_named(cli, tiny_model, tmp_path, args, message):
     done = cli("deploy", "--dry-run", "--dry-run-dir", str(tmp_path), "--model", str(tiny_model), *args)

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from .. import project
 from ..errors import UserError
+from .options import CPU_VM, ENDPOINT_NAME, GPU_VM, DeployOptions
 
 # azure-ai-ml warns "experimental class" for schemas it uses internally on every dump: noise to a user
 logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
 
-COMPUTE_PRESETS = {"gpu": "Standard_NC24ads_A100_v4", "cpu": "Standard_E16s_v3"}
+COMPUTE_PRESETS = {"gpu": GPU_VM, "cpu": CPU_VM}
 TRAIN_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
 SERVE_IMAGE_CPU = "mcr.microsoft.com/azureml/minimal-ubuntu22.04-py39-cpu-inference:latest"
-MODEL_NAME = "finetune-phi"
+MODEL_NAME = ENDPOINT_NAME  # the registered model asset
 
 
 def compute_size(size: str) -> str:
@@ -142,22 +143,20 @@ def endpoint(name: str, identity: str | None = None, traffic: dict[str, int] | N
                                  description="finetune-phi scoring endpoint (/score, Bearer key)")
 
 
-def deployment(name: str, endpoint_name: str, model, environment, instance_type: str = "Standard_NC24ads_A100_v4",
-               instance_count: int = 1, max_concurrent_requests_per_instance: int = 1, request_timeout_ms: int = 90_000,
-               max_queue_wait_ms: int = 500, env_vars: dict | None = None):
+def deployment(options: DeployOptions, model, environment, env_vars: dict | None = None):
+    """The managed online deployment `options` describes (deploy/score.py on its VM size, with its request settings)."""
     from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
 
-    if instance_count < 1:
-        raise UserError(f"--instance-count must be at least 1, got {instance_count}")
     # loading a multi-GB model takes minutes: give the probes room before they restart the container
     liveness = ProbeSettings(initial_delay=600, period=30, timeout=10, failure_threshold=30, success_threshold=1)
     readiness = ProbeSettings(initial_delay=30, period=10, timeout=10, failure_threshold=60, success_threshold=1)
     return ManagedOnlineDeployment(
-        name=name, endpoint_name=endpoint_name, model=model, environment=environment,
+        name=options.deployment_name, endpoint_name=options.endpoint_name, model=model, environment=environment,
         code_configuration=CodeConfiguration(code=str(project.root()), scoring_script="deploy/score.py"),
-        instance_type=instance_type, instance_count=instance_count,
-        request_settings=OnlineRequestSettings(max_concurrent_requests_per_instance=max_concurrent_requests_per_instance,
-                                               request_timeout_ms=request_timeout_ms, max_queue_wait_ms=max_queue_wait_ms),
+        instance_type=options.vm_size, instance_count=options.instance_count,
+        request_settings=OnlineRequestSettings(
+            max_concurrent_requests_per_instance=options.max_concurrent_requests_per_instance,
+            request_timeout_ms=options.request_timeout_ms, max_queue_wait_ms=options.max_queue_wait_ms),
         liveness_probe=liveness, readiness_probe=readiness,
         environment_variables={"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})},
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from . import entities
+from .options import DeployOptions
 from .settings import AzureSettings
 
 
@@ -51,17 +52,16 @@ def train(settings: AzureSettings, cfg, job):
     return submitted
 
 
-def deploy(settings: AzureSettings, endpoint_name: str, deployment_name: str, model_source: str, traffic: dict[str, int],
-           instance_type: str, instance_count: int, max_concurrent: int, request_timeout_ms: int, max_queue_wait_ms: int,
-           image: str, dry_run: bool, dry_run_dir: Path, engine: str = "transformers"):
-    model = entities.model_asset(model_source, engine=engine)
-    env = entities.serving_environment(image or entities.serving_image(instance_type))
+def deploy(settings: AzureSettings, options: DeployOptions):
+    """Register the model, create the endpoint if missing, create or update the deployment, then move traffic."""
+    endpoint_name, deployment_name, traffic = options.endpoint_name, options.deployment_name, options.traffic_split()
+    model = entities.model_asset(options.model, engine=options.engine)
+    env = entities.serving_environment(options.image or entities.serving_image(options.vm_size))
     ep = entities.endpoint(endpoint_name, settings.identity, traffic)
-    dep = entities.deployment(deployment_name, endpoint_name, model, env, instance_type, instance_count,
-                              max_concurrent, request_timeout_ms, max_queue_wait_ms,
-                              env_vars={"FINETUNE_PHI_ENGINE": engine})
-    if dry_run:
-        _show(entities.dump_all({"model": model, "environment": env, "endpoint": ep, "deployment": dep}, dry_run_dir))
+    dep = entities.deployment(options, model, env, env_vars={"FINETUNE_PHI_ENGINE": options.engine})
+    if options.dry_run:
+        _show(entities.dump_all({"model": model, "environment": env, "endpoint": ep, "deployment": dep},
+                                Path(options.dry_run_dir)))
         return None
     ml = settings.ml_client()
     registered = ml.models.create_or_update(model)
@@ -76,7 +76,7 @@ def deploy(settings: AzureSettings, endpoint_name: str, deployment_name: str, mo
     unknown = set(traffic) - set(current.traffic or {}) - {deployment_name}
     if unknown:
         raise UserError(f"--traffic names deployments that endpoint {endpoint_name} does not have: {sorted(unknown)}")
-    print(f"creating deployment {deployment_name} ({instance_count} x {instance_type}); this takes minutes...", flush=True)
+    print(f"creating deployment {deployment_name} ({options.instance_count} x {options.vm_size}); this takes minutes...", flush=True)
     ml.online_deployments.begin_create_or_update(dep).result()
     current.traffic = traffic
     ml.online_endpoints.begin_create_or_update(current).result()

@@ -20,9 +20,11 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 from .. import project
 from ..errors import UserError
+from ..options import check_bounds, setting
 from .metrics import METRICS
 from .watchdog import dies_with_me
 
@@ -79,48 +81,70 @@ def check_deployments(pf, sides: list[tuple[str, str | None]]):
 
 @dataclass
 class CompareConfig:
-    """Everything one comparison needs; saved in reports/<name>/state.json so `--resume NAME` continues it
-    with the same settings."""
+    """Every setting of `finetune-phi compare`: each field is a flag, a key of `compare --config FILE`
+    (finetune_phi.options), and what the comparison reads. Saved in reports/<name>/state.json, so that
+    `--resume NAME` continues it with the same settings."""
 
-    base: str  # deployment answering as the base
-    candidate: str  # deployment answering as the fine-tuned model
-    data: str = "data/eval.jsonl"
-    name: str | None = None  # default: compare_<timestamp>
-    base_model: str | None = None  # for held-out loss
-    candidate_model: str | None = None
-    test_file: str | None = None  # default: test.jsonl beside data
-    base_connection: str | None = None  # default: finetune_phi_endpoint
-    candidate_connection: str | None = None
-    reports: str = "reports"
-    runner: str = "promptflow"  # or "maf": the Agent Framework twins
-    workers: int = DEFAULT_WORKERS
-    temperature: float = 0.0  # greedy: the same table every time
-    max_tokens: int | None = None  # None: the endpoint's default
-    max_failed: float = 0.05  # a side failing more of its lines than this makes compare exit non-zero
-    judge: str | None = None  # a Prompt flow connection (open_ai / azure_open_ai) of a judge model
-    judge_model: str | None = None  # its model (OpenAI) or deployment (Azure OpenAI) name
-    judge_evaluators: tuple = ()  # Azure AI Evaluation evaluators asked of the judge: coherence, fluency, ...
+    BOUNDS = {"workers": (1, None), "max_tokens": (1, None)}
+
+    base: str | None = setting(None, "deployment name answering as the base (e.g. base)")
+    candidate: str | None = setting(None, "deployment name answering as the fine-tuned model (e.g. ft)")
+    data: str = setting("data/eval.jsonl", "eval rows (question, chat_history, ground_truth)")
+    name: str | None = setting(None, "prefix of the run names and the report folder (default: compare_<timestamp>)")
+    base_model: str | None = setting(None, "model of the base deployment, to report held-out loss too")
+    candidate_model: str | None = setting(None, "model of the candidate deployment, for held-out loss")
+    test_file: str | None = setting(None, "UltraChat rows for the loss (default: test.jsonl beside --data)")
+    base_connection: str | None = setting(None, "pf connection for the base (default finetune_phi_endpoint)")
+    candidate_connection: str | None = setting(None, "pf connection for the candidate")
+    reports: str = setting("reports", "folder for the report")
+    runner: Literal["promptflow", "maf"] = setting(
+        "promptflow", "promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework twins "
+                      "flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
+    workers: int = setting(DEFAULT_WORKERS, "chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)")
+    temperature: float = setting(0.0, "sampling temperature of both sides; 0 = greedy, so the same compare gives the same table")
+    max_tokens: int | None = setting(None, "longest answer in tokens (default: the endpoint's)")
+    max_failed: str = setting(
+        "5%", "exit non-zero (after writing the report) when a side fails more than this share of lines (5%% or 0.05)")
+    judge: str | None = setting(
+        None, "also judge each paired line in both orders (MT-Bench's pairwise protocol) with the chat model behind "
+              "this Prompt flow connection (type open_ai or azure_open_ai)", metavar="CONNECTION")
+    judge_model: str | None = setting(
+        None, "the judge's model (OpenAI; default gpt-4o) or deployment name (Azure OpenAI, required)")
+    judge_evaluators: str = setting(
+        "", "also score both answers with Azure AI Evaluation's evaluators, asked of the judge model: a comma-separated "
+            "list of coherence, fluency, relevance, similarity (1-5, paired CIs)", metavar="NAMES")
 
     def __post_init__(self):
         from .judge import JudgeError
         from .quality import parse_names
 
+        check_bounds(self)
         try:
-            self.judge_evaluators = parse_names(self.judge_evaluators)
+            self.judge_evaluators = ",".join(parse_names(self.judge_evaluators))
         except JudgeError as e:
             raise CompareError(f"--judge-evaluators: {e}") from None
         if self.judge_evaluators and not self.judge:
             raise CompareError("--judge-evaluators asks the judge model: give it with --judge CONNECTION")
         if not 0 <= self.temperature <= 2:
             raise CompareError(f"--temperature must be from 0 (greedy) to 2, got {self.temperature}")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise CompareError(f"--max-tokens must be at least 1, got {self.max_tokens}")
-        if not 0 <= self.max_failed <= 1:
+        self.max_failed = str(self.max_failed)  # a float in a state.json of an older version
+        if not 0 <= self.failed_share <= 1:
             raise CompareError(f"--max-failed must be a share of the lines from 0 to 1 (or 0% to 100%), got {self.max_failed}")
-        if self.workers < 1:
-            raise CompareError(f"--workers must be at least 1, got {self.workers}")
         if self.runner not in ("promptflow", "maf"):
             raise CompareError(f"--runner must be promptflow or maf, got {self.runner!r}")
+
+    @property
+    def evaluators(self) -> tuple[str, ...]:
+        return tuple(n for n in self.judge_evaluators.split(",") if n)
+
+    @property
+    def failed_share(self) -> float:
+        """--max-failed: '5%' or 0.05."""
+        text = self.max_failed.strip()
+        try:
+            return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        except ValueError:
+            raise CompareError(f"--max-failed takes a share of the lines such as 5% or 0.05, got {text!r}") from None
 
     def deployment(self, role: str) -> str:
         return self.base if role == "base" else self.candidate
@@ -140,12 +164,7 @@ class CompareConfig:
         return f"{self.name}_{kind}_{role}_{self.deployment(role)}"
 
 
-def parse_share(text: str) -> float:
-    """--max-failed: '5%' or 0.05."""
-    try:
-        return float(text[:-1]) / 100 if text.strip().endswith("%") else float(text)
-    except ValueError:
-        raise CompareError(f"--max-failed takes a share of the lines such as 5% or 0.05, got {text!r}") from None
+COMPARE_COMMAND = (CompareConfig,)  # the dataclass behind `finetune-phi compare`
 
 
 @dataclass
@@ -673,7 +692,7 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
     """Run both sides, print the table, write the report. `losses` ({"base", "candidate"}) may be passed
     when already known (the demo has them from training) instead of giving the models. resume=True
     continues reports/<config.name>/ with the settings saved there. Raises CompareError after writing
-    the report when a side failed more than config.max_failed of its lines."""
+    the report when a side failed more than config.failed_share of its lines."""
     from promptflow.client import PFClient
 
     from ..data.prepare import read_jsonl
@@ -716,7 +735,7 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
         if judge_client is not None:
             judge_data = out / "judge-input.jsonl"
             judge_data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                          for r in judge_rows(rows, base_side, cand_side, config.judge_evaluators)),
+                                          for r in judge_rows(rows, base_side, cand_side, config.evaluators)),
                                   encoding="utf-8")
             if config.runner == "maf":
                 from .maf_runner import judge_side
@@ -728,8 +747,8 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
     sides = [base_side, cand_side]
 
     result_rows = table(base_side, cand_side)
-    if judge_results is not None and config.judge_evaluators:
-        result_rows += quality_table(judge_results, config.judge_evaluators)
+    if judge_results is not None and config.evaluators:
+        result_rows += quality_table(judge_results, config.evaluators)
     frame = per_line_frame(rows, base_side, cand_side, judge_results)
     paths = write_report(out, config.name, result_rows, base_side, cand_side, losses, frame, loss_error, judge)
     print("\n" + format_table(result_rows, base_side, cand_side, losses, loss_error, judge))
@@ -742,9 +761,9 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
     if judge is not None:
         summary["judge"] = judge
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    too_many = [f"{s.label} {s.failed} of {len(rows)}" for s in sides if s.failed > config.max_failed * len(rows)]
+    too_many = [f"{s.label} {s.failed} of {len(rows)}" for s in sides if s.failed > config.failed_share * len(rows)]
     if too_many:
-        raise CompareError(f"too many lines failed ({', '.join(too_many)}; --max-failed {config.max_failed:.0%}): the "
+        raise CompareError(f"too many lines failed ({', '.join(too_many)}; --max-failed {config.failed_share:.0%}): the "
                            f"report in {out} leaves them out, but says little. Their errors are in lines.csv; "
                            f"`finetune-phi compare --resume {config.name}` asks them again")
     return summary

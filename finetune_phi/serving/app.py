@@ -14,7 +14,8 @@ import threading
 
 from . import keys
 from .azure_protocol import encode_all, parse_score_request, prompts_of, response_body
-from .endpoint import Endpoint, Limits
+from .endpoint import Endpoint
+from .options import HOST, PORT, Limits
 from .engines.base import DEFAULT_ENGINE
 from .generation import Row
 from .request import RequestError, parse_json
@@ -205,7 +206,7 @@ def _once(fn):
     return call
 
 
-def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = "127.0.0.1", port: int = 5000,
+def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = HOST, port: int = PORT,
           limits: Limits | None = None, key_env: str = keys.KEY_ENV, engine: str = DEFAULT_ENGINE,
           engine_options: dict | None = None):
     import uvicorn

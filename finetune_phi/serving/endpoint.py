@@ -15,27 +15,11 @@ from dataclasses import dataclass
 
 from . import keys
 from .engines.base import DEFAULT_ENGINE, Engine
-from .generation import MAX_NEW_TOKENS_CAP, Row
+from .generation import Row
+from .options import Limits
 from .request import RequestError
 
 log = logging.getLogger("finetune_phi.serve")
-
-
-@dataclass
-class Limits:
-    """Request settings, named as in Azure ML's OnlineRequestSettings.
-
-    request_timeout_ms is Azure's maximum (its default is 5,000): on CPU a long answer from a busy
-    model takes minutes, and cutting it off only wastes the work already done. Capacity is bounded by
-    max_concurrent_requests_per_instance (429 above it), not by the clock. max_queue_wait_ms bounds
-    the wait before decoding starts (the continuous-batching engine starts every admitted request
-    at its next step).
-    """
-    max_concurrent_requests_per_instance: int = 32
-    max_queue_wait_ms: int = 5_000
-    request_timeout_ms: int = 180_000
-    max_body_bytes: int = 1_000_000
-    max_new_tokens_cap: int = MAX_NEW_TOKENS_CAP
 
 
 @dataclass

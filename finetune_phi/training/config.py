@@ -10,69 +10,62 @@ Nothing heavy is imported here: the parser itself is built in `cli.py`, only for
 """
 from __future__ import annotations
 
-import difflib
 import os
-import types
 from dataclasses import dataclass, field, fields, replace
-from functools import cache
-from pathlib import Path
-from typing import Literal, Union, get_args, get_origin, get_type_hints
+from typing import Literal
 
+from ..azureml.options import CPU_VM, GPU_VM
 from ..errors import UserError
 from ..modeling.registry import REGISTERED_MODEL
-
-
-def _setting(default, help: str, **argparse_kwargs):
-    """A field whose metadata HfArgumentParser hands to argparse (help, and nargs/const where needed)."""
-    return field(default=default, metadata={"help": help, **argparse_kwargs})
+from ..options import base_type, setting, type_hints
 
 
 @dataclass
 class TrainArguments:
     """The settings of one training run (model, data, hyperparameters, checkpoints, registry)."""
 
-    base_model: str | None = _setting(
+    base_model: str | None = setting(
         None, "smollm2-135m (the real SmolLM2-135M-Instruct, offline), tiny (random weights, for quick checks), a hub "
               "id such as microsoft/Phi-3-mini-4k-instruct, a folder, a .gguf file, or models:/NAME/VERSION "
               "(default: tiny locally, microsoft/Phi-3-mini-4k-instruct with --target azure)")
-    tokenizer: str | None = _setting(None, "with --base-model tiny: use this real Phi-3 tokenizer folder")
-    data: str = _setting("data", "folder with train.jsonl and test.jsonl")
-    train_file: str | None = _setting(None, "overrides DATA/train.jsonl")
-    eval_file: str | None = _setting(None, "overrides DATA/test.jsonl")
-    out: str = _setting("models/ft", "output model folder (checkpoints in OUT/checkpoints)")
-    lora: bool = _setting(False, "train a LoRA adapter, save the merged model")
-    lora_r: int = _setting(16, "LoRA rank")
-    lora_alpha: int = _setting(32, "LoRA alpha (the adapter's scale is alpha / r)")
-    lora_dropout: float = _setting(0.05, "dropout on the LoRA layers' input")
-    qlora: bool = _setting(False, "LoRA over 4-bit base weights (bitsandbytes; GPU only)")
-    loss_on: Literal["assistant", "all"] = _setting(
+    tokenizer: str | None = setting(None, "with --base-model tiny: use this real Phi-3 tokenizer folder")
+    data: str = setting("data", "folder with train.jsonl and test.jsonl")
+    train_file: str | None = setting(None, "overrides DATA/train.jsonl")
+    eval_file: str | None = setting(None, "overrides DATA/test.jsonl")
+    out: str = setting("models/ft", "output model folder (checkpoints in OUT/checkpoints)")
+    lora: bool = setting(False, "train a LoRA adapter, save the merged model")
+    lora_r: int = setting(16, "LoRA rank")
+    lora_alpha: int = setting(32, "LoRA alpha (the adapter's scale is alpha / r)")
+    lora_dropout: float = setting(0.05, "dropout on the LoRA layers' input")
+    qlora: bool = setting(False, "LoRA over 4-bit base weights (bitsandbytes; GPU only)")
+    loss_on: Literal["assistant", "all"] = setting(
         "assistant", "assistant: loss on the assistant's tokens only (TRL's training template for the model's chat "
                      "template, else a mask derived from it); all: on whole conversations")
     # None = a default that suits the base (resolved()): the tiny model needs far larger steps than a real one
-    epochs: float | None = _setting(None, "default: 6 for tiny, 1 otherwise")
-    lr: float | None = _setting(None, "default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
-    batch_size: int | None = _setting(None, "per device; default 16 tiny, 4 otherwise")
-    grad_accum: int = _setting(1, "gradient accumulation steps (effective batch: batch size x this x processes)")
-    max_length: int | None = _setting(None, "tokens per conversation; default 256 tiny, 2048 otherwise")
-    warmup: float = _setting(0.1, "learning-rate warmup: a fraction of all steps when below 1, else a number of steps")
-    weight_decay: float = _setting(0.0, "AdamW weight decay")
-    packing: bool = _setting(False, "pack conversations into full rows (no padding)")
-    activation_checkpointing: bool | None = _setting(
+    epochs: float | None = setting(None, "default: 6 for tiny, 1 otherwise")
+    lr: float | None = setting(None, "default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
+    batch_size: int | None = setting(None, "per device; default 16 tiny, 4 otherwise")
+    grad_accum: int = setting(1, "gradient accumulation steps (effective batch: batch size x this x processes)")
+    max_length: int | None = setting(None, "tokens per conversation; default 256 tiny, 2048 otherwise")
+    warmup: float = setting(0.1, "learning-rate warmup: a fraction of all steps when below 1, else a number of steps")
+    weight_decay: float = setting(0.0, "AdamW weight decay")
+    packing: bool = setting(False, "pack conversations into full rows (no padding)")
+    activation_checkpointing: bool | None = setting(
         None, "recompute activations to save memory (default: on with a GPU; --no-activation-checkpointing: off)",
         nargs="?", const=True)
-    fsdp: str | None = _setting(None, 'FSDP for models too big for one GPU, e.g. "full_shard auto_wrap"')
-    deepspeed: str | None = _setting(None, "DeepSpeed config JSON (ZeRO), for models too big for one GPU")
-    save_steps: int = _setting(50, "checkpoint every N steps")
-    save_total_limit: int = _setting(2, "keep at most this many checkpoints")
-    logging_steps: int = _setting(5, "log the training loss every N steps")
-    seed: int = _setting(0, "seed of training (data order, LoRA initialisation)")
-    resume: bool = _setting(
+    fsdp: str | None = setting(None, 'FSDP for models too big for one GPU, e.g. "full_shard auto_wrap"')
+    deepspeed: str | None = setting(None, "DeepSpeed config JSON (ZeRO), for models too big for one GPU")
+    save_steps: int = setting(50, "checkpoint every N steps")
+    save_total_limit: int = setting(2, "keep at most this many checkpoints")
+    logging_steps: int = setting(5, "log the training loss every N steps")
+    seed: int = setting(0, "seed of training (data order, LoRA initialisation)")
+    resume: bool = setting(
         False, "continue from the newest checkpoint in OUT/checkpoints that loads (a damaged one is skipped)")
-    overwrite: bool = _setting(
+    overwrite: bool = setting(
         False, "replace the model and checkpoints already in OUT (without it, training there is refused)")
-    register: bool = _setting(True, "register the model as a new version in the MLflow registry (--no-register: don't)")
-    registered_model: str = _setting(REGISTERED_MODEL, "name of the registered model the version goes to")
-    skip_memory_check: bool = _setting(False, "train even if the memory estimate says it will not fit")
+    register: bool = setting(True, "register the model as a new version in the MLflow registry (--no-register: don't)")
+    registered_model: str = setting(REGISTERED_MODEL, "name of the registered model the version goes to")
+    skip_memory_check: bool = setting(False, "train even if the memory estimate says it will not fit")
 
 
 @dataclass
@@ -126,7 +119,7 @@ class TrainConfig(TrainArguments):
             if f.name in exclude or value == f.default:
                 continue
             flag = "--" + f.name.replace("_", "-")
-            if _base_type(hints[f.name]) is bool:
+            if base_type(hints[f.name]) is bool:
                 args.append(flag if value else "--no-" + f.name.replace("_", "-"))
             elif value is None:  # None is only ever a default
                 raise ValueError(f"{f.name}=None cannot be written as a flag")
@@ -143,8 +136,8 @@ _DEFAULTS = {f.name: f.default for f in fields(TrainArguments)}
 class TrainLaunch:
     """Where and how the run is started."""
 
-    target: Literal["local", "azure"] = _setting("local", "where the training runs")
-    nproc: int = _setting(1, "data-parallel processes on this machine (torchrun)")
+    target: Literal["local", "azure"] = setting("local", "where the training runs")
+    nproc: int = setting(1, "data-parallel processes on this machine (torchrun)")
 
 
 @dataclass
@@ -153,109 +146,17 @@ class AzureJobOptions:
 
     _argument_group_name = "Azure ML job (with --target azure)"
 
-    compute: str = _setting("finetune-phi-gpu", "AmlCompute cluster (created if missing)")
-    compute_size: str = _setting("gpu", "gpu (Standard_NC24ads_A100_v4), cpu (Standard_E16s_v3) or a VM size")
-    nodes: int = _setting(1, "nodes (instance_count) for multi-node training")
-    gpus_per_node: int = _setting(1, "processes per node (PyTorch distribution)")
-    image: str | None = _setting(None, "base image of the training environment")
-    experiment: str = _setting("finetune-phi", "Azure ML experiment name")
-    stream: bool = _setting(True, "stream the job's log until it ends (--no-stream: submit and return)")
-    dry_run: bool = _setting(False, "print the YAML of every entity; create nothing")
-    dry_run_dir: str = _setting("azure-dry-run/train", "where --dry-run writes the YAML")
+    compute: str = setting("finetune-phi-gpu", "AmlCompute cluster (created if missing)")
+    compute_size: str = setting("gpu", f"gpu ({GPU_VM}), cpu ({CPU_VM}) or a VM size")
+    nodes: int = setting(1, "nodes (instance_count) for multi-node training")
+    gpus_per_node: int = setting(1, "processes per node (PyTorch distribution)")
+    image: str | None = setting(None, "base image of the training environment")
+    experiment: str = setting("finetune-phi", "Azure ML experiment name")
+    stream: bool = setting(True, "stream the job's log until it ends (--no-stream: submit and return)")
+    dry_run: bool = setting(False, "print the YAML of every entity; create nothing")
+    dry_run_dir: str = setting("azure-dry-run/train", "where --dry-run writes the YAML")
 
 
 TRAIN_COMMAND = (TrainArguments, TrainLaunch, AzureJobOptions)  # the dataclasses behind `finetune-phi train`
 
 
-@cache
-def type_hints(cls) -> dict:
-    return get_type_hints(cls)
-
-
-def _base_type(hint):
-    """`X` of `X | None`, else the hint itself."""
-    if get_origin(hint) in (Union, types.UnionType):
-        return next(t for t in get_args(hint) if t is not type(None))
-    return hint
-
-
-def add_negations(parser, *classes):
-    """`--no-X` for the `bool | None` settings, whose None means "decide for me" (HfArgumentParser adds
-    `--no-X` only for settings that default to True)."""
-    for cls in classes:
-        for f in fields(cls):
-            hint = type_hints(cls)[f.name]
-            if _base_type(hint) is bool and hint is not bool and f.default is None:
-                parser.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", dest=f.name,
-                                    action="store_false", default=None, help=f"turn {f.name} off")
-
-
-def from_namespace(cls, namespace):
-    """An instance of a settings dataclass from a parsed namespace (fields not in it keep their default)."""
-    return cls(**{f.name: getattr(namespace, f.name) for f in fields(cls) if f.init and hasattr(namespace, f.name)})
-
-
-def load_yaml_defaults(parser, path: str, classes=TRAIN_COMMAND):
-    """Make the settings in a YAML file the parser's defaults, so flags on the command line override them.
-
-    Keys are the flags' names (`base_model: tiny`, `lora: true`, `register: false`); every value is
-    checked against the setting's type here, so a mistake names the file and the key.
-    """
-    import argparse
-
-    import yaml
-
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise UserError(f"--config {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" (line {where.line + 1})" if where else ""
-        raise UserError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
-    if doc is None:
-        return
-    if not isinstance(doc, dict):
-        raise UserError(f"{path}: expected a mapping of setting: value, got a YAML {type(doc).__name__}")
-    hints = {name: hint for cls in classes for name, hint in type_hints(cls).items()}
-    known = {a.dest for a in parser._actions  # noqa: SLF001 - argparse has no public list of its settings
-             if a.dest not in (argparse.SUPPRESS, "help", "config", "debug")}
-    values = {}
-    for key, value in doc.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else " (the keys are train's flags, e.g. base_model, lora)"
-            raise UserError(f"{path}: unknown key {key!r}{hint}")
-        values[name] = _checked(value, hints.get(name, str | None), f"{path}: {name}")
-    parser.set_defaults(**values)
-
-
-def _checked(value, hint, where: str):
-    """The YAML value as the setting's type, or a UserError naming the setting."""
-    base = _base_type(hint)
-    if value is None:
-        if base is not hint:  # X | None
-            return None
-        raise UserError(f"{where}: needs a value, not null")
-    if get_origin(base) is Literal:
-        if value in get_args(base):
-            return value
-        raise UserError(f"{where}: expected one of {', '.join(get_args(base))}, got {value!r}")
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{where}: expected true or false, got {value!r}")
-    if base in (int, float):
-        what = "an integer" if base is int else "a number"
-        if isinstance(value, str):  # YAML reads 2e-4 (no dot) as a string, as a flag's value would be
-            try:
-                return base(value)
-            except ValueError:
-                raise UserError(f"{where}: expected {what}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and isinstance(value, float)):
-            raise UserError(f"{where}: expected {what}, got {value!r}")
-        return base(value)
-    if isinstance(value, str):
-        return value
-    raise UserError(f"{where}: expected a string, got {value!r}")

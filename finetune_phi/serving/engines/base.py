@@ -6,6 +6,7 @@ import itertools
 import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future
+from typing import Literal
 
 from ...errors import UserError
 from ..chat_template import chat_token_ids
@@ -18,6 +19,7 @@ ENGINES = {
     "openvino": "finetune_phi.serving.engines.openvino_engine:OpenVINOEngine",
 }
 DEFAULT_ENGINE = "transformers"
+ENGINE_NAME = Literal[tuple(ENGINES)]  # the type of an --engine setting
 
 
 class EngineUnavailable(UserError):

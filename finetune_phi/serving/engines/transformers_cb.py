@@ -15,6 +15,7 @@ import threading
 from concurrent.futures import Future
 
 from ..generation import ParamError, Row
+from ..options import KV_CACHE_TOKENS
 from . import rowwise_attention
 from .base import Engine
 
@@ -28,7 +29,7 @@ class TransformersEngine(Engine):
     # response_format: rows held to a JSON grammar by xgrammar inside the batch (_mask_by_grammar), when installed
     constrains = importlib.util.find_spec("xgrammar") is not None
 
-    def __init__(self, model, tokenizer, kv_cache_tokens: int = 16_384, page_size: int = 64,
+    def __init__(self, model, tokenizer, kv_cache_tokens: int = KV_CACHE_TOKENS, page_size: int = 64,
                  max_batch_tokens: int = 2048):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
