@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from finetune_phi.serving.client import sse_events  # noqa: E402
 from finetune_phi.serving.local import NotReady, free_port, wait_ready  # noqa: E402
+
 BIN = Path(sys.executable).parent
 ASSETS = REPO.parent / "shared" / "assets" / "ultrachat-sample"
 KEY = "bench-key-0123456789abcdef"  # the endpoint wants >= 16 characters

@@ -4,7 +4,6 @@ Azure ML's inference server calls init() once and run(raw_body) per request. Par
 and generation come from finetune_phi (serving/: request.py, azure_protocol.py, engines/), exactly as `finetune-phi serve`.
 Authentication, traffic and the azureml-model-deployment header are handled by Azure ML itself.
 """
-import json
 import os
 import sys
 from pathlib import Path
@@ -28,11 +27,11 @@ def find_model_dir(root: Path) -> Path:
 
 def init():
     global engine
-    from finetune_phi.serving.engines import load_engine
+    from finetune_phi.serving.engines.base import DEFAULT_ENGINE, load_engine
 
     model_dir = find_model_dir(Path(os.environ["AZUREML_MODEL_DIR"]))
     # FINETUNE_PHI_ENGINE picks the engine as `finetune-phi serve --engine` does (set it in the deployment's environment_variables)
-    engine = load_engine(os.environ.get("FINETUNE_PHI_ENGINE", "transformers"), str(model_dir))
+    engine = load_engine(os.environ.get("FINETUNE_PHI_ENGINE", DEFAULT_ENGINE), str(model_dir))
 
 
 def handle(raw_data) -> tuple[int, object]:

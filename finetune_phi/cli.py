@@ -1,17 +1,40 @@
 """`finetune-phi`: one command with a subcommand per stage of the loop.
 
-Heavy libraries (torch, transformers, trl, mlflow, promptflow) are imported inside each command,
-so `--help` answers at once.
+The package's modules import heavy libraries (torch, transformers, trl, mlflow, promptflow) only where they are
+used, so `--help` answers at once; transformers' HfArgumentParser is imported only for a command whose settings
+are dataclasses (OPTIONS).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from contextlib import contextmanager
+from dataclasses import replace
 
 from . import project
+from .azureml import ops
+from .azureml.ops import endpoint_url_and_key
+from .azureml.options import DEPLOY_COMMAND, ENDPOINT_NAME
+from .azureml.settings import SETTINGS, AzureSettings
+from .data.prepare import prepare
+from .demo import run_demo
 from .errors import UserError
+from .evaluation.compare import COMPARE_COMMAND, compare
+from .modeling.export import add_export_parser
+from .modeling.models import DEFAULT_HUB_MODEL, tiny_path
+from .options import (
+    add_negations,
+    bound_flags,
+    from_namespace,
+    load_yaml_defaults,
+    whole_number,
+)
+from .serving.app import serve
+from .serving.client import EndpointError
+from .serving.connection import connect, resolve_key
+from .serving.options import PORT, SCORING_URI, SERVE_COMMAND
+from .training.config import TRAIN_COMMAND, TrainConfig
+from .training.trainer import train
 
 
 def _offline_env():
@@ -28,15 +51,7 @@ def _offline_env():
 COMMANDS = ("data", "tiny", "train", "serve", "connect", "deploy", "delete", "compare", "demo", "export")
 MODEL_COMMANDS = ("train", "serve", "demo", "compare", "tiny")
 # commands whose settings are dataclasses (finetune_phi.options): flags, --config YAML and defaults from one field each
-OPTIONS = {"train": "finetune_phi.training.config:TRAIN_COMMAND", "serve": "finetune_phi.serving.options:SERVE_COMMAND",
-           "deploy": "finetune_phi.azureml.options:DEPLOY_COMMAND", "compare": "finetune_phi.evaluation.compare:COMPARE_COMMAND"}
-
-
-def _options(command: str) -> tuple:
-    import importlib
-
-    module, name = OPTIONS[command].split(":")
-    return getattr(importlib.import_module(module), name)
+OPTIONS = {"train": TRAIN_COMMAND, "serve": SERVE_COMMAND, "deploy": DEPLOY_COMMAND, "compare": COMPARE_COMMAND}
 
 
 def _quiet_libraries():
@@ -55,8 +70,6 @@ def _quiet_libraries():
 
 
 def cmd_data(args):
-    from .data.prepare import prepare
-
     result = prepare(args.source, args.out, split=args.split, test_split=args.test_split, test_size=args.test_size,
                      seed=args.seed, skip_invalid=args.skip_invalid, sample_size=args.sample_size)
     if result.skipped:
@@ -69,8 +82,6 @@ def cmd_data(args):
 
 
 def cmd_tiny(args):
-    from .modeling.models import tiny_path
-
     print(tiny_path(args.tokenizer))
 
 
@@ -87,20 +98,13 @@ def _relaunch_with_torchrun(cfg, nproc: int, debug: bool) -> int:
 
 
 def _azure_settings(args):
-    from .azureml.settings import AzureSettings
-
     return AzureSettings.load(subscription_id=args.subscription_id, resource_group=args.resource_group,
                               workspace=args.workspace, location=args.location, identity=getattr(args, "identity", None))
 
 
 def cmd_train(args):
-    from dataclasses import replace
-
     cfg, launch, job = args.train, args.launch, args.job
     if launch.target == "azure":
-        from .azureml import ops
-        from .modeling.models import DEFAULT_HUB_MODEL
-
         if cfg.tokenizer or cfg.resume or cfg.overwrite:
             raise UserError("--tokenizer, --resume and --overwrite are local options; an Azure job starts from "
                             "--base-model and writes a new output")
@@ -111,7 +115,6 @@ def cmd_train(args):
         raise UserError("--dry-run applies to --target azure")
     if launch.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _relaunch_with_torchrun(cfg, launch.nproc, args.debug)
-    from .training.trainer import train
 
     r = train(cfg)
     if os.environ.get("RANK", "0") != "0":
@@ -125,39 +128,21 @@ def cmd_train(args):
     return 0
 
 
-@contextmanager
-def _flag_errors():
-    """serve.py's flag parsers and connection.py's key lookup report a bad flag or a missing key as a
-    ValueError whose message names it: the user's mistake, shown as one line."""
-    try:
-        yield
-    except ValueError as e:
-        raise UserError(str(e)) from e
-
-
 def cmd_serve(args):
-    from .serving.app import serve
-
     options, limits = args.options
     serve(options.deployments(), options.traffic_split(), options.host, options.port, limits, engine=options.engine,
           engine_options=options.engine_options())
 
 
 def cmd_connect(args):
-    from .serving.connection import connect, resolve_key
-
     if args.target == "azure":
-        from .azureml.ops import endpoint_url_and_key
-
         if not args.endpoint_name:
             raise UserError("--target azure needs --endpoint-name")
         url, key = endpoint_url_and_key(_azure_settings(args), args.endpoint_name)
         source = f"Azure ML endpoint {args.endpoint_name}"
     else:
         url = args.endpoint_url
-        with _flag_errors():
-            key, source = resolve_key(args.api_key_env)
-    from .serving.client import EndpointError
+        key, source = resolve_key(args.api_key_env)
 
     try:
         connect(url, key, args.name)
@@ -167,24 +152,16 @@ def cmd_connect(args):
 
 
 def cmd_deploy(args):
-    from .azureml import ops
-
     ops.deploy(_azure_settings(args), *args.options)
 
 
 def cmd_delete(args):
-    from .azureml import ops
-
     if not (args.yes or args.dry_run):
         raise UserError("deleting stops the endpoint for its callers; add --yes to confirm (or --dry-run)")
     ops.delete(_azure_settings(args), args.endpoint_name, args.deployment_name, args.dry_run)
 
 
 def cmd_compare(args):
-    from dataclasses import replace
-
-    from .evaluation.compare import compare
-
     (config,) = args.options
     if args.resume:
         compare(replace(config, base="", candidate="", name=args.resume), resume=True)
@@ -195,14 +172,10 @@ def cmd_compare(args):
 
 
 def cmd_demo(args):
-    from .demo import run_demo
-
     run_demo(args.workdir, port=args.port, base_model=args.base_model, tokenizer=args.tokenizer, epochs=args.epochs)
 
 
 def _add_azure_flags(p, identity: bool = False):
-    from .azureml.settings import SETTINGS
-
     g = p.add_argument_group("Azure ML (flags override environment variables and .env)")
     for name, (flag, env, what) in SETTINGS.items():
         if name != "identity" or identity:
@@ -241,9 +214,8 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
     def with_options(name: str, help: str):
         if name != options_of:
             return sub.add_parser(name, help=help, formatter_class=fmt)
-        from .options import add_negations, bound_flags
 
-        classes = _options(name)
+        classes = OPTIONS[name]
         q = sub.add_parser(name, help=help, formatter_class=fmt, dataclass_types=classes)
         add_negations(q, *classes)
         bound_flags(q, *classes)
@@ -252,9 +224,6 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
                             "command line override it")
         p.command_parsers[name] = q
         return q
-
-    from .options import whole_number
-    from .serving.options import PORT, SCORING_URI
 
     d = sub.add_parser("data", help="make train/test/eval jsonl from UltraChat", formatter_class=fmt)
     d.add_argument("--source", default="sample",
@@ -297,14 +266,12 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
 
     de = sub.add_parser("delete", help="delete an Azure ML endpoint or one deployment (stops its cost)", formatter_class=fmt)
     de.add_argument("--target", choices=["azure"], default="azure")
-    de.add_argument("--endpoint-name", default="finetune-phi")
+    de.add_argument("--endpoint-name", default=ENDPOINT_NAME)
     de.add_argument("--deployment-name", default=None, help="delete only this deployment (it must have no traffic)")
     de.add_argument("--yes", action="store_true", help="confirm the deletion")
     de.add_argument("--dry-run", action="store_true", help="say what would be deleted")
     _add_azure_flags(de)
     de.set_defaults(func=cmd_delete)
-
-    from .modeling.export import add_export_parser
 
     add_export_parser(sub)
 
@@ -332,20 +299,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """The parsed command line; for train, serve, deploy and compare also their settings as objects,
     `.options` (a --config file's values under the flags'). train's: `.train` (TrainConfig), `.launch`
     (TrainLaunch) and `.job` (AzureJobOptions)."""
-    from .options import from_namespace, load_yaml_defaults
-
     command = next((a for a in argv if a in COMMANDS), None)
     parser = build_parser(options_of=command)
     args = parser.parse_args(argv)
     if args.command not in OPTIONS:
         return args
-    classes = _options(args.command)
+    classes = OPTIONS[args.command]
     if args.config:
         load_yaml_defaults(parser.command_parsers[args.command], args.config, classes)
         args = parser.parse_args(argv)  # again: the file's values are now the defaults
     if args.command == "train":
-        from .training.config import TrainConfig
-
         classes = (TrainConfig, *classes[1:])  # TrainArguments' flags, and the Python API's extra
     args.options = tuple(from_namespace(c, args) for c in classes)
     if args.command == "train":

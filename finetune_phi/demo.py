@@ -16,7 +16,14 @@ import time
 from pathlib import Path
 
 from . import project
+from .data.prepare import prepare
+from .evaluation.compare import CompareConfig, compare
+from .modeling import models
+from .serving import keys
+from .serving.connection import CONNECTION_NAME, connect
+from .serving.local import free_port, wait_ready
 from .serving.options import PORT
+from .training.trainer import TrainConfig, train
 
 QUESTION = "What is the capital of France?"
 
@@ -69,14 +76,6 @@ def pf_chat(question: str, deployment: str) -> str:
 
 def run_demo(workdir: str = "demo", port: int = PORT, base_model: str = "smollm2-135m", tokenizer: str | None = None,
              epochs: float | None = None):
-    from .data.prepare import prepare
-    from .evaluation.compare import CompareConfig, compare
-    from .modeling import models
-    from .serving import keys
-    from .serving.connection import CONNECTION_NAME, connect
-    from .serving.local import free_port, wait_ready
-    from .training.trainer import TrainConfig, train
-
     t0 = time.time()
     stages = Stages(8)
     work = Path(workdir).resolve()

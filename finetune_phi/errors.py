@@ -4,8 +4,9 @@
 a bad data row, a model folder that would be overwritten, an output folder in use or read-only,
 a full disk, a bad flag or `--config` file (`finetune-phi --debug ...` shows its traceback too).
 Anything else is a fault (ours or a library's) and keeps its traceback, which is what a bug report
-needs. Raise UserError (or a subclass) only with a message that says what to do; the CLI never
-guesses from an exception's type or origin whether it was the user's mistake.
+needs. Raise UserError (or a subclass) only with a message that says what to do. One exception to
+that rule lives in cli.main: an error raised by the Azure SDK (auth, permissions, quota) is one line
+too, with its class and Azure's own message, exit code 1 (`--debug` shows its traceback).
 """
 from __future__ import annotations
 

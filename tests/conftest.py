@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import BIN, EVAL_ROWS, REPO, Server, exporter_or_skip
 
 

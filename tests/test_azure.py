@@ -7,8 +7,14 @@ import subprocess
 import sys
 
 import pytest
-from azure.ai.ml import load_compute, load_environment, load_job, load_model, load_online_deployment, load_online_endpoint
-
+from azure.ai.ml import (
+    load_compute,
+    load_environment,
+    load_job,
+    load_model,
+    load_online_deployment,
+    load_online_endpoint,
+)
 from support import BIN, REPO, run_cli
 
 AZURE_ENV = ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZUREML_WORKSPACE_NAME", "AZURE_LOCATION", "AZUREML_IDENTITY_ID")

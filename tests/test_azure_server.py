@@ -9,9 +9,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-
 from support import REPO, Process, free_port, http
-from test_real_model import plain_generate  # what transformers alone makes of the folder, greedy
+from test_real_model import (
+    plain_generate,  # what transformers alone makes of the folder, greedy
+)
 
 AZMLINFSRV = REPO / ".venv-azml" / "bin" / "azmlinfsrv"
 QUESTION = "Write one sentence about the sea."

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from support import REPO, SHARED_ASSETS
 
 pytestmark = [pytest.mark.slow,

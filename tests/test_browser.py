@@ -15,7 +15,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-
 from support import BIN, REPO, Process, free_port, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -8,12 +8,12 @@ from dataclasses import fields, replace
 
 import pytest
 from azure.ai.ml import load_job
-
 from support import REPO
+
 from finetune_phi import cli
 from finetune_phi.azureml import entities
-from finetune_phi.training.config import TrainArguments, TrainConfig
 from finetune_phi.errors import UserError
+from finetune_phi.training.config import TrainArguments, TrainConfig
 
 # a value other than the default for every setting of a training run (str values with spaces and
 # dashes, to test the quoting); test_every_setting_has_a_test_value keeps this complete

@@ -2,9 +2,11 @@ import json
 import subprocess
 
 import pytest
-
 from support import BIN, ULTRACHAT40
-from finetune_phi.data.prepare import DataError, eval_row, prepare, read_jsonl, split_rows
+
+from finetune_phi.data.prepare import prepare, split_rows
+from finetune_phi.data.read import read_jsonl
+from finetune_phi.data.rows import DataError, eval_row
 from finetune_phi.data.sample import generate_sample
 
 

@@ -6,8 +6,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from support import Server, has_content, http, sse_events, stream_request
+
 from finetune_phi.serving.keys import key_file
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf

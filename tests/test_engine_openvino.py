@@ -11,9 +11,9 @@ import importlib.util
 import os
 
 import pytest
+from support import exporter_or_skip
 
 from finetune_phi.serving.generation import GenerationParams, Row
-from support import exporter_or_skip
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None,
                                 reason="openvino-genai is not installed (pip install 'finetune-phi[openvino]')")
@@ -167,8 +167,8 @@ def test_sampling_rows_run(engine):
 @pytest.mark.skipif(os.environ.get("FINETUNE_PHI_TEST_SMOLLM2_EXPORT") != "1",
                     reason="exporting SmolLM2-135M takes ~2 min; set FINETUNE_PHI_TEST_SMOLLM2_EXPORT=1")
 def test_smollm2_int8_export_stops_at_end_of_turn_and_agrees(smollm2_model, tmp_path):
-    from finetune_phi.serving.engines import load_engine
     from finetune_phi.modeling.export import export
+    from finetune_phi.serving.engines import load_engine
 
     exporter_or_skip()
     out = export(str(smollm2_model), tmp_path / "smollm2-int8", "openvino", "int8", progress=lambda m: None)

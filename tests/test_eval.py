@@ -4,10 +4,10 @@ import re
 import subprocess
 
 import pytest
-
 from support import BIN, EVAL_ROWS, REPO
-from finetune_phi.evaluation import compare, metrics
-from finetune_phi.data.prepare import read_jsonl
+
+from finetune_phi.data.read import read_jsonl
+from finetune_phi.evaluation import metrics, report
 
 
 @pytest.mark.parametrize("answer, truth, metric, expected", [
@@ -57,49 +57,49 @@ def test_eval_flow_batch_run_logs_means_and_counts(eval_flow_run):
 
 def side(label, scores, failed=()):
     lines = [None if i in failed else {m: s for m in metrics.METRICS} for i, s in enumerate(scores)]
-    return compare.Side(label, f"{label}_chat", f"{label}_eval", lines,
+    return report.Side(label, f"{label}_chat", f"{label}_eval", lines,
                         [None if i in failed else f"answer {i}" for i in range(len(scores))], 1.0, {})
 
 
 def test_paired_bootstrap_on_known_deltas():
-    assert compare.paired_bootstrap([0.25] * 40) == pytest.approx((0.25, 0.25, 0.25))
-    mean, lo, hi = compare.paired_bootstrap([1.0, -1.0] * 50)  # mean 0, standard error 0.1
+    assert report.paired_bootstrap([0.25] * 40) == pytest.approx((0.25, 0.25, 0.25))
+    mean, lo, hi = report.paired_bootstrap([1.0, -1.0] * 50)  # mean 0, standard error 0.1
     assert mean == 0 and lo == pytest.approx(-0.196, abs=0.03) and hi == pytest.approx(0.196, abs=0.03)
 
 
 def test_pairing_finds_a_small_consistent_gain_that_noise_between_lines_would_hide():
     base_scores = [i / 39 for i in range(40)]  # lines differ a lot in difficulty
     base, cand = side("base", base_scores), side("ft", [s + 0.05 for s in base_scores])
-    row = next(r for r in compare.table(base, cand) if r["metric"] == "f1_score")
+    row = next(r for r in report.table(base, cand) if r["metric"] == "f1_score")
     assert row["delta"] == pytest.approx(0.05) and row["ci_low"] == pytest.approx(0.05) and row["ci_high"] == pytest.approx(0.05)
     assert row["base"] == pytest.approx(0.5) and row["candidate"] == pytest.approx(0.55)
 
 
 def test_a_line_failed_on_one_side_is_left_out_on_both_and_counted():
     base, cand = side("base", [0.2, 0.2, 0.2, 0.9]), side("ft", [0.8, 0.8, 0.8, 0.0], failed={3})
-    row = next(r for r in compare.table(base, cand) if r["metric"] == "rouge_l")
+    row = next(r for r in report.table(base, cand) if r["metric"] == "rouge_l")
     # line 3 (base 0.9, ft no answer) counts against neither side: 3 paired lines
     assert row["base"] == pytest.approx(0.2) and row["candidate"] == pytest.approx(0.8) and row["delta"] == pytest.approx(0.6)
-    assert compare.line_counts(base, cand) == {"total": 4, "paired": 3, "failed": {"base": 0, "ft": 1}}
-    assert "3 of 4 paired; failed: base 0, ft 1" in compare.format_table(compare.table(base, cand), base, cand, None)
-    nothing = compare.table(base, side("ft", [0.5] * 4, failed={0, 1, 2, 3}))
+    assert report.line_counts(base, cand) == {"total": 4, "paired": 3, "failed": {"base": 0, "ft": 1}}
+    assert "3 of 4 paired; failed: base 0, ft 1" in report.format_table(report.table(base, cand), base, cand, None)
+    nothing = report.table(base, side("ft", [0.5] * 4, failed={0, 1, 2, 3}))
     assert all(r["delta"] is None and r["base"] is None for r in nothing)
 
 
 def test_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
     rows = [{"question": "=HYPERLINK(\"http://x\",\"y\")", "ground_truth": "@SUM(A1)"}, {"question": "-2+3", "ground_truth": "ok"}]
     base, cand = side("base", [0.5, 0.5]), side("ft", [0.5, 0.5])
-    frame = compare.per_line_frame(rows, base, cand)
+    frame = report.per_line_frame(rows, base, cand)
     assert set(frame["question"]) == {"'=HYPERLINK(\"http://x\",\"y\")", "'-2+3"} and "'@SUM(A1)" in set(frame["ground_truth"])
-    assert compare.spreadsheet_safe("fine") == "fine" and compare.spreadsheet_safe(0.5) == 0.5
+    assert report.spreadsheet_safe("fine") == "fine" and report.spreadsheet_safe(0.5) == 0.5
 
 
 def test_report_files_work_offline_and_list_worst_regressions_first(tmp_path):
     rows = [{"question": f"q{i}", "ground_truth": f"t{i}"} for i in range(4)]
     base, cand = side("base", [0.5, 0.5, 0.9, 0.1]), side("ft", [0.6, 0.2, 0.9, 0.8])
-    table = compare.table(base, cand)
-    paths = compare.write_report(tmp_path, "unit", table, base, cand, {"base": 3.0, "candidate": 1.0},
-                                 compare.per_line_frame(rows, base, cand))
+    table = report.table(base, cand)
+    paths = report.write_report(tmp_path, "unit", table, base, cand, {"base": 3.0, "candidate": 1.0},
+                                 report.per_line_frame(rows, base, cand))
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = paths["html"].read_text()
     assert "<script" not in page and not re.search(r"""(src|href)=["']?(https?:)?//""", page)

@@ -16,7 +16,6 @@ import subprocess
 
 import psutil
 import pytest
-
 from standin import StandInEndpoint
 from support import BIN, REPO, wait_for
 

@@ -4,7 +4,6 @@ import os
 import subprocess
 
 import pytest
-
 from support import BIN, REPO, PfFlowServe, free_port, http
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf

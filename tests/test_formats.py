@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import pytest
-
 from support import BIN, SHARED_ASSETS, ULTRACHAT40
-from finetune_phi.data.prepare import DataError, prepare, read_jsonl
+
+from finetune_phi.data.prepare import prepare
+from finetune_phi.data.read import read_jsonl
+from finetune_phi.data.rows import DataError
 
 MESSAGES1000 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat1000-messages.jsonl"
 needs_real_rows = pytest.mark.skipif(not (ULTRACHAT40.exists() and MESSAGES1000.exists()),
@@ -131,7 +133,7 @@ def test_killed_between_files_the_set_is_refused_and_the_next_run_repairs_it(tmp
 
 
 def test_a_failing_third_write_changes_nothing(tmp_path, monkeypatch):
-    from finetune_phi.data import prepare as prepare_module
+    from finetune_phi.data import dataset as prepare_module  # where the set is written
 
     out = tmp_path / "data"
     prepare("sample", out, seed=1)

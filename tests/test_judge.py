@@ -12,9 +12,9 @@ import re
 import subprocess
 
 import pytest
-
 from standin import StandInEndpoint, StandInJudge
 from support import BIN, REPO
+
 from finetune_phi.evaluation import judge as J
 
 KEY = "s" * 32

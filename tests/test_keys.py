@@ -4,7 +4,6 @@ import subprocess
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-
 from support import BIN, free_port, http
 
 

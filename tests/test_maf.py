@@ -18,11 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from support import BIN, REPO, Process, free_port, http
-from finetune_phi.serving.client import chat_stream, history_to_messages
-from finetune_phi.data.prepare import read_jsonl
+
+from finetune_phi.data.read import read_jsonl
 from finetune_phi.evaluation.metrics import METRICS
+from finetune_phi.serving.client import chat_stream, history_to_messages
 
 MAF_PYTHON = Path(os.environ.get("FINETUNE_PHI_MAF_PYTHON") or REPO / ".venv-maf" / "bin" / "python")
 pytestmark = [pytest.mark.slow,

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from support import PHI3_TOKENIZER
+
 from finetune_phi.modeling import models
 
 

@@ -8,7 +8,6 @@ import sys
 import zipfile
 
 import pytest
-
 from support import REPO
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from support import PHI3_TOKENIZER, Server, http
 
 QUESTIONS = ["What is the capital of France?", "Write one sentence about the sea."]
@@ -138,8 +137,11 @@ CONVERSATION = [{"role": "user", "content": "Hi, I am Ann."}, {"role": "assistan
 def test_assistant_mask_derived_from_chatml_covers_exactly_the_replies(smollm2_model):
     from transformers import AutoTokenizer
 
-    from finetune_phi.training.assistant_mask import tokenize_with_mask, trl_training_template
     from finetune_phi.modeling.models import end_of_turn_token
+    from finetune_phi.training.assistant_mask import (
+        tokenize_with_mask,
+        trl_training_template,
+    )
 
     tok = AutoTokenizer.from_pretrained(smollm2_model)
     assert trl_training_template(tok) is None  # TRL has no ChatML training template: the mask is derived
@@ -152,8 +154,11 @@ def test_assistant_mask_derived_from_chatml_covers_exactly_the_replies(smollm2_m
 def test_assistant_mask_for_phi3_from_trl_and_derived_agree():
     from transformers import AutoTokenizer
 
-    from finetune_phi.training.assistant_mask import tokenize_with_mask, trl_training_template
     from finetune_phi.modeling.models import end_of_turn_token
+    from finetune_phi.training.assistant_mask import (
+        tokenize_with_mask,
+        trl_training_template,
+    )
 
     tok = AutoTokenizer.from_pretrained(PHI3_TOKENIZER)
     derived = tokenize_with_mask(tok, CONVERSATION, end_of_turn_token(tok))

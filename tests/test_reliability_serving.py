@@ -7,8 +7,16 @@ import threading
 import time
 
 import pytest
-
-from support import PHI3_TOKENIZER, ULTRACHAT40, Server, has_content, http, run_cli, stream_request, wait_for
+from support import (
+    PHI3_TOKENIZER,
+    ULTRACHAT40,
+    Server,
+    has_content,
+    http,
+    run_cli,
+    stream_request,
+    wait_for,
+)
 from support import sse_events as events
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf

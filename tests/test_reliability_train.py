@@ -10,10 +10,10 @@ import subprocess
 import sys
 
 import pytest
-
 from support import BIN, run_cli, wait_for
-from finetune_phi.modeling import registry
+
 from finetune_phi.errors import UserError
+from finetune_phi.modeling import registry
 from finetune_phi.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf

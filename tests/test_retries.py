@@ -5,10 +5,16 @@ and a stream cut off before its end is an error, never a finished-looking answer
 import time
 
 import pytest
-
 from standin import StandInEndpoint
-from finetune_phi.serving.client import (EndpointError, RetryPolicy, chat, chat_stream, flow_inputs,
-                                         retry_after_seconds)
+
+from finetune_phi.serving.client import (
+    EndpointError,
+    RetryPolicy,
+    chat,
+    chat_stream,
+    flow_inputs,
+    retry_after_seconds,
+)
 
 KEY = "k" * 32
 FAST = RetryPolicy(attempts=4, max_seconds=30, backoff=0.01, max_backoff=0.05)

@@ -4,11 +4,12 @@ import subprocess
 
 import pytest
 import torch
-
 from support import BIN, run_cli, wait_for
+
 from finetune_phi.modeling import memory
 from finetune_phi.training import throughput
-from finetune_phi.training.trainer import TrainConfig, latest_complete_checkpoint, train
+from finetune_phi.training.checkpoints import latest_complete_checkpoint
+from finetune_phi.training.trainer import TrainConfig, train
 
 PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32064)

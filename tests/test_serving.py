@@ -11,8 +11,17 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
-from support import BIN, REPO, PfFlowServe, Server, free_port, has_content, http, stream_request, wait_for
+from support import (
+    BIN,
+    REPO,
+    PfFlowServe,
+    Server,
+    free_port,
+    has_content,
+    http,
+    stream_request,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
@@ -52,7 +61,9 @@ def test_top_p_sorts_only_the_rows_that_ask_for_it_and_matches_the_stock_warper_
     """The engine's top-p warper leaves rows at top_p 1 (greedy rows, default sampling) untouched without sorting
     their vocabulary, and gives rows with top_p < 1 exactly what transformers' own per-request warper gives."""
     import torch
-    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingTopPLogitsWarper,
+    )
 
     (ours,) = [p for p in engine.manager.logit_processor.logits_processor if isinstance(p, ContinuousBatchingTopPLogitsWarper)]
     assert type(ours) is not ContinuousBatchingTopPLogitsWarper

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from support import PHI3_TOKENIZER, ULTRACHAT40
+
 from finetune_phi.modeling import models, registry
 from finetune_phi.training.trainer import TrainConfig, train
 

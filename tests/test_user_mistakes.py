@@ -2,7 +2,6 @@
 no traceback, and nothing started: each replayed through the real CLI (in-process, support.run_cli)."""
 
 import pytest
-
 from support import run_cli
 
 

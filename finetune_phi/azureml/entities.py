@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .. import project
 from ..errors import UserError
+from ..modeling import export
+from ..serving.engines.base import DEFAULT_ENGINE
 from .options import CPU_VM, ENDPOINT_NAME, GPU_VM, DeployOptions
 
 # azure-ai-ml warns "experimental class" for schemas it uses internally on every dump: noise to a user
@@ -109,7 +111,7 @@ def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_n
     )
 
 
-def model_asset(source: str, name: str = MODEL_NAME, engine: str = "transformers"):
+def model_asset(source: str, name: str = MODEL_NAME, engine: str = DEFAULT_ENGINE):
     """The model to serve: a finished job's output (job:NAME), a local folder, or an azureml:/azureml:// path.
     For the openvino engine a local folder that is not an export is exported first (cached by its content)."""
     from azure.ai.ml.constants import AssetTypes
@@ -123,17 +125,19 @@ def model_asset(source: str, name: str = MODEL_NAME, engine: str = "transformers
         local = Path(source)
         if not (local / "config.json").exists():
             raise UserError(f"{source}: not a Hugging Face model folder (no config.json)")
-        if engine == "openvino" and not (local / "openvino_model.xml").exists():
-            from ..modeling.export import cached_export
-
-            local = cached_export(str(local))  # exported on first use, kept in the cache (export.cached_export)
+        if engine == "openvino" and not export.is_openvino(local):
+            local = export.cached_export(str(local))  # exported on first use, kept in the cache (export.cached_export)
         path = str(local.resolve())
     return Model(name=name, path=path, type=AssetTypes.CUSTOM_MODEL,
                  description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)")
 
 
 def endpoint(name: str, identity: str | None = None, traffic: dict[str, int] | None = None):
-    from azure.ai.ml.entities import IdentityConfiguration, ManagedIdentityConfiguration, ManagedOnlineEndpoint
+    from azure.ai.ml.entities import (
+        IdentityConfiguration,
+        ManagedIdentityConfiguration,
+        ManagedOnlineEndpoint,
+    )
 
     ident = None
     if identity:
@@ -145,7 +149,12 @@ def endpoint(name: str, identity: str | None = None, traffic: dict[str, int] | N
 
 def deployment(options: DeployOptions, model, environment, env_vars: dict | None = None):
     """The managed online deployment `options` describes (deploy/score.py on its VM size, with its request settings)."""
-    from azure.ai.ml.entities import CodeConfiguration, ManagedOnlineDeployment, OnlineRequestSettings, ProbeSettings
+    from azure.ai.ml.entities import (
+        CodeConfiguration,
+        ManagedOnlineDeployment,
+        OnlineRequestSettings,
+        ProbeSettings,
+    )
 
     # loading a multi-GB model takes minutes: give the probes room before they restart the container
     liveness = ProbeSettings(initial_delay=600, period=30, timeout=10, failure_threshold=30, success_threshold=1)

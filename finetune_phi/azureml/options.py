@@ -7,6 +7,7 @@ from typing import Literal
 from ..errors import UserError
 from ..options import check_bounds, setting
 from ..serving.engines.base import DEFAULT_ENGINE, ENGINE_NAME
+from ..serving.options import parse_weights
 
 ENDPOINT_NAME = "finetune-phi"  # the online endpoint deploy creates and delete removes, unless named
 GPU_VM = "Standard_NC24ads_A100_v4"  # one A100: the tutorial's size for Phi-3-mini, training and serving
@@ -52,8 +53,6 @@ class DeployOptions:
 
     def traffic_split(self) -> dict[str, int]:
         """--traffic as percentages; the new deployment is created reachable by header even with no traffic."""
-        from ..serving.endpoint import parse_weights
-
         try:
             split = parse_weights(self.traffic) if self.traffic else {self.deployment_name: 100}
         except ValueError as e:

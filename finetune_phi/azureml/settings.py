@@ -6,8 +6,8 @@ a managed identity, or the AZURE_CLIENT_* variables of a service principal).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 from ..errors import UserError
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable
 
-from .prepare import DataError
+from .rows import DataError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

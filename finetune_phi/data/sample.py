@@ -11,6 +11,8 @@ import hashlib
 import json
 import random
 
+from ..errors import UserError
+
 CAPITALS = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
     "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago",
@@ -89,8 +91,6 @@ def generate_sample(n: int = 600, seed: int = 0) -> list[dict]:
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n:
-            from ..errors import UserError
-
             raise UserError(f"cannot make {n} distinct sample conversations; ask for fewer")
         messages = _conversation(rng)
         key = json.dumps(messages, sort_keys=True)

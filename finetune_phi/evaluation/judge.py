@@ -24,7 +24,9 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..modeling.cache import cache_dir
 from ..serving.client import EndpointError, RetryPolicy, _post
+from .report import paired_bootstrap
 
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
@@ -97,8 +99,6 @@ class Judge:
 
 
 def _cache_dir() -> Path:
-    from ..modeling.cache import cache_dir
-
     return cache_dir() / "judge"
 
 
@@ -162,8 +162,6 @@ def outcome(verdict_1: str | None, verdict_2: str | None) -> tuple[str | None, b
 def summarize(results: list[dict], length_deltas: list[float], model: str, seed: int = 0) -> dict:
     """The `judge` object of summary.json from the lines' judge_pair results (paired lines only, in order)
     and each line's answer-length difference (candidate - base, in words)."""
-    from .compare import paired_bootstrap
-
     verdicts = [tuple(v if v in ("A", "B", "C") else None for v in (r.get("verdict_1"), r.get("verdict_2")))
                 for r in results]
     judged = [(o, d) for v, d in zip(verdicts, length_deltas) if (o := outcome(*v))[0] is not None]

@@ -31,7 +31,15 @@ import time
 from pathlib import Path
 
 from .. import project
+from ..data.read import read_jsonl
 from ..errors import UserError
+from ..serving.client import EndpointError, check_question
+from ..serving.connection import CONNECTION_NAME
+from ..serving.endpoint import Limits
+from ..serving.keys import KEY_ENV, existing_key
+from .judge import Judge
+from .metrics import METRICS
+from .report import Side
 
 ENDPOINT_URL_ENV = "FINETUNE_PHI_ENDPOINT_URL"
 MAF_PYTHON_ENV = "FINETUNE_PHI_MAF_PYTHON"  # an interpreter with agent-framework (default .venv-maf)
@@ -85,8 +93,6 @@ def is_chat(module) -> bool:
 def endpoint(connection: str | None = None, pf=None) -> tuple[str, str]:
     """(endpoint_url, api_key): FINETUNE_PHI_ENDPOINT_URL with FINETUNE_PHI_API_KEY (else the local
     endpoint's key file) unless a connection is named; else the Prompt flow connection."""
-    from ..serving.connection import CONNECTION_NAME
-
     url = os.environ.get(ENDPOINT_URL_ENV)
     if url and not connection:
         return url, _local_key()
@@ -94,12 +100,9 @@ def endpoint(connection: str | None = None, pf=None) -> tuple[str, str]:
 
 
 def _local_key() -> str:
-    from ..serving.keys import KEY_ENV, check_key, key_file
-
-    if os.environ.get(KEY_ENV):
-        return check_key(os.environ[KEY_ENV].strip(), f"${KEY_ENV}")
-    if key_file().exists():
-        return check_key(key_file().read_text(encoding="ascii", errors="replace").strip(), str(key_file()))
+    found = existing_key()
+    if found:
+        return found[0]
     raise MafError(f"{ENDPOINT_URL_ENV} is set but no key: set {KEY_ENV}")
 
 
@@ -133,8 +136,6 @@ def _connection(name: str, pf=None) -> tuple[str, str]:
 # ---- runs: the twin of `pf run create` and `pf run show-metrics` ------------------------------------
 
 def _read_rows(data: str | Path) -> list[dict]:
-    from ..data.prepare import read_jsonl
-
     return read_jsonl(Path(data))
 
 
@@ -259,9 +260,6 @@ def show_metrics(name: str, runs_dir: str | Path = RUNS) -> dict:
 def compare_side(pf, data: Path, config, role: str, label: str, runs_dir: Path, state):
     """One side of `finetune-phi compare` through the twins; the same Side the Prompt flow runner builds.
     A run that exists (a comparison being resumed) is continued: only lines without an answer are asked."""
-    from .compare import Side
-    from .metrics import METRICS
-
     chat_run, eval_run = config.run_name("chat", role), config.run_name("eval", role)
     resume = (Path(runs_dir) / chat_run).exists()
     runs = state.runs(role)
@@ -348,8 +346,6 @@ def judge_side(data: Path, judge, config, runs_dir: Path, state) -> dict[int, di
 
 def _endpoint_error(error: BaseException):
     """The EndpointError behind an exception the workflow raised (it may wrap what an executor raised)."""
-    from ..serving.client import EndpointError
-
     while error is not None and not isinstance(error, EndpointError):
         error = error.__cause__ or error.__context__
     return error
@@ -359,9 +355,6 @@ def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8
     """POST /score {"question", "chat_history", "deployment"} -> {"answer"}; with `Accept: text/event-stream`
     the answer streams as `data: {"answer": "<piece>"}` events, as `pf flow serve` does. GET /health."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from ..serving.client import EndpointError, check_question
-    from ..serving.endpoint import Limits
 
     flow = flow or project.flow("chat-maf")
     module = load_flow(flow)
@@ -507,8 +500,6 @@ def main(argv: list[str] | None = None):
 
 
 def _dispatch(args):
-    from ..serving.client import EndpointError
-
     if args.command == "_connection":
         url, key = _connection(args.name)
         print(json.dumps({"endpoint_url": url, "api_key": key}))
@@ -548,8 +539,6 @@ def _dispatch(args):
     elif args.command == "serve":
         serve(args.flow, args.host, args.port, args.connection)
     elif args.command == "judge":
-        from .judge import Judge
-
         run_judge(args.data, args.name, Judge(**json.loads(os.environ[JUDGE_ENV])), args.runs_dir, args.workers)
     elif args.command == "side":
         run_chat(args.data, args.chat_run, args.deployment, args.runs_dir, workers=args.workers,

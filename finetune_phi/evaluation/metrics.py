@@ -29,7 +29,9 @@ def _rouge():
 
 @lru_cache(maxsize=1)
 def _f1():
-    from azure.ai.evaluation import F1ScoreEvaluator  # slow import (~5 s): only when scoring
+    from azure.ai.evaluation import (
+        F1ScoreEvaluator,  # slow import (~5 s): only when scoring
+    )
 
     return F1ScoreEvaluator()
 
@@ -38,6 +40,15 @@ def normalize(text: str) -> str:
     """Case-folded, punctuation dropped, whitespace collapsed."""
     text = "".join(" " if unicodedata.category(c).startswith("P") else c for c in text.casefold())
     return " ".join(text.split())
+
+
+def score_line(answer: str | None, ground_truth: str | None) -> dict:
+    """The eval flows' line: every metric and `failed`. A line without a reference cannot be scored: it is marked
+    failed (and counted by the aggregation) rather than raised, since a batch run leaves raised lines out of its
+    aggregation node, which would then undercount them."""
+    if not ground_truth or not ground_truth.strip():
+        return score("", "") | {"failed": True}
+    return score(answer, ground_truth) | {"failed": False}
 
 
 def score(answer: str | None, ground_truth: str) -> dict:

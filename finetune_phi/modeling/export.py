@@ -27,7 +27,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from .. import project
 from ..errors import UserError
+from ..files import sha256
+from . import models
+from .cache import cache_dir
 
 FORMATS = {"openvino": ("int8", "int4", "fp16", "fp32")}
 DEFAULT_PRECISION = {"openvino": "int8"}
@@ -55,9 +59,6 @@ class ExportError(UserError):
 
 def _venvs() -> list[Path]:
     """Where the export venv is looked for: in the project (what `make openvino-export` makes), then in the cache."""
-    from .. import project
-    from .cache import cache_dir
-
     try:
         return [project.root() / EXPORT_VENV, cache_dir() / "venv-openvino-export"]
     except project.ProjectNotFound:
@@ -99,7 +100,7 @@ def setup_export_env(venv: Path | None = None, torch_index: str | None = None) -
     return venv
 
 
-def _openvino_args(precision: str, config: dict) -> list[str]:
+def _openvino_args(precision: str) -> list[str]:
     args = ["--weight-format", precision]
     if precision == "int4":
         # group-wise int4 needs a group size that divides every layer's input width (SmolLM2's 576 is
@@ -111,8 +112,6 @@ def _openvino_args(precision: str, config: dict) -> list[str]:
 def export(spec: str, out: str | Path, format: str = "openvino", precision: str | None = None, *,
            overwrite: bool = False, progress=print) -> Path:
     """Convert the model `spec` into `out` for `format` at `precision`; returns the folder."""
-    from . import models
-
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {sorted(FORMATS)}")
     precision = precision or DEFAULT_PRECISION[format]
@@ -124,8 +123,8 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
     source = Path(models.resolve(spec))
     if not source.is_dir():
         raise ExportError(f"{spec}: export needs a local model folder (a hub id is not downloaded here)")
-    if (source / MANIFEST).exists():
-        raise ExportError(f"{spec} is already an export ({json.loads((source / MANIFEST).read_text()).get('format')}); "
+    if read_manifest(source):
+        raise ExportError(f"{spec} is already an export ({read_manifest(source).get('format')}); "
                           f"export the fine-tuned Hugging Face folder it came from")
     config = json.loads((source / "config.json").read_text())
     cli = openvino_exporter()
@@ -136,9 +135,9 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
         progress(f"exporting {spec} to {format} {precision} (optimum-intel, {cli.parent.parent}) ...")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         cmd = [str(cli), "export", "openvino", "--model", str(source), "--task", "text-generation-with-past",
-               *_openvino_args(precision, config), str(tmp)]
+               *_openvino_args(precision), str(tmp)]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if result.returncode != 0 or not (tmp / "openvino_model.xml").exists():
+        if result.returncode != 0 or not is_openvino(tmp):
             tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
             raise ExportError(f"the OpenVINO conversion of {spec} failed (exit {result.returncode}):\n{tail}")
         for name in TOKENIZER_FILES:
@@ -157,31 +156,33 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
     return out
 
 
+def is_openvino(folder: Path) -> bool:
+    """Whether a folder holds an OpenVINO model (what optimum-intel writes and OpenVINO GenAI reads)."""
+    return (Path(folder) / "openvino_model.xml").is_file()
+
+
+def read_manifest(folder: Path) -> dict:
+    """What `export` wrote beside the model (format, precision, source); {} for a folder it did not make."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def content_key(folder: Path) -> str:
     """What a model folder is, for the export cache: sha256 over its weights, config and tokenizer files."""
     import hashlib
 
-    digest = hashlib.sha256()
     names = sorted(f.name for f in folder.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".json", ".jinja")
                                                                        and f.name != MANIFEST))
-    for name in names:
-        digest.update(name.encode())
-        with open(folder / name, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    return hashlib.sha256("".join(f"{name}:{sha256(folder / name)}\n" for name in names).encode()).hexdigest()[:16]
 
 
 def cached_export(spec: str, format: str = "openvino", precision: str | None = None, progress=print) -> Path:
     """The engine's own folder for a model (a folder, models:/..., tiny, smollm2-135m): exported on first use
     into the user's cache, keyed by the model's content, so `serve --engine openvino --deployment ft=FOLDER`
     needs no `finetune-phi export` first. The exporter's venv is built once, on demand, when none is found."""
-    from . import models
-    from .cache import cache_dir
-
     precision = precision or DEFAULT_PRECISION[format]
     source = Path(models.resolve(spec))
-    if (source / "openvino_model.xml").is_file():
+    if is_openvino(source):
         return source  # already an export
     if not (source / "config.json").is_file():
         raise ExportError(f"{spec}: not a Hugging Face model folder (no config.json) to export")

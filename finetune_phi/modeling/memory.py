@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import UserError
+
 GiB = 1024**3
 
 
@@ -84,8 +86,6 @@ def available_bytes(device: str) -> float:
 
 def check_fits(est: MemoryEstimate, device: str, headroom: float = 0.9):
     """Raise a UserError naming the numbers and the ways out when the estimate exceeds the device."""
-    from ..errors import UserError
-
     have = available_bytes(device) * headroom
     if est.total > have:
         raise UserError(

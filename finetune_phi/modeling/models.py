@@ -15,8 +15,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from ..data.sample import generate_sample
 from ..errors import UserError
 from .cache import cached_build
+from .registry import download_model
 
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 DEFAULT_HUB_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -43,8 +45,6 @@ def build_tokenizer(tokenizer_path: str | None = None):
     else:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-        from ..data.sample import generate_sample
-
         texts = [m["content"] for row in generate_sample(2000, seed=1234) for m in row["messages"]]
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -57,7 +57,9 @@ def build_tokenizer(tokenizer_path: str | None = None):
     missing = [t for t in ("<|user|>", "<|assistant|>", "<|end|>") if t not in tok.get_vocab()]
     if missing:
         raise UserError(f"{tokenizer_path}: not a Phi-3 tokenizer, it lacks the special tokens {missing}")
-    from trl.chat_template_utils import phi3_chat_template  # the stock Phi-3 template, as TRL keeps it
+    from trl.chat_template_utils import (
+        phi3_chat_template,  # the stock Phi-3 template, as TRL keeps it
+    )
 
     tok.chat_template = phi3_chat_template
     if tok.pad_token is None:
@@ -123,8 +125,6 @@ def tiny_path(tokenizer_path: str | None = None) -> Path:
     key = f"{TINY_VERSION}|{sorted(TINY_SHAPE.items())}"
     if tokenizer_path:
         if not Path(tokenizer_path, "tokenizer.json").is_file():
-            from ..errors import UserError
-
             raise UserError(f"--tokenizer {tokenizer_path}: no tokenizer.json there (give a Hugging Face tokenizer "
                             "folder, such as Phi-3's)")
         key += "|" + hashlib.sha256(Path(tokenizer_path, "tokenizer.json").read_bytes()).hexdigest()
@@ -190,8 +190,6 @@ def resolve(spec: str, tokenizer_path: str | None = None) -> str:
     if spec == SMOLLM2:
         return str(gguf_path(smollm2_gguf()))
     if spec.startswith("models:/"):
-        from .registry import download_model
-
         return str(download_model(spec))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":

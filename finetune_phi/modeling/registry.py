@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import __version__
+from ..errors import UserError
 from ..files import follow_umask
+from .cache import cache_dir
 
 REGISTERED_MODEL = "finetune-phi"  # `train --registered-model NAME` registers elsewhere
 EXPERIMENT = "finetune-phi"
@@ -22,14 +25,11 @@ def tracking_uri() -> str:
 
 def setup(experiment: str | None = None):
     """Point MLflow at the store and the experiment (created with an explicit artifact folder)."""
-    import mlflow
-
     import sqlite3
 
+    import mlflow
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
-
-    from ..errors import UserError
 
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or EXPERIMENT
     uri = tracking_uri()
@@ -53,8 +53,6 @@ def log_model(model_dir: str | Path, registered_name: str = REGISTERED_MODEL):
     """Log a saved HF folder as an MLflow transformers model and register a new version of it."""
     mlflow = setup()
     import transformers
-
-    from .. import __version__
 
     pipe = {"model": transformers.AutoModelForCausalLM.from_pretrained(model_dir),
             "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir)}
@@ -88,11 +86,8 @@ def download_model(uri: str) -> Path:
     import tempfile
 
     mlflow = setup()
-    from .cache import cache_dir
 
     from mlflow.exceptions import MlflowException
-
-    from ..errors import UserError
 
     client = mlflow.MlflowClient()
     name, _, ref = uri.removeprefix("models:/").partition("/")

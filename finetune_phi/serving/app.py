@@ -12,12 +12,12 @@ import json
 import logging
 import threading
 
-from . import keys
+from . import keys, openai_api
 from .azure_protocol import encode_all, parse_score_request, prompts_of, response_body
 from .endpoint import Endpoint
-from .options import HOST, PORT, Limits
 from .engines.base import DEFAULT_ENGINE
-from .generation import Row
+from .generation import Completion, Row
+from .options import HOST, PORT, Limits
 from .request import RequestError, parse_json
 
 log = logging.getLogger("finetune_phi.serve")
@@ -29,8 +29,6 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.requests import ClientDisconnect
-
-    from . import openai_api
 
     @asynccontextmanager
     async def lifespan(app):
@@ -135,9 +133,6 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
 async def _sse_events(endpoint: Endpoint, deployment, row: Row, include_usage: bool, release):
     """/v1/chat/completions with stream: true, as OpenAI sends it: role, text pieces, finish, [usage], [DONE]."""
     from contextlib import aclosing
-
-    from . import openai_api
-    from .generation import Completion
 
     writer = openai_api.ChunkWriter(deployment.name)
     try:

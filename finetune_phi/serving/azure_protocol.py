@@ -1,6 +1,6 @@
 """The /score request protocol, shared by the local server and the Azure ML scoring script.
 
-Two request shapes (see DESIGN.md):
+Two request shapes (the README's "Endpoint" section):
   text generation (MLflow):  {"input_data": ["<prompt>", ...], "params": {...}}  -> ["<text>", ...]
   chat completion:           {"input_data": {"input_string": [messages], "parameters": {...}}}
                              -> {"output": "<assistant text>"}
@@ -8,7 +8,13 @@ Two request shapes (see DESIGN.md):
 from __future__ import annotations
 
 from .engines.base import Engine
-from .generation import MAX_NEW_TOKENS_CAP, ContextLengthError, GenerationParams, ParamError, Row
+from .generation import (
+    MAX_NEW_TOKENS_CAP,
+    ContextLengthError,
+    GenerationParams,
+    ParamError,
+    Row,
+)
 from .request import RequestError, check_messages
 
 MAX_INPUTS = 16

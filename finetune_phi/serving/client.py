@@ -122,6 +122,11 @@ def scoring_url(endpoint_url: str) -> str:
     return url if url.endswith("/score") else url + "/score"
 
 
+def openai_url(endpoint_url: str, path: str) -> str:
+    """The endpoint's OpenAI-compatible route `path` (/models, /chat/completions), beside its scoring URI."""
+    return scoring_url(endpoint_url).removesuffix("/score") + "/v1" + path
+
+
 def check_question(question) -> str:
     """The chat flows' question: a non-empty string (EndpointError with status 400 otherwise)."""
     if not isinstance(question, str) or not question.strip():
@@ -240,7 +245,7 @@ def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: li
     stream cut off before its end raises EndpointError.
     """
     check_question(question)
-    url = scoring_url(endpoint_url).removesuffix("/score") + "/v1/chat/completions"
+    url = openai_url(endpoint_url, "/chat/completions")
     # /score's temperature, not OpenAI's 1.0; max_tokens is left to the endpoint, whose default
     # follows its own --max-new-tokens-cap
     body = {"messages": history_to_messages(chat_history, question), "stream": True,

@@ -7,20 +7,23 @@ from __future__ import annotations
 
 import os
 
+from ..errors import UserError
+from .client import scoring_url
+from .keys import KEY_ENV, existing_key, key_file
+
 CONNECTION_NAME = "finetune_phi_endpoint"
 
 
 def resolve_key(api_key_env: str | None) -> tuple[str, str]:
     """The key to store: from the named env var, else the local endpoint's key. Returns (key, source)."""
-    from .keys import KEY_ENV, get_or_create_key, key_file
-
     if api_key_env:
         if not os.environ.get(api_key_env):
-            raise ValueError(f"--api-key-env {api_key_env}: the environment variable is not set")
+            raise UserError(f"--api-key-env {api_key_env}: the environment variable is not set")
         return os.environ[api_key_env], f"${api_key_env}"
-    if os.environ.get(KEY_ENV) or key_file().exists():
-        return get_or_create_key()
-    raise ValueError(f"no API key: set {KEY_ENV}, pass --api-key-env VAR, or start `finetune-phi serve` once "
+    found = existing_key()
+    if found:
+        return found
+    raise UserError(f"no API key: set {KEY_ENV}, pass --api-key-env VAR, or start `finetune-phi serve` once "
                      f"so it generates {key_file()}")
 
 
@@ -28,8 +31,6 @@ def connect(endpoint_url: str, api_key: str, name: str = CONNECTION_NAME):
     """Create or update the connection; returns it (secrets scrubbed by Prompt flow)."""
     from promptflow.client import PFClient
     from promptflow.entities import CustomConnection
-
-    from .client import scoring_url
 
     connection = CustomConnection(name=name, configs={"endpoint_url": scoring_url(endpoint_url)},
                                   secrets={"api_key": api_key})

@@ -50,13 +50,25 @@ def _read_key_file(path: Path) -> str:
         raise InvalidKeyError(f"{e}; delete {path} and a new key is generated at the next start") from None
 
 
-def get_or_create_key(env_var: str = KEY_ENV) -> tuple[str, str]:
-    """(key, where it came from). The source is safe to print; the key is not."""
-    if env_var in os.environ:
+def existing_key(env_var: str = KEY_ENV) -> tuple[str, str] | None:
+    """(key, where it came from) from the environment or the key file, checked; None when neither has one.
+    The source is safe to print; the key is not."""
+    if os.environ.get(env_var):
         return check_key(os.environ[env_var].strip(), f"${env_var}"), f"${env_var}"
     path = key_file()
     if path.exists():
         return _read_key_file(path), str(path)
+    return None
+
+
+def get_or_create_key(env_var: str = KEY_ENV) -> tuple[str, str]:
+    """(key, where it came from): the existing key, else a new one generated into the key file."""
+    if env_var in os.environ and not os.environ[env_var]:
+        check_key("", f"${env_var}")  # set but empty: refused, not replaced by the file
+    found = existing_key(env_var)
+    if found:
+        return found
+    path = key_file()
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = secrets.token_urlsafe(32)
     fd, tmp = tempfile.mkstemp(prefix=".api_key.", dir=path.parent)  # mode 0600

@@ -69,16 +69,12 @@ class ServeOptions:
         check_bounds(self)
 
     def deployments(self) -> dict[str, str]:
-        from .endpoint import parse_pairs
-
         try:
             return parse_pairs(self.deployment or [DEFAULT_DEPLOYMENT], "deployment")
         except ValueError as e:
             raise UserError(str(e)) from None
 
     def traffic_split(self) -> dict[str, int]:
-        from .endpoint import parse_traffic
-
         try:
             return parse_traffic(self.traffic, list(self.deployments()))
         except ValueError as e:
@@ -91,6 +87,42 @@ class ServeOptions:
         if self.engine != "transformers":
             raise UserError(f"--kv-cache-tokens sizes the transformers engine's cache, not the {self.engine} engine's")
         return {"kv_cache_tokens": self.kv_cache_tokens}
+
+
+def parse_pairs(items: list[str], what: str) -> dict[str, str]:
+    """NAME=VALUE flags -> dict, with an error naming the bad flag."""
+    pairs = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"--{what} {item!r}: expected NAME=VALUE")
+        if name in pairs:
+            raise ValueError(f"--{what}: {name!r} given twice")
+        pairs[name] = value
+    return pairs
+
+
+def parse_weights(items: list[str]) -> dict[str, int]:
+    """--traffic NAME=PCT ... -> {name: pct}, percentages that add up to 100 (Azure ML's rule too)."""
+    traffic = {}
+    for name, pct in parse_pairs(items, "traffic").items():
+        if not pct.isdigit() or not 0 <= int(pct) <= 100:
+            raise ValueError(f"--traffic {name}={pct}: percentage must be an integer from 0 to 100")
+        traffic[name] = int(pct)
+    if sum(traffic.values()) != 100:
+        raise ValueError(f"--traffic percentages must add up to 100, got {sum(traffic.values())}")
+    return traffic
+
+
+def parse_traffic(items: list[str], deployments: list[str]) -> dict[str, int]:
+    """Weights for the local endpoint's deployments; none given -> all to the first deployment."""
+    if not items:
+        return {name: (100 if i == 0 else 0) for i, name in enumerate(deployments)}
+    traffic = parse_weights(items)
+    unknown = sorted(set(traffic) - set(deployments))
+    if unknown:
+        raise ValueError(f"--traffic names no deployment {unknown} (have {deployments})")
+    return {name: traffic.get(name, 0) for name in deployments}
 
 
 SERVE_COMMAND = (ServeOptions, Limits)  # the dataclasses behind `finetune-phi serve`

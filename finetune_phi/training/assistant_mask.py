@@ -21,7 +21,10 @@ class TemplateError(UserError, ValueError):
 def trl_training_template(tok) -> str | None:
     """TRL's training template for this tokenizer's chat template (or the template itself if it
     already marks assistant turns); None when TRL knows no training version of it."""
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from trl.chat_template_utils import (
+        get_training_chat_template,
+        has_generation_markers,
+    )
 
     if has_generation_markers(tok.chat_template):
         return tok.chat_template

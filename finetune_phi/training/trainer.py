@@ -15,20 +15,27 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .config import TrainConfig
+from ..data.read import read_conversations
 from ..errors import UserError
 from ..files import follow_umask
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; runs there go without the output-folder lock
-    fcntl = None
+from ..modeling import memory, models, registry
+from . import assistant_mask
+from .assistant_mask import tokenize_with_mask
+from .callbacks import base_loss_callback, final_eval_loss, loss_progress_bar
+from .checkpoints import checkpoint_to_resume
+from .config import TrainConfig
+from .output_dir import (
+    clear_previous_run,
+    explain_failed_checkpoint_writes,
+    output_lock,
+    refuse_to_replace,
+    writing,
+)
 
 
 @dataclass
@@ -54,53 +61,13 @@ def load_conversations(path: str, tok=None, end_of_turn: str | None = None):
     """
     import datasets
 
-    from ..data.prepare import check_set_member, iter_file, load_valid
-
     datasets.disable_progress_bars()  # TRL's per-step map() bars drown the training progress bar
 
-    check_set_member(path)  # never a train split from one `data` run beside a test split from another
-    rows, _ = load_valid(iter_file(path))
+    rows = read_conversations(path)  # checked against its set: never a train split from one `data` run beside another's test split
     if tok is None:
         return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
-    from .assistant_mask import tokenize_with_mask
 
     return datasets.Dataset.from_list([tokenize_with_mask(tok, r["messages"], end_of_turn) for r in rows])
-
-
-def loss_progress_bar():
-    """One progress bar for training with the latest loss and an ETA, in place of Trainer's bar, its
-    evaluation bars and its raw log dicts (the numbers all reach MLflow anyway)."""
-    from transformers import TrainerCallback
-
-    class LossProgressBar(TrainerCallback):
-        bar = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            from tqdm.auto import tqdm
-
-            if state.is_world_process_zero:
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="fine-tuning", unit="step",
-                                dynamic_ncols=True)
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.bar is not None and logs:
-                shown = {k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "eval_loss")}
-                if shown:
-                    self.bar.set_postfix(shown)
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.close_bar()
-
-        def close_bar(self):
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-
-    return LossProgressBar()
 
 
 def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]):
@@ -113,9 +80,6 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from . import assistant_mask
-    from ..modeling import models
-
     on_gpu = torch.cuda.is_available()
     base_path = models.resolve(cfg.base_model, cfg.tokenizer)
     tok = AutoTokenizer.from_pretrained(base_path)
@@ -127,14 +91,9 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     if not cfg.skip_memory_check:
         from transformers import AutoConfig
 
-        from ..modeling import memory
-
         estimate = memory.estimate(AutoConfig.from_pretrained(base_path), cfg.batch_size, cfg.max_length,
                                    cfg.lora_r if cfg.lora else None, 2 if on_gpu else 4, checkpointing, cfg.qlora)
-        try:
-            memory.check_fits(estimate, "cuda" if on_gpu else "cpu")
-        except ValueError as e:  # the numbers and the ways out: the user's to act on
-            raise UserError(str(e)) from None
+        memory.check_fits(estimate, "cuda" if on_gpu else "cpu")  # a UserError: the numbers and the ways out
     load_kwargs = {}
     if cfg.qlora:
         if not on_gpu:
@@ -213,114 +172,6 @@ def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batc
         return trainer.evaluate()["eval_loss"]
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why resuming from this checkpoint would fail, or None when everything it needs loads.
-
-    A process killed mid-save or a full disk leaves files cut short; Trainer only finds out by
-    crashing (`PytorchStreamReader failed reading zip archive`). Each file is opened the way resuming
-    opens it, but cheaply: safetensors headers (which state how long the file must be) and torch
-    files memory-mapped, so no tensor data is read.
-    """
-    try:
-        json.loads((path / "trainer_state.json").read_text())  # Trainer writes it last
-    except (OSError, ValueError) as e:
-        return f"trainer_state.json is missing or unreadable ({_reason(e)})"
-    weights = [path / f for f in ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
-                                  "adapter_model.bin") if (path / f).exists()]
-    index = path / "model.safetensors.index.json"
-    if index.exists():  # a sharded model: every shard the index names
-        try:
-            weights += [path / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (OSError, ValueError, KeyError) as e:
-            return f"{index.name} is unreadable ({_reason(e)})"
-    if not weights:
-        return "it has no model weights"
-    for f in weights + [path / "optimizer.pt", path / "scheduler.pt"]:
-        if not f.exists():
-            return f"{f.name} is missing"
-        if problem := _unloadable(f):
-            return f"{f.name} does not load ({problem})"
-    for f in path.glob("rng_state*.pth"):  # numpy state inside: weights_only refuses it, so check the zip only
-        import zipfile
-
-        try:
-            zipfile.ZipFile(f).close()
-        except (OSError, zipfile.BadZipFile) as e:
-            return f"{f.name} does not load ({_reason(e)})"
-    return None
-
-
-def _unloadable(f: Path) -> str | None:
-    try:
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), "pt"):
-                pass
-        else:
-            import torch
-
-            torch.load(f, map_location="cpu", weights_only=True, mmap=True)  # as Trainer loads it, less the data
-    except Exception as e:  # noqa: BLE001 - whatever the reader says is the reason to skip the file
-        return _reason(e)
-    return None
-
-
-def _reason(e: BaseException) -> str:
-    """The first sentence of an error: torch's go on for a paragraph."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0].split(". ")[0]
-
-
-def complete_checkpoint(path: Path) -> bool:
-    return checkpoint_problem(path) is None
-
-
-def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint-N that loads; a half-written or damaged one is skipped, saying why."""
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
-    for path in found:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        print(f"--resume: skipping incomplete checkpoint {path}: {problem}")
-    return None
-
-
-def final_eval_loss(trainer) -> float:
-    """Held-out loss of the trained model: the end-of-epoch evaluation's when it ran at the last
-    step (evaluating the same weights again costs as much as an epoch of a small data set on CPU)."""
-    state = trainer.state
-    for entry in reversed(state.log_history):
-        if "eval_loss" in entry:
-            if entry.get("step") == state.global_step:
-                return entry["eval_loss"]
-            break
-    return trainer.evaluate()["eval_loss"]
-
-
-def base_loss_callback(trainer, on_measured=None):
-    """A callback measuring the untouched base model's held-out loss as training starts (all ranks).
-
-    Not with evaluate() before train(): in transformers 5.24 that leaves the model without its DDP
-    wrapper, and each process of a multi-process run then trains alone on its shard (measured: held-out
-    loss 0.92 instead of 0.79). The value is in `.loss` afterwards.
-    """
-    from transformers import TrainerCallback
-
-    class BaseLoss(TrainerCallback):
-        loss = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if self.loss is None:
-                self.loss = trainer.evaluate(metric_key_prefix="base")["base_loss"]
-                if on_measured:  # recorded now, so a run killed later still has it on resume
-                    on_measured(self.loss)
-
-    return BaseLoss()
-
-
 def train(cfg: TrainConfig) -> TrainResult:
     """Fine-tune, track in MLflow, save and register; UserError for a folder it must not or cannot use.
 
@@ -334,92 +185,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise UserError(f"--out {out} is a file; give a folder for the model")
     # Every rank of a torchrun job runs this; rank 0 owns the folder (lock, clean-up), the others read it.
     rank0 = os.environ.get("RANK", "0") == "0"
-    with _output_lock(out) if rank0 else nullcontext():
-        last = _checkpoint_to_resume(out / "checkpoints") if cfg.resume else None
-        _refuse_to_replace(out, cfg, last)
+    with output_lock(out) if rank0 else nullcontext():
+        last = checkpoint_to_resume(out / "checkpoints") if cfg.resume else None
+        refuse_to_replace(out, cfg, last)
         if cfg.resume and last is None:
             print(f"--resume: no complete checkpoint in {out / 'checkpoints'}; starting from the base model")
         if cfg.overwrite and rank0:
-            _clear_previous_run(out)
+            clear_previous_run(out)
         return _train(cfg, last)
-
-
-@contextmanager
-def _output_lock(out: Path):
-    """Hold an flock on <out>/.lock for the whole run, so a second run on the same folder stops at once.
-
-    The kernel drops the lock when the process ends, however it ends: a crash never leaves a stale
-    lock. Creating the lock file also proves the folder writable before anything is loaded.
-    """
-    def unwritable(e: OSError):
-        return UserError(f"cannot write to --out {out}: {e.strerror or _reason(e)}; choose a folder you can write to")
-
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = open(out / ".lock", "a+")  # append mode: a run that loses the race can still read the PID
-    except OSError as e:
-        raise unwritable(e) from None
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                lock.seek(0)
-                holder = lock.read().strip() or "unknown"
-                raise UserError(f"{out} is in use by another training run (PID {holder})") from None
-        try:
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"{os.getpid()}\n")
-            lock.flush()
-        except OSError as e:  # a full disk, before anything was loaded
-            raise unwritable(e) from None
-        yield
-    finally:
-        lock.close()
-
-
-def _checkpoint_to_resume(ckpt_dir: Path) -> Path | None:
-    last = latest_complete_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
-    if last is not None:
-        step = json.loads((last / "trainer_state.json").read_text()).get("global_step")
-        print(f"--resume: resuming from {last} (step {step})")
-    return last
-
-
-def _refuse_to_replace(out: Path, cfg: TrainConfig, last: Path | None):
-    """A finished model or an earlier run's checkpoints in `out` are only replaced on --overwrite.
-
-    Starting afresh over them would overwrite the model and mix the two runs' checkpoints, which
-    save_total_limit then deletes.
-    """
-    if cfg.overwrite or last is not None:  # resuming continues the run these files belong to
-        return
-    if (out / "finetune_phi.json").exists() or (out / "config.json").exists():
-        held = "a trained model"
-    elif any(p.is_dir() for p in (out / "checkpoints").glob("checkpoint-*")):
-        held = "checkpoints of an earlier run"
-    else:
-        return
-    if cfg.resume:
-        raise UserError(f"--resume: nothing in {out / 'checkpoints'} to resume from, and {out} holds {held}; "
-                        "use --overwrite to replace it")
-    raise UserError(f"{out} already holds {held}; use --resume to continue its run or --overwrite to replace it")
-
-
-def _clear_previous_run(out: Path):
-    """--overwrite: remove what training wrote there before, and nothing else (--out . is a folder of yours)."""
-    removed = []
-    for stale in (out / "checkpoints", out / "adapter", out / "finetune_phi.json"):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-        elif stale.exists():
-            stale.unlink()
-        else:
-            continue
-        removed.append(stale.name)
-    if removed:
-        print(f"--overwrite: removed {', '.join(removed)} from {out}")
 
 
 def _previous_run(mlflow, run_id: str):
@@ -433,58 +206,12 @@ def _previous_run(mlflow, run_id: str):
         return None
 
 
-@contextmanager
-def _writing(what: str, path: Path):
-    """A failed write (full disk, quota, a folder gone read-only) ends the run with one line saying so.
-
-    torch.save and safetensors report it as "basic_ios::clear: iostream error", "unexpected pos N vs M"
-    or "I/O error"; a RuntimeError that looks like none of those, with room on the disk, stays a bug.
-    """
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except (OSError, RuntimeError, SafetensorError) as e:
-        free = _free_bytes(path)
-        io_like = isinstance(e, OSError) or any(s in str(e) for s in (
-            "iostream", "unexpected pos", "file write failed", "I/O error", "os error"))
-        if not io_like and (free is None or free > 64 * 2**20):
-            raise
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else _reason(e)
-        room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
-        raise UserError(f"could not write {what} to {path}: {reason}{room}; free disk space or choose another --out") from e
-
-
-def _free_bytes(path: Path) -> int | None:
-    for folder in (path, *path.parents):
-        if folder.exists():
-            try:
-                return shutil.disk_usage(folder).free
-            except OSError:
-                return None
-    return None
-
-
-def _explain_failed_checkpoint_writes(trainer):
-    """Checkpoints are written inside trainer.train(): wrap Trainer's one method that writes them."""
-    save = trainer._save_checkpoint
-
-    def save_checkpoint(model, trial, *args, **kwargs):
-        path = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-        with _writing("checkpoint", path):
-            return save(model, trial, *args, **kwargs)
-
-    trainer._save_checkpoint = save_checkpoint
-
-
 def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
-    from ..modeling import models, registry
-
     start = time.time()
     out = Path(cfg.out)
     ckpt_dir = out / "checkpoints"
     trainer, tok = build_trainer(cfg, ckpt_dir, report_to=["mlflow"])
-    _explain_failed_checkpoint_writes(trainer)
+    explain_failed_checkpoint_writes(trainer)
     main = trainer.is_world_process_zero()  # rank 0 of several (torchrun), or the only process
 
     run_file = ckpt_dir / "mlflow_run_id"
@@ -537,7 +264,7 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
             model = model.merge_and_unload()  # a plain Phi3ForCausalLM the endpoint serves
         # the base's own stop ids plus the template's end of turn: plain generate() stops where the turn ends
         model.generation_config.eos_token_id = models.stop_token_ids(tok, model.generation_config)
-        with _writing("the model", out):
+        with writing("the model", out):
             model.save_pretrained(out)
             tok.save_pretrained(out)  # the stock template: TRL keeps its training template to itself
             follow_umask(out)  # safetensors writes 0600 (a temp file renamed): give the user's umask, checkpoints too
@@ -548,6 +275,6 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
             info = registry.log_model(out, cfg.registered_model)
             version = str(info.registered_model_version)
             summary["registered_model"] = f"models:/{cfg.registered_model}/{version}"
-        with _writing("the model", out):
+        with writing("the model", out):
             (out / "finetune_phi.json").write_text(json.dumps(summary, indent=2))
     return TrainResult(out, base_loss, eval_loss, steps, time.time() - start, run.info.run_id, version)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
 from typing_extensions import Never
 
-from finetune_phi.evaluation.metrics import aggregate, score
+from finetune_phi.evaluation.metrics import aggregate, score_line
 
 
 @dataclass
@@ -30,10 +30,7 @@ class EvalRow:
 
 
 def score_row(row: EvalRow) -> dict:
-    # flows/eval/score.py's rule: a row with no reference is marked failed (and counted), not raised
-    if not row.ground_truth or not row.ground_truth.strip():
-        return score("", "") | {"failed": True}
-    return score(row.answer, row.ground_truth) | {"failed": False}
+    return score_line(row.answer, row.ground_truth)  # flows/eval/score.py's node, the same function
 
 
 class ScoreExecutor(Executor):

@@ -9,8 +9,15 @@ from concurrent.futures import Future
 from typing import Literal
 
 from ...errors import UserError
+from ...modeling.models import stop_token_ids
 from ..chat_template import chat_token_ids
-from ..generation import Completion, ContextLengthError, GenerationParams, ParamError, Row
+from ..generation import (
+    Completion,
+    ContextLengthError,
+    GenerationParams,
+    ParamError,
+    Row,
+)
 
 # name -> "module:class", imported only when chosen (each engine pulls in its own heavy library)
 ENGINES = {
@@ -51,8 +58,6 @@ class Engine(ABC):
     def describe(path: str) -> tuple[object, int, list[int]]:
         """(tokenizer, context length, stop ids) of a model folder, for engines that load the weights themselves."""
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-        from ...modeling.models import stop_token_ids
 
         tok = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)

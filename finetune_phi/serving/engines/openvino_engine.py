@@ -13,18 +13,18 @@ error (EngineUnavailable), never a silent fall back.
 """
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
 from concurrent.futures import Future
 from pathlib import Path
 
+from ...modeling import export
 from ..generation import Row
 from .base import Engine, EngineUnavailable
 
 log = logging.getLogger("finetune_phi.serving.engines")
-MANIFEST = "finetune_phi_export.json"  # written by finetune_phi.modeling.export
+INT8 = export.DEFAULT_PRECISION["openvino"]
 
 
 def _require_openvino():
@@ -35,11 +35,9 @@ def _require_openvino():
                                 "(openvino-genai)") from None
 
 
-def exported_folder(spec: str, precision: str = "int8") -> Path:
+def exported_folder(spec: str, precision: str = INT8) -> Path:
     """The exported folder for a spec: the spec itself when it is an export, else its export, made on first use
     into the cache (keyed by the model's content; finetune_phi.modeling.export.cached_export), with a progress line."""
-    from ...modeling import export
-
     log.info("--engine openvino: finding or making the OpenVINO %s export of %s", precision, spec)
     return export.cached_export(spec, "openvino", precision, progress=lambda line: log.info("%s", line))
 
@@ -48,7 +46,7 @@ class OpenVINOEngine(Engine):
     name = "openvino"
 
     def __init__(self, path: Path, tokenizer, context_length: int, stop_ids: list[int], *,
-                 precision: str = "int8", threads: int | None = None, kv_cache_gb: float = 1.0,
+                 precision: str = INT8, threads: int | None = None, kv_cache_gb: float = 1.0,
                  max_num_seqs: int = 64, max_batch_tokens: int = 2048, prefix_caching: bool = True):
         import openvino_genai as ov_genai
 
@@ -75,9 +73,8 @@ class OpenVINOEngine(Engine):
     @classmethod
     def load(cls, spec: str, **options) -> "OpenVINOEngine":
         _require_openvino()
-        path = exported_folder(spec, options.get("precision") or "int8")
-        manifest = json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else {}
-        options.setdefault("precision", manifest.get("precision", "int8"))
+        path = exported_folder(spec, options.get("precision") or INT8)
+        options.setdefault("precision", export.read_manifest(path).get("precision", INT8))
         return cls(path, *cls.describe(str(path)), **options)
 
     def _config(self, row: Row):

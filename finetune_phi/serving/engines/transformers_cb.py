@@ -14,6 +14,8 @@ import importlib.util
 import threading
 from concurrent.futures import Future
 
+from ...modeling import models
+from ...modeling.models import stop_token_ids
 from ..generation import ParamError, Row
 from ..options import KV_CACHE_TOKENS
 from . import rowwise_attention
@@ -32,8 +34,6 @@ class TransformersEngine(Engine):
     def __init__(self, model, tokenizer, kv_cache_tokens: int = KV_CACHE_TOKENS, page_size: int = 64,
                  max_batch_tokens: int = 2048):
         from transformers import ContinuousBatchingConfig, GenerationConfig
-
-        from ...modeling.models import stop_token_ids
 
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
         super().__init__(tokenizer, context, stop_token_ids(tokenizer, model.generation_config))
@@ -74,8 +74,6 @@ class TransformersEngine(Engine):
 
     @classmethod
     def load(cls, spec: str, **options) -> "TransformersEngine":
-        from ...modeling import models
-
         return cls(*models.load(spec), **options)
 
     def submit(self, row: Row) -> Future:
@@ -180,7 +178,9 @@ class TransformersEngine(Engine):
 def _sort_only_where_needed(manager):
     """Swap the manager's per-request top-p warper for RowTopP (before it starts: the batch processor and the
     model runner read the same processor list)."""
-    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingTopPLogitsWarper,
+    )
 
     processors = manager.logit_processor.logits_processor
     for i, processor in enumerate(processors):
@@ -197,7 +197,9 @@ def _row_top_p(stock):
     warper's own arithmetic, so their distribution is unchanged. On CUDA the stock warper runs as is (a
     data-dependent row selection would break graph capture)."""
     import torch
-    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingTopPLogitsWarper
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingTopPLogitsWarper,
+    )
 
     class RowTopP(ContinuousBatchingTopPLogitsWarper):
         def __init__(self):  # the stock warper's settings (top_p default, filter value, min tokens)
@@ -256,7 +258,9 @@ def _mask_by_grammar(manager, row_of):
     bitmask, so constrained rows decode in the same batch as free ones and cost a bitmask each."""
     import torch
     import xgrammar
-    from transformers.generation.continuous_batching.cb_logits_processors import ContinuousBatchingLogitsProcessor
+    from transformers.generation.continuous_batching.cb_logits_processors import (
+        ContinuousBatchingLogitsProcessor,
+    )
 
     vocab_size = manager.model.config.vocab_size
 

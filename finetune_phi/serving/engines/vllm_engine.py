@@ -10,6 +10,7 @@ import asyncio
 import threading
 from concurrent.futures import Future
 
+from ...modeling import models
 from ..generation import Row
 from .base import Engine, EngineUnavailable
 
@@ -47,7 +48,6 @@ class VLLMEngine(Engine):
     @classmethod
     def load(cls, spec: str, **options) -> "VLLMEngine":
         _require_vllm()
-        from ...modeling import models
 
         path = models.resolve(spec)
         return cls(path, *cls.describe(path), **options)
