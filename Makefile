@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: install maf azmlinfsrv openvino-export demo test test-fast clean
+.PHONY: install maf azmlinfsrv openvino-export demo lint test test-fast clean
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -81,7 +81,12 @@ demo: install
 # TEST_WORKERS pytest-xdist workers share the cores (tests/conftest.py: threads per worker, and groups
 # so the tests that share a trained model run on one worker); TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-test: install maf azmlinfsrv
+# ruff, configured in pyproject.toml as TRL configures it: lint rules, then the formatter's check (`ruff format` fixes)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint maf azmlinfsrv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=15
 
 # the unit tests only (no processes, no training, no serving): a couple of minutes on 2 cores

@@ -12,6 +12,7 @@ without a verdict. A strong judge scores near 100%; a coin that always picks slo
 consistency 0. Read the figures as a check of the machinery and of what a tiny judge does, not as a
 judge to trust.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -61,19 +63,36 @@ def main(argv=None):
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     pairs = known_pairs(Path(args.data), args.pairs)
-    cut = lambda text: " ".join(text.split()[:args.max_answer_words])  # noqa: E731
+    cut = lambda text: " ".join(text.split()[: args.max_answer_words])  # noqa: E731
     path = models.resolve(args.model)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     key, _ = keys.get_or_create_key()
     log = work / "serve.log"
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "finetune_phi.cli", "serve", "--deployment", f"judge={path}",
-                                   "--max-new-tokens-cap", str(args.max_tokens), "--request-timeout-ms", "900000",
-                                   "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "finetune_phi.cli",
+                "serve",
+                "--deployment",
+                f"judge={path}",
+                "--max-new-tokens-cap",
+                str(args.max_tokens),
+                "--request-timeout-ms",
+                "900000",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_ready(url + "/ready", headers={"Authorization": f"Bearer {key}"}, proc=server, log=log)
-        judge = Judge(url + "/v1/chat/completions", "judge", {"Authorization": f"Bearer {key}"}, max_tokens=args.max_tokens)
+        judge = Judge(
+            url + "/v1/chat/completions", "judge", {"Authorization": f"Bearer {key}"}, max_tokens=args.max_tokens
+        )
         t = time.time()
         done = [0]
 
@@ -91,17 +110,24 @@ def main(argv=None):
         server.wait(timeout=30)
     s = summarize(results, [r["length_delta"] for r in results], args.model)
     correct = sum(r["outcome"] == "win" for r in results)
-    print(f"\n\nJudge protocol check: {args.model} as the judge (NOT a credible judge), {len(pairs)} known-answer pairs "
-          f"from {Path(args.data).name}, both orders, greedy; {seconds:.0f} s")
-    print(f"  accuracy (both orders pick the row's own reference): {correct}/{len(pairs)} = {correct / len(pairs):.1%}")
-    print(f"  outcomes: right {s['wins']}, wrong {s['losses']}, tie {s['ties']}, no verdict on a line "
-          f"{len(pairs) - s['n']}; replies without a verdict {s['parse_failures']} of {2 * len(pairs)}")
+    print(
+        f"\n\nJudge protocol check: {args.model} as the judge (NOT a credible judge), {len(pairs)} known-answer pairs "
+        f"from {Path(args.data).name}, both orders, greedy; {seconds:.0f} s"
+    )
+    print(
+        f"  accuracy (both orders pick the row's own reference): {correct}/{len(pairs)} = {correct / len(pairs):.1%}"
+    )
+    print(
+        f"  outcomes: right {s['wins']}, wrong {s['losses']}, tie {s['ties']}, no verdict on a line "
+        f"{len(pairs) - s['n']}; replies without a verdict {s['parse_failures']} of {2 * len(pairs)}"
+    )
     for name in ("position_consistency", "first_slot_rate"):
         value = s[name]
         print(f"  {name.replace('_', ' ')}: {'n/a' if value is None else format(value, '.2f')}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    (work / "judge_protocol.json").write_text(json.dumps({"summary": s, "correct": correct, "pairs": len(pairs),
-                                                          "seconds": seconds}, indent=2))
+    (work / "judge_protocol.json").write_text(
+        json.dumps({"summary": s, "correct": correct, "pairs": len(pairs), "seconds": seconds}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ history with the server's own answers; prefix caching should keep turn 5's TTFT 
 ratios against the baseline with their targets, and where `pf flow serve` spends its added latency.
 `--model tiny` is an overhead check only. Figures are for this machine; compare ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,28 +31,38 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from finetune_phi.serving.client import sse_events  # noqa: E402
 from finetune_phi.serving.local import NotReady, free_port, wait_ready  # noqa: E402
 
+
 BIN = Path(sys.executable).parent
 ASSETS = REPO.parent / "shared" / "assets" / "ultrachat-sample"
 KEY = "bench-key-0123456789abcdef"  # the endpoint wants >= 16 characters
 BASELINE = "transformers serve"
-QUESTIONS = ["What is the capital of France?", "Explain photosynthesis in two sentences.",
-             "Give me three tips for a job interview.", "What is the difference between a list and a tuple in Python?",
-             "Write a haiku about autumn.", "How do vaccines work?", "Summarize the plot of Romeo and Juliet.",
-             "What are the benefits of regular exercise?"]
-CONVERSATION = ["Which beach in South India is recommended for water sports?",
-                "That sounds exciting! Is there any particular time of year that is best for water sports there?",
-                "Should I bring my own equipment or can I rent it there?",
-                "Are there any beginner-level classes available? I have never tried surfing before.",
-                "Are there any options for accommodation near the beach that you would recommend?"]
+QUESTIONS = [
+    "What is the capital of France?",
+    "Explain photosynthesis in two sentences.",
+    "Give me three tips for a job interview.",
+    "What is the difference between a list and a tuple in Python?",
+    "Write a haiku about autumn.",
+    "How do vaccines work?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What are the benefits of regular exercise?",
+]
+CONVERSATION = [
+    "Which beach in South India is recommended for water sports?",
+    "That sounds exciting! Is there any particular time of year that is best for water sports there?",
+    "Should I bring my own equipment or can I rent it there?",
+    "Are there any beginner-level classes available? I have never tried surfing before.",
+    "Are there any options for accommodation near the beach that you would recommend?",
+]
 TURNS = 5
 # targets (issue text), next to the ratios
-DEFAULT_TOK_1, DEFAULT_TOK_16 = 1.0, 1.3          # default engine / baseline tok/s at 1 and at 16 clients
-QUANT_TOK_1_ABS, QUANT_TOK_16 = 76.0, 2.0         # quantized engine: tok/s at 1 client (llama-cpp-python), x baseline at 16
+DEFAULT_TOK_1, DEFAULT_TOK_16 = 1.0, 1.3  # default engine / baseline tok/s at 1 and at 16 clients
+QUANT_TOK_1_ABS, QUANT_TOK_16 = 76.0, 2.0  # quantized engine: tok/s at 1 client (llama-cpp-python), x baseline at 16
 TURN5_MAX, PF_MAX_MS = 1.5, 30.0
 JSON_MIN = 0.8  # constrained decoding (response_format json_object) / free decoding, tok/s, same server and clients
 JSON_OBJECT = {"response_format": {"type": "json_object"}}
@@ -69,6 +80,7 @@ def pct(values: list[float], q: int) -> float:
 
 
 # ---------------------------------------------------------------- data
+
 
 def load_data() -> tuple[list[str], list[list[str]], str]:
     """(questions, 5-turn conversations, source): UltraChat first user turns, and conversations with >= 5
@@ -89,6 +101,7 @@ def load_data() -> tuple[list[str], list[list[str]], str]:
 
 # ---------------------------------------------------------------- servers
 
+
 class Unavailable(RuntimeError):
     """A server that cannot run here (engine library missing, no GPU): reported, then skipped."""
 
@@ -98,8 +111,8 @@ class Server:
     label: str
     cmd: list[str]
     ready_path: str
-    model: str | None = None         # the request's "model" field
-    usage_option: bool = True        # accepts stream_options.include_usage
+    model: str | None = None  # the request's "model" field
+    usage_option: bool = True  # accepts stream_options.include_usage
     env: dict = field(default_factory=dict)
     port: int = 0
     proc: subprocess.Popen | None = None
@@ -110,11 +123,21 @@ class Server:
 
     def start(self, work: Path, timeout: float = 900):
         self.log_path = work / f"{self.label.replace(' ', '-').replace('=', '-').replace('/', '_')}.log"
-        self.proc = subprocess.Popen([c.replace("{port}", str(self.port)) for c in self.cmd], stdout=self.log_path.open("w"),
-                                     stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [c.replace("{port}", str(self.port)) for c in self.cmd],
+            stdout=self.log_path.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            start_new_session=True,
+        )
         try:
-            wait_ready(f"http://127.0.0.1:{self.port}{self.ready_path}", headers=self.headers(), proc=self.proc,
-                       log=self.log_path, timeout=timeout)
+            wait_ready(
+                f"http://127.0.0.1:{self.port}{self.ready_path}",
+                headers=self.headers(),
+                proc=self.proc,
+                log=self.log_path,
+                timeout=timeout,
+            )
         except NotReady as e:
             raise Unavailable(str(e).splitlines()[0] + f" | {self.tail()}") from None
 
@@ -135,11 +158,30 @@ class Server:
 def endpoint(engine: str, model: str, label: str, extra: list[str] = ()) -> Server:
     port = free_port()
     # no queue-wait limit (transformers serve has none): the bench measures decoding, not refusals
-    return Server(label,
-                  [str(BIN / "finetune-phi"), "serve", "--engine", engine, "--deployment", f"bench={model}",
-                   "--host", "127.0.0.1", "--port", "{port}", "--max-concurrent-requests", "256",
-                   "--max-queue-wait-ms", "600000", *extra],
-                  "/ready", model="bench", env={"FINETUNE_PHI_API_KEY": KEY}, port=port)
+    return Server(
+        label,
+        [
+            str(BIN / "finetune-phi"),
+            "serve",
+            "--engine",
+            engine,
+            "--deployment",
+            f"bench={model}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--max-concurrent-requests",
+            "256",
+            "--max-queue-wait-ms",
+            "600000",
+            *extra,
+        ],
+        "/ready",
+        model="bench",
+        env={"FINETUNE_PHI_API_KEY": KEY},
+        port=port,
+    )
 
 
 def transformers_serve(model_dir: str, cuda: bool) -> Server:
@@ -147,13 +189,31 @@ def transformers_serve(model_dir: str, cuda: bool) -> Server:
     server listens (so /health means loaded) and every request's "model" must be that same path.
     It refuses `stream_options` (unsupported field) but always ends its stream with a usage chunk."""
     port = free_port()
-    return Server(BASELINE, [str(BIN / "transformers"), "serve", "--continuous-batching", "--host", "127.0.0.1",
-                             "--port", "{port}", "--device", "cuda" if cuda else "cpu",
-                             "--dtype", "bfloat16" if cuda else "float32", model_dir],
-                  "/health", model=model_dir, usage_option=False, port=port)
+    return Server(
+        BASELINE,
+        [
+            str(BIN / "transformers"),
+            "serve",
+            "--continuous-batching",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--device",
+            "cuda" if cuda else "cpu",
+            "--dtype",
+            "bfloat16" if cuda else "float32",
+            model_dir,
+        ],
+        "/health",
+        model=model_dir,
+        usage_option=False,
+        port=port,
+    )
 
 
 # ---------------------------------------------------------------- client
+
 
 @dataclass
 class Result:
@@ -165,8 +225,14 @@ class Result:
     error: str = ""
 
 
-def chat(server: Server, messages: list[dict], max_tokens: int | None, temperature: float = 0.0,
-         timeout: float = 900, extra: dict | None = None) -> Result:
+def chat(
+    server: Server,
+    messages: list[dict],
+    max_tokens: int | None,
+    temperature: float = 0.0,
+    timeout: float = 900,
+    extra: dict | None = None,
+) -> Result:
     """One streamed /v1/chat/completions request: TTFT (first content chunk), latency, text, usage."""
     body = {"messages": messages, "stream": True, "temperature": temperature, **(extra or {})}
     if max_tokens is not None:
@@ -200,8 +266,16 @@ def chat(server: Server, messages: list[dict], max_tokens: int | None, temperatu
         conn.close()
 
 
-def drive(server: Server, clients: int, seconds: float, max_tokens: int, questions: list[str], cursor: list[int],
-          extra: dict | None = None, label: str | None = None) -> dict:
+def drive(
+    server: Server,
+    clients: int,
+    seconds: float,
+    max_tokens: int,
+    questions: list[str],
+    cursor: list[int],
+    extra: dict | None = None,
+    label: str | None = None,
+) -> dict:
     """N client threads sending requests back to back for `seconds` (requests started by then finish). Each
     request takes the next question after `cursor`, so no row repeats an earlier row's prompt (no prefix-cache
     hits from the bench itself) and every server gets the same questions in the same order."""
@@ -265,6 +339,7 @@ def stub_handler(pieces: int):
     class StubHandler(BaseHTTPRequestHandler):
         """An endpoint without a model: /v1 streams one piece at once, or `pieces` pieces PACE_S apart when the
         question carries PACED (what a decoding model does); /score answers JSON."""
+
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args):
@@ -302,8 +377,12 @@ def post(port: int, path: str, body: dict, headers: dict | None = None) -> tuple
     """(status, time to the first body byte, total time, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
     t0 = time.perf_counter()
-    conn.request("POST", path, json.dumps(body), {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json",
-                                                  **(headers or {})})
+    conn.request(
+        "POST",
+        path,
+        json.dumps(body),
+        {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json", **(headers or {})},
+    )
     response = conn.getresponse()
     first = response.read1(65536)
     ttfb = time.perf_counter() - t0
@@ -323,8 +402,25 @@ def cpu_seconds(pid: int) -> float | None:
 
 def pf_server(label: str, flow: Path) -> Server:
     port = free_port()
-    return Server(label, [str(BIN / "pf"), "flow", "serve", "--source", str(flow), "--host", "127.0.0.1", "--port", "{port}",
-                          "--engine", "fastapi", "--skip-open-browser"], "/health", port=port)
+    return Server(
+        label,
+        [
+            str(BIN / "pf"),
+            "flow",
+            "serve",
+            "--source",
+            str(flow),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "{port}",
+            "--engine",
+            "fastapi",
+            "--skip-open-browser",
+        ],
+        "/health",
+        port=port,
+    )
 
 
 def start_all(servers: list[Server], work: Path):
@@ -333,7 +429,7 @@ def start_all(servers: list[Server], work: Path):
     def start(s):
         try:
             s.start(work)
-        except Exception as e:  # noqa: BLE001 - re-raised below, in this thread
+        except Exception as e:  # re-raised below, in this thread
             errors.append(e)
 
     threads = [threading.Thread(target=start, args=(s,)) for s in servers]
@@ -353,8 +449,11 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
     (max_tokens pieces paced like decoding; pf's CPU time then, which a small machine takes from the
     model). With the model: direct /score, direct /v1 stream (the tool's own request) and through pf."""
     os.environ["PF_HOME_DIRECTORY"] = str(work / "pf")
-    subprocess.run([str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [str(BIN / "pf"), "config", "set", "telemetry.enabled=false", "trace.destination=none"],
+        check=True,
+        capture_output=True,
+    )
     from finetune_phi.serving.client import chat_stream
     from finetune_phi.serving.connection import connect
     from finetune_phi.serving.generation import GenerationParams
@@ -402,8 +501,11 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
                 m["chat_paced"].append(post(pf_chat.port, "/score", paced)[2])
                 cpu["chat_paced"] += (cpu_seconds(pf_chat.proc.pid) or 0.0) - c0
         out.update({f"stub_{k}": med(v) for k, v in m.items()})
-        out.update(cpu_chat=cpu["chat"] / len(m["chat"]), cpu_paced=cpu["chat_paced"] / len(m["chat_paced"]),
-                   has_cpu=cpu_seconds(pf_chat.proc.pid) is not None)
+        out.update(
+            cpu_chat=cpu["chat"] / len(m["chat"]),
+            cpu_paced=cpu["chat_paced"] / len(m["chat_paced"]),
+            has_cpu=cpu_seconds(pf_chat.proc.pid) is not None,
+        )
         for s in (pf_chat, pf_trivial):
             s.stop()
 
@@ -422,8 +524,20 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
         # exactly the tool's request: no model (the traffic split picks), no max_tokens (the cap), its temperature
         tool_view = Server(ep.label, [], "", model=None, usage_option=False, port=ep.port)
         temperature = GenerationParams().temperature
-        r = {k: [] for k in ("score", "v1_whole", "v1", "v1_ttft", "pf", "pf_ttfb", "tokens_score", "tokens_direct",
-                             "tokens_pf")}
+        r = {
+            k: []
+            for k in (
+                "score",
+                "v1_whole",
+                "v1",
+                "v1_ttft",
+                "pf",
+                "pf_ttfb",
+                "tokens_score",
+                "tokens_direct",
+                "tokens_pf",
+            )
+        }
         errors = []
         c0 = cpu_seconds(pf_real.proc.pid)
         for _ in range(requests):
@@ -433,7 +547,9 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
                 r["tokens_score"].append(count(json.loads(data)["output"]))
             else:
                 errors.append(f"/score {status}")
-            status, _, took, _ = post(ep.port, "/v1/chat/completions", {"messages": messages, "temperature": temperature})
+            status, _, took, _ = post(
+                ep.port, "/v1/chat/completions", {"messages": messages, "temperature": temperature}
+            )
             r["v1_whole"].append(took) if status == 200 else errors.append(f"/v1 {status}")
             res = chat(tool_view, messages, None, temperature)
             if res.ok:
@@ -462,14 +578,17 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
 
 # ---------------------------------------------------------------- report
 
+
 def machine_line() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = " / load %.1f" % os.getloadavg()[0] if hasattr(os, "getloadavg") else ""
-    return (f"machine: {os.cpu_count()} CPUs ({usable} usable{load}), torch {torch.__version__} with "
-            f"{torch.get_num_threads()} threads, {gpu}")
+    load = f" / load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return (
+        f"machine: {os.cpu_count()} CPUs ({usable} usable{load}), torch {torch.__version__} with "
+        f"{torch.get_num_threads()} threads, {gpu}"
+    )
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
@@ -494,17 +613,26 @@ def weight_bytes(folder: str) -> int:
 
 def model_line(spec: str, path: str) -> str:
     config = json.loads((Path(path) / "config.json").read_text())
-    return (f"model: {spec} ({path}): {config.get('model_type')}, {config.get('num_hidden_layers')} layers x "
-            f"{config.get('hidden_size')}, {config.get('torch_dtype') or config.get('dtype')}")
+    return (
+        f"model: {spec} ({path}): {config.get('model_type')}, {config.get('num_hidden_layers')} layers x "
+        f"{config.get('hidden_size')}, {config.get('torch_dtype') or config.get('dtype')}"
+    )
 
 
 def summarize(run: dict, count) -> dict:
     ok = [r for r in run["results"] if r.ok]
     errors = [r.error for r in run["results"] if not r.ok]
     tokens = sum(count(r) for r in ok)
-    return {"req_s": len(ok) / run["wall"], "tok_s": tokens / run["wall"], "ttft": pct([r.ttft for r in ok], 50),
-            "p50": pct([r.latency for r in ok], 50), "p95": pct([r.latency for r in ok], 95), "n": len(ok),
-            "errors": errors, "tokens": tokens / max(len(ok), 1)}
+    return {
+        "req_s": len(ok) / run["wall"],
+        "tok_s": tokens / run["wall"],
+        "ttft": pct([r.ttft for r in ok], 50),
+        "p50": pct([r.latency for r in ok], 50),
+        "p95": pct([r.latency for r in ok], 95),
+        "n": len(ok),
+        "errors": errors,
+        "tokens": tokens / max(len(ok), 1),
+    }
 
 
 def verdict(value: float, target: float, at_most: bool = False) -> str:
@@ -521,7 +649,9 @@ def exported(spec: str, how: str, work: Path) -> str:
     try:
         export = importlib.import_module("finetune_phi.modeling.export").export
     except ImportError as e:
-        raise SystemExit(f"{how}: this checkout has no finetune_phi.modeling.export ({e}); give the exported folder instead") from None
+        raise SystemExit(
+            f"{how}: this checkout has no finetune_phi.modeling.export ({e}); give the exported folder instead"
+        ) from None
     out = work / f"export-{fmt}-{precision}".rstrip("-")
     log(f"exporting {spec} as {fmt} {precision} to {out}")
     result = export(spec, out, fmt or None, precision or None)
@@ -534,13 +664,21 @@ def main():
     from finetune_phi.serving.engines.base import DEFAULT_ENGINE
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=models.SMOLLM2,
-                    help="what every server serves (default %(default)s; tiny: an overhead check)")
-    ap.add_argument("--engines", nargs="+", metavar="NAME[=MODEL]", default=None,
-                    help=f"engines to run (default: all registered: {' '.join(ENGINES)}; those that cannot run here are "
-                         "reported and skipped). =MODEL serves another model with that engine: a folder (an export) or "
-                         "export:FORMAT:PRECISION (finetune_phi.modeling.export.export of --model, made in the run's temp dir). "
-                         f"Engines other than {DEFAULT_ENGINE} and vllm get the quantized engine's targets")
+    ap.add_argument(
+        "--model",
+        default=models.SMOLLM2,
+        help="what every server serves (default %(default)s; tiny: an overhead check)",
+    )
+    ap.add_argument(
+        "--engines",
+        nargs="+",
+        metavar="NAME[=MODEL]",
+        default=None,
+        help=f"engines to run (default: all registered: {' '.join(ENGINES)}; those that cannot run here are "
+        "reported and skipped). =MODEL serves another model with that engine: a folder (an export) or "
+        "export:FORMAT:PRECISION (finetune_phi.modeling.export.export of --model, made in the run's temp dir). "
+        f"Engines other than {DEFAULT_ENGINE} and vllm get the quantized engine's targets",
+    )
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--seconds", type=float, default=20, help="per server and client count")
     ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -548,11 +686,17 @@ def main():
     ap.add_argument("--pf-requests", type=int, default=20)
     ap.add_argument("--no-baseline", action="store_true", help=f"skip `{BASELINE} --continuous-batching`")
     ap.add_argument("--no-pf", action="store_true", help="skip the pf flow serve overhead")
-    ap.add_argument("--no-json", action="store_true",
-                    help=f"skip constrained decoding (response_format json_object) on the {DEFAULT_ENGINE} engine")
+    ap.add_argument(
+        "--no-json",
+        action="store_true",
+        help=f"skip constrained decoding (response_format json_object) on the {DEFAULT_ENGINE} engine",
+    )
     args = ap.parse_args()
-    for var, value in (("HF_HUB_OFFLINE", "1"), ("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true"),
-                       ("APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL", "true")):
+    for var, value in (
+        ("HF_HUB_OFFLINE", "1"),
+        ("APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED", "true"),
+        ("APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL", "true"),
+    ):
         os.environ.setdefault(var, value)  # offline: no hub, no telemetry retries in pf's processes
     import torch
     from transformers import AutoTokenizer
@@ -560,7 +704,7 @@ def main():
     model_dir = models.resolve(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     questions, conversations, source = load_data()
-    conversations = conversations[:args.conversations]
+    conversations = conversations[: args.conversations]
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     log(f"logs in {work}")
 
@@ -575,7 +719,10 @@ def main():
         servers.append(transformers_serve(model_dir, torch.cuda.is_available()))
 
     runs, turns, skipped = [], {}, {}
-    text_tokens_of = lambda r: r.usage if r.usage is not None else len(tokenizer(r.text, add_special_tokens=False)["input_ids"])  # noqa: E731
+
+    def text_tokens_of(r: Result) -> int:
+        return r.usage if r.usage is not None else len(tokenizer(r.text, add_special_tokens=False)["input_ids"])
+
     for server in servers:
         log(f"starting {server.label}")
         try:
@@ -594,8 +741,16 @@ def main():
                 json_cursor = [1]
                 for clients in args.clients:
                     log(f"{server.label}: json_object, {clients} client(s) for {args.seconds:g} s")
-                    held = drive(server, clients, args.seconds, args.max_new_tokens, questions, json_cursor,
-                                 extra=JSON_OBJECT, label=f"{server.label} json")
+                    held = drive(
+                        server,
+                        clients,
+                        args.seconds,
+                        args.max_new_tokens,
+                        questions,
+                        json_cursor,
+                        extra=JSON_OBJECT,
+                        label=f"{server.label} json",
+                    )
                     runs.append(held)
                     # like for like: JSON answers end when the object closes (shorter than free ones), so each
                     # token carries more of a request's prefill; free answers cut to the JSON answers' mean length
@@ -603,8 +758,9 @@ def main():
                     answers = [r for r in held["results"] if r.ok]
                     same = max(1, round(sum(map(text_tokens_of, answers)) / max(len(answers), 1)))
                     log(f"{server.label}: free, cut to {same} tokens, {clients} client(s) for {args.seconds:g} s")
-                    runs.append(drive(server, clients, args.seconds, same, questions, [1],
-                                      label=f"{server.label} free={same}"))
+                    runs.append(
+                        drive(server, clients, args.seconds, same, questions, [1], label=f"{server.label} free={same}")
+                    )
         except (Unavailable, TimeoutError) as e:
             skipped[server.label] = str(e)
             log(f"{server.label}: unavailable here: {e}")
@@ -615,55 +771,73 @@ def main():
     all_ok = [r for run in runs for r in run["results"] if r.ok]
     by_usage = bool(all_ok) and all(r.usage is not None for r in all_ok)
     text_tokens = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    count = (lambda r: r.usage) if by_usage else (lambda r: text_tokens(r.text))  # noqa: E731
+    count = (lambda r: r.usage) if by_usage else (lambda r: text_tokens(r.text))
 
     pf = None
     if not args.no_pf:
         default = next((model for name, model, _ in engines if name == DEFAULT_ENGINE), model_dir)
         log("pf flow serve overhead")
         try:
-            pf = pf_overhead(default, DEFAULT_ENGINE, questions[0], args.pf_requests, args.max_new_tokens, work, text_tokens)
-        except Exception as e:  # noqa: BLE001 - the tables above still print
+            pf = pf_overhead(
+                default, DEFAULT_ENGINE, questions[0], args.pf_requests, args.max_new_tokens, work, text_tokens
+            )
+        except Exception as e:  # the tables above still print
             pf = {"failed": f"{type(e).__name__}: {e}"}
 
     # ---- tables
     print()
     print(machine_line())
     print(model_line(args.model, model_dir))
-    print(f"requests: {source}; greedy, max {args.max_new_tokens} new tokens, streamed; {args.seconds:g} s per row; "
-          f"tokens counted from {'each stream’s usage' if by_usage else 'the streamed text, re-tokenized'}; logs {work}")
+    print(
+        f"requests: {source}; greedy, max {args.max_new_tokens} new tokens, streamed; {args.seconds:g} s per row; "
+        f"tokens counted from {'each stream’s usage' if by_usage else 'the streamed text, re-tokenized'}; logs {work}"
+    )
     for label, why in skipped.items():
         print(f"skipped {label}: {why}")
     bandwidth = read_bandwidth()
-    print(f"memory read bandwidth: {bandwidth:.1f} GB/s (best of 3 sums over 1 GiB): one client's bound is "
-          "bandwidth / weight bytes read per token")
+    print(
+        f"memory read bandwidth: {bandwidth:.1f} GB/s (best of 3 sums over 1 GiB): one client's bound is "
+        "bandwidth / weight bytes read per token"
+    )
     print()
-    print(f"{'server':<28}{'clients':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'lat p50':>9}{'lat p95':>9}"
-          f"{'tok/req':>8}{'n':>6}{'errors':>7}   (ms)")
+    print(
+        f"{'server':<28}{'clients':>7}{'req/s':>8}{'tok/s':>8}{'TTFT p50':>10}{'lat p50':>9}{'lat p95':>9}"
+        f"{'tok/req':>8}{'n':>6}{'errors':>7}   (ms)"
+    )
     table = {}
     for run in runs:
         s = table[run["server"], run["clients"]] = summarize(run, count)
-        print(f"{run['server']:<28}{run['clients']:>7}{s['req_s']:>8.2f}{s['tok_s']:>8.1f}{s['ttft'] * 1000:>10.0f}"
-              f"{s['p50'] * 1000:>9.0f}{s['p95'] * 1000:>9.0f}{s['tokens']:>8.1f}{s['n']:>6}{len(s['errors']):>7}")
+        print(
+            f"{run['server']:<28}{run['clients']:>7}{s['req_s']:>8.2f}{s['tok_s']:>8.1f}{s['ttft'] * 1000:>10.0f}"
+            f"{s['p50'] * 1000:>9.0f}{s['p95'] * 1000:>9.0f}{s['tokens']:>8.1f}{s['n']:>6}{len(s['errors']):>7}"
+        )
     for run in runs:
         errors = table[run["server"], run["clients"]]["errors"]
         if errors:
             print(f"  errors {run['server']} x{run['clients']}: {len(errors)}, e.g. {sorted(set(errors))[:3]}")
 
-    print(f"\nmulti-turn: {len(conversations)} conversation(s) of {TURNS} user turns, each turn resending the history "
-          "with the server's answers; 1 client; TTFT p50 in ms")
-    print(f"{'server':<28}" + "".join(f"{'turn ' + str(i + 1):>9}" for i in range(TURNS))
-          + f"{'5th/1st':>9}   target <= {TURN5_MAX}x")
+    print(
+        f"\nmulti-turn: {len(conversations)} conversation(s) of {TURNS} user turns, each turn resending the history "
+        "with the server's answers; 1 client; TTFT p50 in ms"
+    )
+    print(
+        f"{'server':<28}"
+        + "".join(f"{'turn ' + str(i + 1):>9}" for i in range(TURNS))
+        + f"{'5th/1st':>9}   target <= {TURN5_MAX}x"
+    )
     ratio5 = {}
     for label, t in turns.items():
         medians = [pct(x, 50) for x in t["ttfts"]]
         ratio5[label] = medians[-1] / medians[0] if medians[0] == medians[0] and medians[0] else float("nan")
-        print(f"{label:<28}" + "".join(f"{m * 1000:>9.0f}" for m in medians) + f"{ratio5[label]:>8.2f}x   "
-              f"{verdict(ratio5[label], TURN5_MAX, at_most=True)}" + (f"  errors: {t['errors'][:2]}" if t["errors"] else ""))
+        print(
+            f"{label:<28}" + "".join(f"{m * 1000:>9.0f}" for m in medians) + f"{ratio5[label]:>8.2f}x   "
+            f"{verdict(ratio5[label], TURN5_MAX, at_most=True)}"
+            + (f"  errors: {t['errors'][:2]}" if t["errors"] else "")
+        )
 
     print(f"\nagainst the baseline ({BASELINE} --continuous-batching), same clients: tok/s x, TTFT x, latency p50 x")
     top = max(args.clients)
-    for name, model, label in engines:
+    for name, _, label in engines:
         if not any(key[0] == label for key in table):
             continue
         quantized = name not in (DEFAULT_ENGINE, "vllm")
@@ -673,19 +847,29 @@ def main():
                 continue
             targets = []
             if quantized and clients == 1:
-                targets.append(f"{s['tok_s']:.1f} tok/s, target >= {QUANT_TOK_1_ABS:g}: {verdict(s['tok_s'], QUANT_TOK_1_ABS)}")
+                targets.append(
+                    f"{s['tok_s']:.1f} tok/s, target >= {QUANT_TOK_1_ABS:g}: {verdict(s['tok_s'], QUANT_TOK_1_ABS)}"
+                )
             if b is None:
-                print(f"{label:<28}{clients:>3} clients: no baseline" + (f"   {'; '.join(targets)}" if targets else ""))
+                print(
+                    f"{label:<28}{clients:>3} clients: no baseline" + (f"   {'; '.join(targets)}" if targets else "")
+                )
                 continue
-            tok, ttft, lat = s["tok_s"] / b["tok_s"] if b["tok_s"] else float("nan"), s["ttft"] / b["ttft"], s["p50"] / b["p50"]
+            tok, ttft, lat = (
+                s["tok_s"] / b["tok_s"] if b["tok_s"] else float("nan"),
+                s["ttft"] / b["ttft"],
+                s["p50"] / b["p50"],
+            )
             if name == DEFAULT_ENGINE and clients == 1:
                 targets.append(f"tok/s target >= {DEFAULT_TOK_1}x: {verdict(tok, DEFAULT_TOK_1)}")
             if name == DEFAULT_ENGINE and clients == 16:
                 targets.append(f"tok/s target >= {DEFAULT_TOK_16}x: {verdict(tok, DEFAULT_TOK_16)}")
             if quantized and clients == 16:
                 targets.append(f"tok/s target >= {QUANT_TOK_16}x: {verdict(tok, QUANT_TOK_16)}")
-            print(f"{label:<28}{clients:>3} clients: tok/s {tok:5.2f}x  TTFT {ttft:5.2f}x  latency {lat:5.2f}x"
-                  + (f"   {'; '.join(targets)}" if targets else ""))
+            print(
+                f"{label:<28}{clients:>3} clients: tok/s {tok:5.2f}x  TTFT {ttft:5.2f}x  latency {lat:5.2f}x"
+                + (f"   {'; '.join(targets)}" if targets else "")
+            )
         if 16 not in args.clients:
             print(f"{label:<28}(16-client targets not measured; largest here: {top})")
 
@@ -700,26 +884,36 @@ def main():
         if s is None or not weight_bytes(folder):
             continue
         bound = bandwidth * 1e9 / weight_bytes(folder)
-        print(f"{label:<28} {s['tok_s']:6.1f} tok/s of a bound of {bound:6.1f} ({weight_bytes(folder) / 1e6:.0f} MB "
-              f"of weights): {s['tok_s'] / bound:.0%}")
+        print(
+            f"{label:<28} {s['tok_s']:6.1f} tok/s of a bound of {bound:6.1f} ({weight_bytes(folder) / 1e6:.0f} MB "
+            f"of weights): {s['tok_s'] / bound:.0%}"
+        )
 
     json_label = f"engine {DEFAULT_ENGINE}"
     if any(key[0] == json_label + " json" for key in table):
-        print(f"\nconstrained decoding on the {DEFAULT_ENGINE} engine: response_format json_object (xgrammar) vs free, "
-              "the same questions; tok/s x, TTFT x, latency p50 x")
+        print(
+            f"\nconstrained decoding on the {DEFAULT_ENGINE} engine: response_format json_object (xgrammar) vs free, "
+            "the same questions; tok/s x, TTFT x, latency p50 x"
+        )
         for clients in args.clients:
             s, b = table.get((json_label + " json", clients)), table.get((json_label, clients))
-            same = next((key[0] for key in table if key[0].startswith(json_label + " free=") and key[1] == clients), None)
+            same = next(
+                (key[0] for key in table if key[0].startswith(json_label + " free=") and key[1] == clients), None
+            )
             if s and b and b["tok_s"]:
                 ratio = s["tok_s"] / b["tok_s"]
-                print(f"{json_label + ' json':<28}{clients:>3} clients: tok/s {ratio:5.2f}x  TTFT {s['ttft'] / b['ttft']:5.2f}x  "
-                      f"latency {s['p50'] / b['p50']:5.2f}x   vs free answers of {args.max_new_tokens} tokens")
+                print(
+                    f"{json_label + ' json':<28}{clients:>3} clients: tok/s {ratio:5.2f}x  TTFT {s['ttft'] / b['ttft']:5.2f}x  "
+                    f"latency {s['p50'] / b['p50']:5.2f}x   vs free answers of {args.max_new_tokens} tokens"
+                )
             if s and same and table[same, clients]["tok_s"]:
                 f = table[same, clients]
                 ratio = s["tok_s"] / f["tok_s"]
-                print(f"{'':<28}{clients:>3} clients: tok/s {ratio:5.2f}x  TTFT {s['ttft'] / f['ttft']:5.2f}x  "
-                      f"latency {s['p50'] / f['p50']:5.2f}x   vs free answers cut to the JSON answers' mean length "
-                      f"({same.split('=')[1]} tokens): the grammar's own cost; target >= {JSON_MIN}x: {verdict(ratio, JSON_MIN)}")
+                print(
+                    f"{'':<28}{clients:>3} clients: tok/s {ratio:5.2f}x  TTFT {s['ttft'] / f['ttft']:5.2f}x  "
+                    f"latency {s['p50'] / f['p50']:5.2f}x   vs free answers cut to the JSON answers' mean length "
+                    f"({same.split('=')[1]} tokens): the grammar's own cost; target >= {JSON_MIN}x: {verdict(ratio, JSON_MIN)}"
+                )
 
     if pf is None:
         return
@@ -731,25 +925,37 @@ def main():
     added, vs_score = pf["pf"] - pf["v1"], pf["pf"] - pf["score"]
     tool = pf["stub_chat"] - pf["stub_trivial"] - pf["stub_direct"]
     paced_added = pf["stub_chat_paced"] - pf["stub_direct_paced"]
-    print(f"pf flow serve (flows/chat, fastapi engine, {pf['n']} requests; the flow samples (temperature 0.7) up to "
-          f"{args.max_new_tokens} tokens: p50 {pf['tokens_score']:.0f} /score, {pf['tokens_direct']:.0f} /v1 stream, "
-          f"{pf['tokens_pf']:.0f} via pf, re-tokenized)")
-    print(f"  {DEFAULT_ENGINE} engine, p50: direct /score {ms(pf['score'])}, /v1 whole {ms(pf['v1_whole'])}, /v1 stream "
-          f"(the tool's own request) {ms(pf['v1'])} (TTFT {ms(pf['v1_ttft'])}); via pf {ms(pf['pf'])} "
-          f"(SSE first byte {ms(pf['pf_ttfb'])})")
-    print(f"  pf adds {ms(added)} p50 over the same request (target <= {PF_MAX_MS:.0f} ms: "
-          f"{verdict(added * 1000, PF_MAX_MS, True)}), {ms(vs_score)} over direct /score (last time: 81 ms p50)")
-    print(f"  where it goes (an endpoint stub, no model): pf's own request handling {ms(pf['stub_trivial'])} (a one-node "
-          f"echo flow); the chat tool + connection {ms(tool)} (flows/chat {ms(pf['stub_chat'])} JSON, "
-          f"{ms(pf['stub_chat_sse'])} SSE, the tool's client alone {ms(pf['stub_direct'])}); streamed pieces: pf adds "
-          f"{ms(paced_added)} to {pf['pieces']} pieces {PACE_S * 1000:.0f} ms apart, "
-          f"{ms(pf['stub_chat'] - pf['stub_direct'])} to one")
+    print(
+        f"pf flow serve (flows/chat, fastapi engine, {pf['n']} requests; the flow samples (temperature 0.7) up to "
+        f"{args.max_new_tokens} tokens: p50 {pf['tokens_score']:.0f} /score, {pf['tokens_direct']:.0f} /v1 stream, "
+        f"{pf['tokens_pf']:.0f} via pf, re-tokenized)"
+    )
+    print(
+        f"  {DEFAULT_ENGINE} engine, p50: direct /score {ms(pf['score'])}, /v1 whole {ms(pf['v1_whole'])}, /v1 stream "
+        f"(the tool's own request) {ms(pf['v1'])} (TTFT {ms(pf['v1_ttft'])}); via pf {ms(pf['pf'])} "
+        f"(SSE first byte {ms(pf['pf_ttfb'])})"
+    )
+    print(
+        f"  pf adds {ms(added)} p50 over the same request (target <= {PF_MAX_MS:.0f} ms: "
+        f"{verdict(added * 1000, PF_MAX_MS, True)}), {ms(vs_score)} over direct /score (last time: 81 ms p50)"
+    )
+    print(
+        f"  where it goes (an endpoint stub, no model): pf's own request handling {ms(pf['stub_trivial'])} (a one-node "
+        f"echo flow); the chat tool + connection {ms(tool)} (flows/chat {ms(pf['stub_chat'])} JSON, "
+        f"{ms(pf['stub_chat_sse'])} SSE, the tool's client alone {ms(pf['stub_direct'])}); streamed pieces: pf adds "
+        f"{ms(paced_added)} to {pf['pieces']} pieces {PACE_S * 1000:.0f} ms apart, "
+        f"{ms(pf['stub_chat'] - pf['stub_direct'])} to one"
+    )
     if pf.get("has_cpu"):
         model_cpu = f", {pf['cpu_model'] * 1000:.0f} ms with the model" if pf.get("cpu_model") is not None else ""
-        print(f"  pf's process CPU per request: {pf['cpu_chat'] * 1000:.0f} ms for one piece, {pf['cpu_paced'] * 1000:.0f} "
-              f"ms for {pf['pieces']} paced pieces{model_cpu}: time that {os.cpu_count()} CPUs take from the model")
-    print(f"  not pf: the tool streams /v1 where the old comparison called /score: /v1 vs /score "
-          f"{ms(pf['v1_whole'] - pf['score'])}, streamed vs whole {ms(pf['v1'] - pf['v1_whole'])} (the endpoint, p50)")
+        print(
+            f"  pf's process CPU per request: {pf['cpu_chat'] * 1000:.0f} ms for one piece, {pf['cpu_paced'] * 1000:.0f} "
+            f"ms for {pf['pieces']} paced pieces{model_cpu}: time that {os.cpu_count()} CPUs take from the model"
+        )
+    print(
+        f"  not pf: the tool streams /v1 where the old comparison called /score: /v1 vs /score "
+        f"{ms(pf['v1_whole'] - pf['score'])}, streamed vs whole {ms(pf['v1'] - pf['v1_whole'])} (the endpoint, p50)"
+    )
     if pf["errors"]:
         print(f"  errors: {len(pf['errors'])}, e.g. {sorted(set(map(str, pf['errors'])))[:3]}")
 

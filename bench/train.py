@@ -8,6 +8,7 @@ positions over the batches it trained on). On a GPU it also prints MFU (6 x para
 against the device's bf16 peak). `--config phi3-mini` is a random-init model with Phi-3-mini's
 exact shape (3.8B parameters): for GPU runs. Ratios are against "full, padded" in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -30,8 +32,15 @@ VARIANTS = {
     "LoRA r=16, padded": {"lora": True},
     "LoRA r=16, packing": {"lora": True, "packing": True},
 }
-PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32064)
+PHI3_MINI = dict(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    vocab_size=32064,
+)
 
 
 def model_for(config: str, work: Path) -> str:
@@ -60,11 +69,25 @@ def run_one(args, name: str) -> dict:
     from finetune_phi.training.trainer import TrainConfig, build_trainer
 
     spec = VARIANTS[name]
-    extra = {"max_steps": args.steps, "eval_strategy": "no", "save_strategy": "no", "logging_steps": 10_000,
-             "disable_tqdm": True, **spec.get("extra", {})}
-    cfg = TrainConfig(base_model=args.model, train_file=str(args.data / "train.jsonl"), eval_file=str(args.data / "test.jsonl"),
-                      lr=1e-3, batch_size=args.batch_size, max_length=args.max_length, lora=spec.get("lora", False),
-                      packing=spec.get("packing", False), extra=extra).resolved()
+    extra = {
+        "max_steps": args.steps,
+        "eval_strategy": "no",
+        "save_strategy": "no",
+        "logging_steps": 10_000,
+        "disable_tqdm": True,
+        **spec.get("extra", {}),
+    }
+    cfg = TrainConfig(
+        base_model=args.model,
+        train_file=str(args.data / "train.jsonl"),
+        eval_file=str(args.data / "test.jsonl"),
+        lr=1e-3,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        lora=spec.get("lora", False),
+        packing=spec.get("packing", False),
+        extra=extra,
+    ).resolved()
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _ = build_trainer(cfg, tmp, report_to=[])
         pad = total = 0
@@ -91,11 +114,17 @@ def run_one(args, name: str) -> dict:
         t0 = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - t0
-        steady = timer.times[len(timer.times) // 5:] or timer.times  # skip warm-up steps
+        steady = timer.times[len(timer.times) // 5 :] or timer.times  # skip warm-up steps
         tokens = trainer.state.num_input_tokens_seen
-        result = {"name": name, "tokens_per_s": tokens / wall, "step_ms": 1000 * sum(steady) / len(steady),
-                  "padding_waste": pad / total if total else 0.0, "steps": trainer.state.global_step,
-                  "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "mfu": None}
+        result = {
+            "name": name,
+            "tokens_per_s": tokens / wall,
+            "step_ms": 1000 * sum(steady) / len(steady),
+            "padding_waste": pad / total if total else 0.0,
+            "steps": trainer.state.global_step,
+            "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "mfu": None,
+        }
         if torch.cuda.is_available():
             result["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
             peak = throughput.peak_flops(torch.cuda.get_device_name())
@@ -127,22 +156,40 @@ def main():
     model = model_for(args.config, work)
     results = []
     for name in args.variants:
-        cmd = [sys.executable, __file__, "--one", name, "--data", str(work / "data"), "--model", model,
-               "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--one",
+            name,
+            "--data",
+            str(work / "data"),
+            "--model",
+            model,
+            "--steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((l for l in done.stdout.splitlines() if l.startswith("RESULT ")), None)
+        line = next((out for out in done.stdout.splitlines() if out.startswith("RESULT ")), None)
         if line is None:
             print(f"{name}: failed\n{done.stderr[-1500:]}")
             continue
         results.append(json.loads(line.removeprefix("RESULT ")))
-    print(f"\n{args.config} model, batch {args.batch_size} x max_length {args.max_length}, {args.steps} steps, "
-          f"{os.cpu_count()} CPUs{'' if not results or results[0]['mfu'] is None else ', GPU'}")
+    print(
+        f"\n{args.config} model, batch {args.batch_size} x max_length {args.max_length}, {args.steps} steps, "
+        f"{os.cpu_count()} CPUs{'' if not results or results[0]['mfu'] is None else ', GPU'}"
+    )
     print(f"{'variant':<36}{'tokens/s':>10}{'vs padded':>10}{'step ms':>9}{'pad waste':>10}{'peak MiB':>10}{'MFU':>7}")
     base = next((r for r in results if r["name"] == "full, padded"), results[0] if results else None)
     for r in results:
         mfu = f"{r['mfu']:.0%}" if r["mfu"] is not None else "-"
-        print(f"{r['name']:<36}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base['tokens_per_s']:>9.2f}x"
-              f"{r['step_ms']:>9.1f}{r['padding_waste']:>10.1%}{r['peak_mib']:>10.0f}{mfu:>7}")
+        print(
+            f"{r['name']:<36}{r['tokens_per_s']:>10.0f}{r['tokens_per_s'] / base['tokens_per_s']:>9.2f}x"
+            f"{r['step_ms']:>9.1f}{r['padding_waste']:>10.1%}{r['peak_mib']:>10.0f}{mfu:>7}"
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ the last digit.
 Token overlap with a long UltraChat reference is a weak signal of a better chat answer: read the loss
 first, and a pairwise judge (`compare --judge`, when one is available) for the strong one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,14 +28,21 @@ import textwrap
 import time
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 ULTRACHAT1000 = REPO.parent / "shared" / "assets" / "ultrachat-sample" / "ultrachat1000-messages.jsonl"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--source", default=str(ULTRACHAT1000), help="an UltraChat file (any form `finetune-phi data` reads) or 'ultrachat' (hub)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--source",
+        default=str(ULTRACHAT1000),
+        help="an UltraChat file (any form `finetune-phi data` reads) or 'ultrachat' (hub)",
+    )
     p.add_argument("--train-rows", type=int, default=800)
     p.add_argument("--test-rows", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
@@ -46,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--max-steps", type=int, default=None, help="stop training after this many steps")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length cap of the endpoint")
     p.add_argument("--workdir", default="bench-out/ultrachat")
-    p.add_argument("--smoke", action="store_true", help="a few rows and steps, and the comparison twice (the suite's check)")
+    p.add_argument(
+        "--smoke", action="store_true", help="a few rows and steps, and the comparison twice (the suite's check)"
+    )
     args = p.parse_args(argv)
     if args.smoke:
         args.train_rows, args.test_rows, args.max_steps, args.max_new_tokens = 12, 6, 1, 16
@@ -58,7 +68,7 @@ def take_rows(source: str, n: int, out: Path) -> str:
     if source == "ultrachat" or not Path(source).exists():
         return source
     with open(source, encoding="utf-8") as f:
-        lines = [line for _, line in zip(range(n), f)]
+        lines = [line for _, line in zip(range(n), f, strict=False)]
     if len(lines) < n:
         raise SystemExit(f"{source} has {len(lines)} rows; asked for {n}")
     path = out / f"source-{n}.jsonl"
@@ -85,27 +95,57 @@ def main(argv=None):
     stamp = time.strftime("%Y%m%d_%H%M%S")
     total = args.train_rows + args.test_rows
     print(f"data: {total} rows of {args.source}, {args.test_rows} held out (seed {args.seed})", flush=True)
-    prepared = prepare(take_rows(args.source, total, work), work / "data", test_size=args.test_rows / total, seed=args.seed)
-    print(f"  train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows", flush=True)
+    prepared = prepare(
+        take_rows(args.source, total, work), work / "data", test_size=args.test_rows / total, seed=args.seed
+    )
+    print(
+        f"  train {prepared.train} / test {prepared.test} conversations, eval.jsonl {prepared.eval} rows", flush=True
+    )
     base = models.resolve(args.base_model)
 
     t = time.time()
     extra = {"max_steps": args.max_steps} if args.max_steps else {}
-    result = train(TrainConfig(base_model=args.base_model, data=str(work / "data"), out=str(work / "models" / "ft"),
-                               lora=True, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length,
-                               epochs=args.epochs, seed=args.seed, overwrite=True, extra=extra))
+    result = train(
+        TrainConfig(
+            base_model=args.base_model,
+            data=str(work / "data"),
+            out=str(work / "models" / "ft"),
+            lora=True,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            epochs=args.epochs,
+            seed=args.seed,
+            overwrite=True,
+            extra=extra,
+        )
+    )
     train_s = time.time() - t
-    print(f"fine-tuning: {result.steps} LoRA steps in {train_s:.0f} s; held-out loss {result.base_eval_loss:.4f} -> "
-          f"{result.eval_loss:.4f}", flush=True)
+    print(
+        f"fine-tuning: {result.steps} LoRA steps in {train_s:.0f} s; held-out loss {result.base_eval_loss:.4f} -> "
+        f"{result.eval_loss:.4f}",
+        flush=True,
+    )
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     api_key, _ = keys.get_or_create_key()
-    serve = ["serve", "--deployment", f"base={base}", "--deployment", f"ft={result.out}",
-             "--max-new-tokens-cap", str(args.max_new_tokens), "--port", str(port)]
+    serve = [
+        "serve",
+        "--deployment",
+        f"base={base}",
+        "--deployment",
+        f"ft={result.out}",
+        "--max-new-tokens-cap",
+        str(args.max_new_tokens),
+        "--port",
+        str(port),
+    ]
     log = work / "serve.log"
     with log.open("w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "finetune_phi.cli", *serve], stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "finetune_phi.cli", *serve], stdout=out, stderr=subprocess.STDOUT
+        )
     summaries = []
     try:
         wait_ready(url + "/ready", headers={"Authorization": f"Bearer {api_key}"}, proc=server, log=log)
@@ -113,10 +153,20 @@ def main(argv=None):
         for attempt in range(2 if args.smoke else 1):
             t = time.time()
             name = f"ultrachat_{stamp}" + (f"_{attempt}" if attempt else "")
-            summaries.append(compare(
-                CompareConfig("base", "ft", str(work / "data" / "eval.jsonl"), name=name, reports=str(work / "reports"),
-                              base_connection="ultrachat_bench", candidate_connection="ultrachat_bench"),
-                losses={"base": result.base_eval_loss, "candidate": result.eval_loss}))
+            summaries.append(
+                compare(
+                    CompareConfig(
+                        "base",
+                        "ft",
+                        str(work / "data" / "eval.jsonl"),
+                        name=name,
+                        reports=str(work / "reports"),
+                        base_connection="ultrachat_bench",
+                        candidate_connection="ultrachat_bench",
+                    ),
+                    losses={"base": result.base_eval_loss, "candidate": result.eval_loss},
+                )
+            )
             compare_s = time.time() - t
     finally:
         server.terminate()
@@ -126,15 +176,21 @@ def main(argv=None):
     import pandas as pd
 
     lines = pd.read_csv(summary["paths"]["csv"], keep_default_na=False).sort_values("line")
-    print(f"\nResult ({args.base_model}, LoRA, {prepared.train} real UltraChat conversations, {result.steps} steps; "
-          f"{summary['lines']['paired']} of {summary['lines']['total']} held-out answers paired, greedy, "
-          f"at most {args.max_new_tokens} new tokens)")
-    print(f"  held-out loss (assistant tokens): base {result.base_eval_loss:.4f} -> fine-tuned {result.eval_loss:.4f} "
-          f"({result.eval_loss / result.base_eval_loss - 1:+.1%})")
+    print(
+        f"\nResult ({args.base_model}, LoRA, {prepared.train} real UltraChat conversations, {result.steps} steps; "
+        f"{summary['lines']['paired']} of {summary['lines']['total']} held-out answers paired, greedy, "
+        f"at most {args.max_new_tokens} new tokens)"
+    )
+    print(
+        f"  held-out loss (assistant tokens): base {result.base_eval_loss:.4f} -> fine-tuned {result.eval_loss:.4f} "
+        f"({result.eval_loss / result.base_eval_loss - 1:+.1%})"
+    )
     for r in summary["rows"]:
         if r["delta"] is not None:
-            print(f"  {r['metric']:<14} base {r['base']:8.3f}  fine-tuned {r['candidate']:8.3f}  delta {r['delta']:+.3f}  "
-                  f"95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]")
+            print(
+                f"  {r['metric']:<14} base {r['base']:8.3f}  fine-tuned {r['candidate']:8.3f}  delta {r['delta']:+.3f}  "
+                f"95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]"
+            )
     print("\nFive held-out questions, side by side:")
     for _, row in lines.head(5).iterrows():
         print("  Q:   " + textwrap.shorten(str(row["question"]), 160))
@@ -143,14 +199,25 @@ def main(argv=None):
     if args.smoke:
         same = summaries[0]["rows"] == summaries[1]["rows"]
         print(f"the same comparison twice: {'identical tables' if same else 'DIFFERENT tables'}")
-    figures = {"source": args.source, "train": prepared.train, "test": prepared.test, "steps": result.steps,
-               "loss": {"base": result.base_eval_loss, "candidate": result.eval_loss}, "train_seconds": train_s,
-               "compare_seconds": compare_s, "rows": summary["rows"], "lines": summary["lines"],
-               "repeat_identical": summaries[0]["rows"] == summaries[-1]["rows"], "report": summary["paths"]["html"],
-               "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.python_version()}"}
+    figures = {
+        "source": args.source,
+        "train": prepared.train,
+        "test": prepared.test,
+        "steps": result.steps,
+        "loss": {"base": result.base_eval_loss, "candidate": result.eval_loss},
+        "train_seconds": train_s,
+        "compare_seconds": compare_s,
+        "rows": summary["rows"],
+        "lines": summary["lines"],
+        "repeat_identical": summaries[0]["rows"] == summaries[-1]["rows"],
+        "report": summary["paths"]["html"],
+        "machine": f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores, {platform.python_version()}",
+    }
     (work / "figures.json").write_text(json.dumps(figures, indent=2))
-    print(f"machine: {figures['machine']}; whole bench {time.time() - t0:.0f} s (training {train_s:.0f} s, "
-          f"comparison {compare_s:.0f} s); report {summary['paths']['html']}; figures {work / 'figures.json'}")
+    print(
+        f"machine: {figures['machine']}; whole bench {time.time() - t0:.0f} s (training {train_s:.0f} s, "
+        f"comparison {compare_s:.0f} s); report {summary['paths']['html']}; figures {work / 'figures.json'}"
+    )
     return figures
 
 

@@ -4,22 +4,28 @@ Azure ML's inference server calls init() once and run(raw_body) per request. Par
 and generation come from finetune_phi (serving/: request.py, azure_protocol.py, engines/), exactly as `finetune-phi serve`.
 Authentication, traffic and the azureml-model-deployment header are handled by Azure ML itself.
 """
+
 import os
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the deployment's code snapshot is the repo
 
-from finetune_phi.serving.azure_protocol import parse_score_request, run_score  # noqa: E402
-from finetune_phi.serving.request import RequestError, parse_json  # noqa: E402
+from finetune_phi.serving.azure_protocol import parse_score_request, run_score
+from finetune_phi.serving.request import RequestError, parse_json
+
 
 engine = None
 
 
 def find_model_dir(root: Path) -> Path:
     """AZUREML_MODEL_DIR holds the registered folder one or two levels down; find its config.json."""
-    for candidate in [root, *sorted(p.parent for p in root.glob("*/config.json")),
-                      *sorted(p.parent for p in root.glob("*/*/config.json"))]:
+    for candidate in [
+        root,
+        *sorted(p.parent for p in root.glob("*/config.json")),
+        *sorted(p.parent for p in root.glob("*/*/config.json")),
+    ]:
         if (candidate / "config.json").exists():
             return candidate
     raise FileNotFoundError(f"no Hugging Face model folder (config.json) under {root}")

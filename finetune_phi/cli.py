@@ -4,6 +4,7 @@ The package's modules import heavy libraries (torch, transformers, trl, mlflow, 
 used, so `--help` answers at once; transformers' HfArgumentParser is imported only for a command whose settings
 are dataclasses (OPTIONS).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,15 +71,25 @@ def _quiet_libraries():
 
 
 def cmd_data(args):
-    result = prepare(args.source, args.out, split=args.split, test_split=args.test_split, test_size=args.test_size,
-                     seed=args.seed, skip_invalid=args.skip_invalid, sample_size=args.sample_size)
+    result = prepare(
+        args.source,
+        args.out,
+        split=args.split,
+        test_split=args.test_split,
+        test_size=args.test_size,
+        seed=args.seed,
+        skip_invalid=args.skip_invalid,
+        sample_size=args.sample_size,
+    )
     if result.skipped:
         print(f"skipped {len(result.skipped)} invalid rows, first: {result.skipped[0]}", file=sys.stderr)
     if result.duplicates:
         print(f"dropped {result.duplicates} rows whose prompt_id repeats an earlier row's", file=sys.stderr)
     read = ", ".join(f"{n} rows in {form} form" for form, n in result.formats.items())
-    print(f"read {read}; wrote {result.out}/train.jsonl ({result.train} rows), test.jsonl ({result.test}), "
-          f"eval.jsonl ({result.eval})")
+    print(
+        f"read {read}; wrote {result.out}/train.jsonl ({result.train} rows), test.jsonl ({result.test}), "
+        f"eval.jsonl ({result.eval})"
+    )
 
 
 def cmd_tiny(args):
@@ -91,23 +102,40 @@ def _relaunch_with_torchrun(cfg, nproc: int, debug: bool) -> int:
     The command line is written from the parsed config, so a --config file's settings travel too."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "finetune_phi.cli", *(["--debug"] if debug else []), "train", *cfg.to_args()]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "finetune_phi.cli",
+        *(["--debug"] if debug else []),
+        "train",
+        *cfg.to_args(),
+    ]
     print("running: " + " ".join(cmd), flush=True)
     return subprocess.call(cmd)
 
 
 def _azure_settings(args):
-    return AzureSettings.load(subscription_id=args.subscription_id, resource_group=args.resource_group,
-                              workspace=args.workspace, location=args.location, identity=getattr(args, "identity", None))
+    return AzureSettings.load(
+        subscription_id=args.subscription_id,
+        resource_group=args.resource_group,
+        workspace=args.workspace,
+        location=args.location,
+        identity=getattr(args, "identity", None),
+    )
 
 
 def cmd_train(args):
     cfg, launch, job = args.train, args.launch, args.job
     if launch.target == "azure":
         if cfg.tokenizer or cfg.resume or cfg.overwrite:
-            raise UserError("--tokenizer, --resume and --overwrite are local options; an Azure job starts from "
-                            "--base-model and writes a new output")
+            raise UserError(
+                "--tokenizer, --resume and --overwrite are local options; an Azure job starts from "
+                "--base-model and writes a new output"
+            )
         # Azure's GPUs get the tutorial's Phi-3 (a laptop the quick tiny model: TrainConfig.resolved)
         ops.train(_azure_settings(args), replace(cfg, base_model=cfg.base_model or DEFAULT_HUB_MODEL), job)
         return 0
@@ -120,8 +148,10 @@ def cmd_train(args):
     if os.environ.get("RANK", "0") != "0":
         return 0  # another rank of a multi-process run: rank 0 reports
     base = f"{r.base_eval_loss:.4f}" if r.base_eval_loss is not None else "unknown"  # a resume can lack it
-    print(f"\nheld-out loss: base {base} -> fine-tuned {r.eval_loss:.4f} "
-          f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s")
+    print(
+        f"\nheld-out loss: base {base} -> fine-tuned {r.eval_loss:.4f} "
+        f"(perplexity {r.perplexity:.2f}); {r.steps} steps in {r.seconds:.0f} s"
+    )
     print(f"model folder: {r.out}")
     if r.registered_version:
         print(f"registered:   models:/{cfg.registered_model}/{r.registered_version} (MLflow run {r.run_id})")
@@ -130,8 +160,15 @@ def cmd_train(args):
 
 def cmd_serve(args):
     options, limits = args.options
-    serve(options.deployments(), options.traffic_split(), options.host, options.port, limits, engine=options.engine,
-          engine_options=options.engine_options())
+    serve(
+        options.deployments(),
+        options.traffic_split(),
+        options.host,
+        options.port,
+        limits,
+        engine=options.engine,
+        engine_options=options.engine_options(),
+    )
 
 
 def cmd_connect(args):
@@ -201,12 +238,19 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
         from transformers import HfArgumentParser
 
         parser_class = HfArgumentParser  # an ArgumentParser that also takes dataclass_types
-    p = argparse.ArgumentParser(prog="finetune-phi", description="Fine-tune Phi-3 on UltraChat, serve it, chat and evaluate with Prompt flow.",
-                                formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="finetune-phi",
+        description="Fine-tune Phi-3 on UltraChat, serve it, chat and evaluate with Prompt flow.",
+        formatter_class=_HelpFormatter,
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of every error, the one-line ones too")
-    p.add_argument("--project", default=None, metavar="PATH",
-                   help="the finetune-phi checkout whose flows/, deploy/ and venvs to use (default: the current folder, "
-                        "else the source of an editable install)")
+    p.add_argument(
+        "--project",
+        default=None,
+        metavar="PATH",
+        help="the finetune-phi checkout whose flows/, deploy/ and venvs to use (default: the current folder, "
+        "else the source of an editable install)",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=parser_class)
     fmt = _HelpFormatter
     p.command_parsers = {}  # for --config
@@ -219,18 +263,29 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help, formatter_class=fmt, dataclass_types=classes)
         add_negations(q, *classes)
         bound_flags(q, *classes)
-        q.add_argument("--config", metavar="YAML", default=None,
-                       help=f"a YAML file of {name} settings, keyed by the flags' names (without --); flags on the "
-                            "command line override it")
+        q.add_argument(
+            "--config",
+            metavar="YAML",
+            default=None,
+            help=f"a YAML file of {name} settings, keyed by the flags' names (without --); flags on the "
+            "command line override it",
+        )
         p.command_parsers[name] = q
         return q
 
     d = sub.add_parser("data", help="make train/test/eval jsonl from UltraChat", formatter_class=fmt)
-    d.add_argument("--source", default="sample",
-                   help="'ultrachat' (HuggingFaceH4/ultrachat_200k from the hub), 'sample' (offline generated), "
-                        "or a path to an UltraChat-format .jsonl/.json/.parquet")
+    d.add_argument(
+        "--source",
+        default="sample",
+        help="'ultrachat' (HuggingFaceH4/ultrachat_200k from the hub), 'sample' (offline generated), "
+        "or a path to an UltraChat-format .jsonl/.json/.parquet",
+    )
     d.add_argument("--split", default="train_sft[:1%]", help="hub split to load (datasets slicing syntax)")
-    d.add_argument("--test-split", default=None, help="hub split used as the test set instead of splitting --split, e.g. 'test_sft[:1%%]'")
+    d.add_argument(
+        "--test-split",
+        default=None,
+        help="hub split used as the test set instead of splitting --split, e.g. 'test_sft[:1%%]'",
+    )
     d.add_argument("--test-size", type=float, default=0.2, help="fraction of conversations held out for test")
     d.add_argument("--seed", type=int, default=0, help="seed of the split (and of the sample)")
     d.add_argument("--sample-size", type=int, default=600, help="conversations in the generated sample")
@@ -251,11 +306,18 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
 
     c = sub.add_parser("connect", help="create/update the flows' Prompt flow connection", formatter_class=fmt)
     c.add_argument("--endpoint-url", default=SCORING_URI, help="scoring URI of the endpoint")
-    c.add_argument("--api-key-env", default=None,
-                   help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)")
+    c.add_argument(
+        "--api-key-env",
+        default=None,
+        help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)",
+    )
     c.add_argument("--name", default="finetune_phi_endpoint", help="connection name")
-    c.add_argument("--target", choices=["local", "azure"], default="local",
-                   help="azure: take the scoring URI and key of --endpoint-name from the workspace")
+    c.add_argument(
+        "--target",
+        choices=["local", "azure"],
+        default="local",
+        help="azure: take the scoring URI and key of --endpoint-name from the workspace",
+    )
     c.add_argument("--endpoint-name", default=None, help="Azure ML online endpoint (with --target azure)")
     _add_azure_flags(c)
     c.set_defaults(func=cmd_connect)
@@ -264,7 +326,9 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
     _add_azure_flags(dp, identity=True)
     dp.set_defaults(func=cmd_deploy)
 
-    de = sub.add_parser("delete", help="delete an Azure ML endpoint or one deployment (stops its cost)", formatter_class=fmt)
+    de = sub.add_parser(
+        "delete", help="delete an Azure ML endpoint or one deployment (stops its cost)", formatter_class=fmt
+    )
     de.add_argument("--target", choices=["azure"], default="azure")
     de.add_argument("--endpoint-name", default=ENDPOINT_NAME)
     de.add_argument("--deployment-name", default=None, help="delete only this deployment (it must have no traffic)")
@@ -276,20 +340,33 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
     add_export_parser(sub)
 
     k = with_options("compare", "base vs fine-tuned: chat + eval flow batch runs, paired bootstrap, report")
-    k.add_argument("--resume", metavar="NAME", default=None,
-                   help="continue the comparison NAME (in --reports) with its saved settings: only lines that "
-                        "have no answer are asked again")
+    k.add_argument(
+        "--resume",
+        metavar="NAME",
+        default=None,
+        help="continue the comparison NAME (in --reports) with its saved settings: only lines that "
+        "have no answer are asked again",
+    )
     k.set_defaults(func=cmd_compare)
 
-    m = sub.add_parser("demo", help="the whole loop offline on a real model (SmolLM2-135M-Instruct)", formatter_class=fmt)
+    m = sub.add_parser(
+        "demo", help="the whole loop offline on a real model (SmolLM2-135M-Instruct)", formatter_class=fmt
+    )
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
-    m.add_argument("--base-model", default="smollm2-135m",
-                   help="base to fine-tune: smollm2-135m (real weights, several minutes on 2 cores) or tiny (random weights, ~1 min)")
+    m.add_argument(
+        "--base-model",
+        default="smollm2-135m",
+        help="base to fine-tune: smollm2-135m (real weights, several minutes on 2 cores) or tiny (random weights, ~1 min)",
+    )
     m.add_argument("--port", type=whole_number(1, 65535), default=PORT, help="endpoint port (a free one if taken)")
-    m.add_argument("--tokenizer", default=None, help="with --base-model tiny: build it around this real Phi-3 tokenizer folder")
+    m.add_argument(
+        "--tokenizer", default=None, help="with --base-model tiny: build it around this real Phi-3 tokenizer folder"
+    )
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)
-    for command in sub.choices.values():  # `finetune-phi train ... --debug` works as well as `finetune-phi --debug train`
+    for (
+        command
+    ) in sub.choices.values():  # `finetune-phi train ... --debug` works as well as `finetune-phi --debug train`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as finetune-phi --debug")
         command.add_argument("--project", default=argparse.SUPPRESS, metavar="PATH", help="as finetune-phi --project")
     return p
@@ -338,8 +415,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as e:
         if type(e).__module__.startswith("azure.") and not debug:  # auth, permissions, quota: Azure's message says why
-            print(f"finetune-phi {command}: Azure error: {type(e).__name__}: {e} (--debug shows the traceback)",
-                  file=sys.stderr)
+            print(
+                f"finetune-phi {command}: Azure error: {type(e).__name__}: {e} (--debug shows the traceback)",
+                file=sys.stderr,
+            )
             return 1
         raise
 

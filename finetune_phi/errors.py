@@ -8,6 +8,7 @@ needs. Raise UserError (or a subclass) only with a message that says what to do.
 that rule lives in cli.main: an error raised by the Azure SDK (auth, permissions, quota) is one line
 too, with its class and Azure's own message, exit code 1 (`--debug` shows its traceback).
 """
+
 from __future__ import annotations
 
 

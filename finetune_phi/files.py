@@ -4,6 +4,7 @@ Temp files are made 0600 (`tempfile.mkstemp`, and safetensors writes `model.safe
 file renamed into place, or saved by a library that way, would be readable by its owner only, and a re-run
 would turn a 0664 set into 0600. These put the mode a new file would have had.
 """
+
 from __future__ import annotations
 
 import hashlib

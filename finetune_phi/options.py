@@ -6,6 +6,7 @@ YAML file, and the attribute the code reads. `train` (training/config.py), `serv
 `deploy` (azureml/options.py) and `compare` (evaluation/compare.py's CompareConfig) are built this way.
 Nothing heavy is imported here.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -44,8 +45,14 @@ def add_negations(parser, *classes):
         for f in fields(cls):
             hint = type_hints(cls)[f.name]
             if base_type(hint) is bool and hint is not bool and f.default is None:
-                parser.add_argument(f"--no-{f.name.replace('_', '-')}", f"--no_{f.name}", dest=f.name,
-                                    action="store_false", default=None, help=f"turn {f.name} off")
+                parser.add_argument(
+                    f"--no-{f.name.replace('_', '-')}",
+                    f"--no_{f.name}",
+                    dest=f.name,
+                    action="store_false",
+                    default=None,
+                    help=f"turn {f.name} off",
+                )
 
 
 def from_namespace(cls, namespace):
@@ -54,13 +61,21 @@ def from_namespace(cls, namespace):
 
 
 def load_yaml_defaults(parser, path: str, classes: tuple):
-    """Make the settings in a YAML file the parser's defaults, so flags on the command line override them.
-
-    Keys are the flags' names (`base_model: tiny`, `lora: true`, `register: false`); every value is
-    checked against the setting's type here, so a mistake names the file and the key.
-    """
+    """Make the settings in a YAML file the parser's defaults, so flags on the command line override them."""
     import argparse
 
+    known = {
+        a.dest
+        for a in parser._actions  # argparse has no public list of its settings
+        if a.dest not in (argparse.SUPPRESS, "help", "config", "debug")
+    }
+    parser.set_defaults(**read_settings(path, classes, known))
+
+
+def read_settings(path: str | Path, classes: tuple, known: set[str] | None = None) -> dict:
+    """The settings in a YAML file (a recipe, a `--config` file), keyed by the flags' names (`base_model: tiny`,
+    `lora: true`, `register: false`); every value is checked against the setting's type here, so a mistake names
+    the file and the key. `known`: the keys allowed (default: the classes' fields)."""
     import yaml
 
     try:
@@ -72,12 +87,11 @@ def load_yaml_defaults(parser, path: str, classes: tuple):
         line = f" (line {where.line + 1})" if where else ""
         raise UserError(f"{path}: not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
     if doc is None:
-        return
+        return {}
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a mapping of setting: value, got a YAML {type(doc).__name__}")
     hints = {name: hint for cls in classes for name, hint in type_hints(cls).items()}
-    known = {a.dest for a in parser._actions  # noqa: SLF001 - argparse has no public list of its settings
-             if a.dest not in (argparse.SUPPRESS, "help", "config", "debug")}
+    known = known if known is not None else {f.name for cls in classes for f in fields(cls) if f.init}
     values = {}
     for key, value in doc.items():
         name = str(key).replace("-", "_")
@@ -86,7 +100,7 @@ def load_yaml_defaults(parser, path: str, classes: tuple):
             hint = f" (did you mean {close[0]!r}?)" if close else " (the keys are the command's flags, without --)"
             raise UserError(f"{path}: unknown key {key!r}{hint}")
         values[name] = _checked(value, hints.get(name, str | None), f"{path}: {name}")
-    parser.set_defaults(**values)
+    return values
 
 
 def _checked(value, hint, where: str):
@@ -111,7 +125,11 @@ def _checked(value, hint, where: str):
                 return base(value)
             except ValueError:
                 raise UserError(f"{where}: expected {what}, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and isinstance(value, float)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (base is int and isinstance(value, float))
+        ):
             raise UserError(f"{where}: expected {what}, got {value!r}")
         return base(value)
     if get_origin(base) is list:
@@ -133,9 +151,13 @@ def whole_number(low: int, high: int | None = None):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: give {low} to {high}" if high is not None
-                                             else f"{value} is too small: give at least {low}")
+            raise argparse.ArgumentTypeError(
+                f"{value} is out of range: give {low} to {high}"
+                if high is not None
+                else f"{value} is too small: give at least {low}"
+            )
         return value
+
     parse.__name__ = "number"  # what argparse calls it in its message
     return parse
 
@@ -144,7 +166,7 @@ def bound_flags(parser, *classes):
     """Give the flags of whole-number settings the range in their class's BOUNDS ({field: (low, high or None)}),
     checked as the command line is parsed (HfArgumentParser gives them plain int)."""
     bounds = {name: bound for cls in classes for name, bound in getattr(cls, "BOUNDS", {}).items()}
-    for action in parser._actions:  # noqa: SLF001 - argparse has no public list of its settings
+    for action in parser._actions:  # argparse has no public list of its settings
         if action.dest in bounds:
             action.type = whole_number(*bounds[action.dest])
         elif action.type is int:
@@ -157,5 +179,8 @@ def check_bounds(obj):
         value = getattr(obj, name)
         if value is not None and (value < low or (high is not None and value > high)):
             flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} {value} is out of range: give {low} to {high}" if high is not None
-                            else f"{flag} {value} is too small: give at least {low}")
+            raise UserError(
+                f"{flag} {value} is out of range: give {low} to {high}"
+                if high is not None
+                else f"{flag} {value} is too small: give at least {low}"
+            )

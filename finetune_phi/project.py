@@ -5,12 +5,14 @@ without flows/. The project root is, in order: `--project PATH` (or FINETUNE_PHI
 current directory, then the source checkout of an editable install (`pip install -e .`, what `make`
 does). A root without flows/chat/flow.dag.yaml is an error that says how to point at one.
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 from .errors import UserError
+
 
 PROJECT_ENV = "FINETUNE_PHI_PROJECT"
 MARKER = Path("flows") / "chat" / "flow.dag.yaml"
@@ -35,8 +37,10 @@ def root() -> Path:
     for candidate in (Path.cwd(), Path(__file__).resolve().parents[1]):
         if (candidate / MARKER).is_file():
             return candidate
-    raise ProjectNotFound(f"no finetune-phi project in {Path.cwd()} (no {MARKER}): run from the repository's "
-                          f"folder, or pass --project PATH (or set {PROJECT_ENV})")
+    raise ProjectNotFound(
+        f"no finetune-phi project in {Path.cwd()} (no {MARKER}): run from the repository's "
+        f"folder, or pass --project PATH (or set {PROJECT_ENV})"
+    )
 
 
 def _check(path: Path, source: str) -> Path:

@@ -3,6 +3,7 @@
 Everything a test writes (models cache, API key, MLflow store, Prompt flow home) lives under one
 session temp folder, so the suite never touches the user's ~/.cache, ~/.config or ~/.promptflow.
 """
+
 from __future__ import annotations
 
 import os
@@ -31,10 +32,15 @@ def _isolate() -> tuple[Path, Path]:
     root = session / worker if worker else session
     root.mkdir(exist_ok=True)
     env = {
-        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-        "FINETUNE_PHI_CACHE": str(session / "cache"), "FINETUNE_PHI_CONFIG": str(root / "config"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "PF_HOME_DIRECTORY": str(root / "pf"),
-        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true", "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "FINETUNE_PHI_CACHE": str(session / "cache"),
+        "FINETUNE_PHI_CONFIG": str(root / "config"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "PF_HOME_DIRECTORY": str(root / "pf"),
+        "APPLICATIONINSIGHTS_CONTROLPLANE_DISABLED": "true",
+        "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true",
         "TOKENIZERS_PARALLELISM": "false",
         # the flows' client gives up on an endpoint that stays down within 10 s here, not the 300 s an Azure
         # endpoint's restart gets by default (the retry tests pass their own RetryPolicy or Retry-After of 1 s)
@@ -56,15 +62,26 @@ SESSION_ROOT, TEST_ROOT = _isolate()
 
 # Fixtures that train, start a process or load SmolLM2: a test using one is an integration test and
 # must be marked slow, so `pytest -m "not slow"` (make test-fast) stays a minutes-long unit suite.
-SLOW_FIXTURES = {"pf_home", "trained", "smollm2_model", "endpoint", "connected", "eval_flow_run",
-                 "tiny_export"}  # test_engine_openvino: an export in its own venv, ~40 s
+SLOW_FIXTURES = {
+    "pf_home",
+    "trained",
+    "smollm2_model",
+    "endpoint",
+    "connected",
+    "eval_flow_run",
+    "tiny_export",
+}  # test_engine_openvino: an export in its own venv, ~40 s
 
 
 # Under pytest-xdist's --dist loadgroup (`make test`), the tests that share an expensive session
 # fixture run on one worker, so it is built once per session: the first of these a test uses names
 # its group. Every other test goes to whichever worker is free. (test_readme checks the grouping works.)
-XDIST_GROUPS = {"trained": "tiny-fine-tune", "smollm2_model": "smollm2", "tiny_export": "tiny-export",
-                "eval_flow_run": "eval-flow-run"}
+XDIST_GROUPS = {
+    "trained": "tiny-fine-tune",
+    "smollm2_model": "smollm2",
+    "tiny_export": "tiny-export",
+    "eval_flow_run": "eval-flow-run",
+}
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook, which reads the groups
@@ -80,11 +97,16 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collection_finish(session):
     items = session.items  # after -m/-k have deselected: the tests that will run
-    unmarked = [f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})"
-                for item in items if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow")]
+    unmarked = [
+        f"{item.nodeid} (uses {', '.join(sorted(SLOW_FIXTURES & set(item.fixturenames)))})"
+        for item in items
+        if SLOW_FIXTURES & set(item.fixturenames) and not item.get_closest_marker("slow")
+    ]
     if unmarked:
-        raise pytest.UsageError("tests that train, serve or start processes must be marked slow "
-                                "(pytest.mark.slow):\n  " + "\n  ".join(unmarked))
+        raise pytest.UsageError(
+            "tests that train, serve or start processes must be marked slow "
+            "(pytest.mark.slow):\n  " + "\n  ".join(unmarked)
+        )
     if any("smollm2_model" in item.fixturenames for item in items):
         _start_smollm2_conversion()
 
@@ -105,9 +127,16 @@ def _start_smollm2_conversion():
         return
     with log:  # the child keeps its own copy
         _conversion = subprocess.Popen(
-            [sys.executable, "-c", "from filelock import FileLock; from finetune_phi.modeling.models import resolve\n"
-             f"with FileLock({str(SMOLLM2_LOCK)!r}): resolve('smollm2-135m')"],
-            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})  # one core: the tests have the rest
+            [
+                sys.executable,
+                "-c",
+                "from filelock import FileLock; from finetune_phi.modeling.models import resolve\n"
+                f"with FileLock({str(SMOLLM2_LOCK)!r}): resolve('smollm2-135m')",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # one core: the tests have the rest
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -181,8 +210,14 @@ def trained(sample_data, tiny_model, test_root):
     """One real fine-tune of the tiny model on the sample, shared by the tests that need a trained model."""
     from finetune_phi.training.trainer import TrainConfig, train
 
-    return train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
-                             eval_file=str(sample_data / "test.jsonl"), out=str(test_root / "models" / "ft")))
+    return train(
+        TrainConfig(
+            base_model="tiny",
+            train_file=str(sample_data / "train.jsonl"),
+            eval_file=str(sample_data / "test.jsonl"),
+            out=str(test_root / "models" / "ft"),
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -197,8 +232,19 @@ def tiny_export(tiny_model, test_root):
 @pytest.fixture(scope="session")
 def endpoint(trained, tiny_model, test_root):
     """The endpoint with deployments base (tiny) and ft (the fine-tuned folder), traffic 70/30."""
-    server = Server(["--deployment", f"base={tiny_model}", "--deployment", f"ft={trained.out}",
-                     "--traffic", "base=70", "--traffic", "ft=30"], test_root / "serve.log")
+    server = Server(
+        [
+            "--deployment",
+            f"base={tiny_model}",
+            "--deployment",
+            f"ft={trained.out}",
+            "--traffic",
+            "base=70",
+            "--traffic",
+            "ft=30",
+        ],
+        test_root / "serve.log",
+    )
     yield server
     server.stop()
 
@@ -206,8 +252,12 @@ def endpoint(trained, tiny_model, test_root):
 @pytest.fixture(scope="session")
 def connected(endpoint, pf_home):
     """The flows' connection `finetune_phi_endpoint` pointing at the test endpoint, made by the real CLI."""
-    done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", endpoint.url + "/score"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "finetune-phi"), "connect", "--endpoint-url", endpoint.url + "/score"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert endpoint.key not in done.stdout + done.stderr
     return endpoint
@@ -222,9 +272,25 @@ def eval_flow_run(pf_home, test_root):
     data = test_root / "eval-rows.jsonl"
     data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in EVAL_ROWS))
     name = "eval_rows"
-    done = subprocess.run([str(BIN / "pf"), "run", "create", "--flow", str(REPO / "flows" / "eval"), "--data", str(data),
-                           "--name", name, "--column-mapping", "question=${data.question}",
-                           "ground_truth=${data.ground_truth}", "answer=${data.answer}"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            str(BIN / "pf"),
+            "run",
+            "create",
+            "--flow",
+            str(REPO / "flows" / "eval"),
+            "--data",
+            str(data),
+            "--name",
+            name,
+            "--column-mapping",
+            "question=${data.question}",
+            "ground_truth=${data.ground_truth}",
+            "answer=${data.answer}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return name, data

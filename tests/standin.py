@@ -14,6 +14,7 @@ question) and served in order, as an overloaded or restarting endpoint serves th
 A fault list ending in "always" repeats its last fault for ever. `delay` slows every answer (to kill a
 comparison half way). Every request's body is kept in `bodies`, its outcome in `log`.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -47,8 +48,9 @@ class _JSONHandler(BaseHTTPRequestHandler):
 
 
 class StandInEndpoint:
-    def __init__(self, answers: dict[str, callable], faults: dict | None = None, key: str = "k" * 32,
-                 delay: float = 0.0):
+    def __init__(
+        self, answers: dict[str, callable], faults: dict | None = None, key: str = "k" * 32, delay: float = 0.0
+    ):
         self.answers, self.key, self.delay = answers, key, delay
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
         self.bodies: list[dict] = []
@@ -79,7 +81,9 @@ class StandInEndpoint:
                     return self._json(401, {"error": {"code": "unauthorized", "message": "bad key"}})
                 openai = self.path.startswith("/v1/chat/completions")
                 messages = body["messages"] if openai else body["input_data"]["input_string"]
-                deployment = self.headers.get("azureml-model-deployment") or body.get("model") or next(iter(standin.answers))
+                deployment = (
+                    self.headers.get("azureml-model-deployment") or body.get("model") or next(iter(standin.answers))
+                )
                 question = messages[-1]["content"]
                 with standin.lock:
                     standin.bodies.append(body)
@@ -96,8 +100,9 @@ class StandInEndpoint:
                         headers["Retry-After"] = email.utils.formatdate(time.time() + 2, usegmt=True)
                     elif after:
                         headers["Retry-After"] = after
-                    return self._json(int(status), {"error": {"code": "planned", "message": f"planned fault {fault}"}},
-                                      headers)
+                    return self._json(
+                        int(status), {"error": {"code": "planned", "message": f"planned fault {fault}"}}, headers
+                    )
                 answer = standin.answers[deployment](question)
                 if not openai:
                     return self._json(200, {"output": answer})
@@ -107,7 +112,7 @@ class StandInEndpoint:
                 self.end_headers()
                 self.close_connection = True
                 pieces = [w + " " for w in answer.split(" ")[:-1]] + answer.split(" ")[-1:]
-                for i, piece in enumerate(pieces):
+                for piece in pieces:
                     chunk = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
                     self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
                     self.wfile.flush()
@@ -161,12 +166,23 @@ class StandInJudge:
                     fault = judge.faults.pop(0) if judge.faults else None
                 if fault:
                     status, _, after = fault.partition(":")
-                    return self._json(int(status), {"error": {"message": f"planned {fault}"}},
-                                      {"Retry-After": after} if after else None)
+                    return self._json(
+                        int(status),
+                        {"error": {"message": f"planned {fault}"}},
+                        {"Retry-After": after} if after else None,
+                    )
                 text = judge.reply(body["messages"])
-                self._json(200, {"id": "x", "object": "chat.completion", "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": text}}]})
+                self._json(
+                    200,
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body["model"],
+                        "choices": [
+                            {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
+                        ],
+                    },
+                )
 
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True

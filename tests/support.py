@@ -5,6 +5,7 @@ Waiting is always for an event (a URL that answers, a file that appears, a line 
 until a deadline that only bounds a failure: a test never sleeps for a guessed time and then looks.
 Standard library only: conftest sets the environment before anything imports transformers or mlflow.
 """
+
 from __future__ import annotations
 
 import http.client as httpclient
@@ -15,11 +16,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 from finetune_phi.serving.client import sse_events  # noqa: F401 - the tests' too
-from finetune_phi.serving.local import free_port, wait_ready  # noqa: F401 - free_port: the tests' too
+from finetune_phi.serving.local import free_port, wait_ready  # free_port: the tests' too
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ASSETS = REPO.parent / "shared" / "assets"
@@ -31,11 +34,13 @@ T = TypeVar("T")
 
 # Answers with known scores for the eval flow (and its Agent Framework twin): a perfect one, a partial
 # one, an empty answer (scored 0), a line without a reference (failed, counted) and a non-ASCII one.
-EVAL_ROWS = [{"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
-             {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
-             {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
-             {"question": "q4", "ground_truth": "", "answer": "no reference to score against"},
-             {"question": "q5", "ground_truth": "東京 は 首都 です", "answer": "東京 は 首都"}]
+EVAL_ROWS = [
+    {"question": "q1", "ground_truth": "The capital of Peru is Lima.", "answer": "The capital of Peru is Lima."},
+    {"question": "q2", "ground_truth": "Paris is the capital of France", "answer": "Paris"},
+    {"question": "q3", "ground_truth": "A cow says moo.", "answer": ""},
+    {"question": "q4", "ground_truth": "", "answer": "no reference to score against"},
+    {"question": "q5", "ground_truth": "東京 は 首都 です", "answer": "東京 は 首都"},
+]
 
 
 def log_tail(log: Path | None, chars: int = 3000) -> str:
@@ -44,8 +49,15 @@ def log_tail(log: Path | None, chars: int = 3000) -> str:
     return f"\n--- last of {log} ---\n{log.read_text(errors='replace')[-chars:]}"
 
 
-def wait_for(condition: Callable[[], T], what: str, timeout: float = 60, *, proc: subprocess.Popen | None = None,
-             log: Path | None = None, interval: float = 0.05) -> T:
+def wait_for(
+    condition: Callable[[], T],
+    what: str,
+    timeout: float = 60,
+    *,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    interval: float = 0.05,
+) -> T:
     """condition()'s first truthy value, polled until `timeout` seconds have passed.
 
     Fails with a message naming `what` was awaited (and the tail of `log`): at the deadline, or as soon
@@ -67,8 +79,14 @@ def wait_for(condition: Callable[[], T], what: str, timeout: float = 60, *, proc
         time.sleep(interval)
 
 
-def wait_for_url(url: str, timeout: float = 120, *, headers: dict | None = None, proc: subprocess.Popen | None = None,
-                 log: Path | None = None) -> None:
+def wait_for_url(
+    url: str,
+    timeout: float = 120,
+    *,
+    headers: dict | None = None,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> None:
     """Until GET url answers 200 (the package's own wait, as the demo uses it)."""
     wait_ready(url, headers=headers, proc=proc, log=log, timeout=timeout)
 
@@ -92,8 +110,12 @@ def stream_request(url: str, key: str, body: dict):
     """POST a streamed chat completion; (connection, response) with the response's head read, its body not."""
     host, port = url.removeprefix("http://").split(":")
     conn = httpclient.HTTPConnection(host, int(port), timeout=30)
-    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
-                 {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({**body, "stream": True}),
+        {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
+    )
     return conn, conn.getresponse()
 
 
@@ -127,8 +149,24 @@ class PfFlowServe(Process):
     def __init__(self, flow: Path, log: Path, *args: str, env: dict | None = None, cwd: Path | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([BIN / "pf", "flow", "serve", "--source", flow, "--host", "127.0.0.1", "--port", self.port,
-                          "--skip-open-browser", *args], log, env={**os.environ, **(env or {})}, cwd=cwd)
+        super().__init__(
+            [
+                BIN / "pf",
+                "flow",
+                "serve",
+                "--source",
+                flow,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                self.port,
+                "--skip-open-browser",
+                *args,
+            ],
+            log,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
         try:
             self.wait_for_url(self.url + "/health", timeout=120)
         except BaseException:
@@ -142,8 +180,9 @@ class Server(Process):
     def __init__(self, args: list[str], log: Path, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__([BIN / "finetune-phi", "serve", *args, "--port", str(self.port)], log,
-                         env={**os.environ, **(env or {})})
+        super().__init__(
+            [BIN / "finetune-phi", "serve", *args, "--port", str(self.port)], log, env={**os.environ, **(env or {})}
+        )
         from finetune_phi.serving.keys import get_or_create_key
 
         self.key = (env or {}).get("FINETUNE_PHI_API_KEY") or get_or_create_key()[0]

@@ -4,6 +4,7 @@ deploy/conda.yml's pins, in .venv-azml: `make azmlinfsrv`), as a managed online 
 AZUREML_MODEL_DIR is laid out as Azure mounts a registered model: azureml-models/NAME/VERSION, with the
 registered folder below it (the server reads NAME:VERSION from that path for its telemetry).
 """
+
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,14 +15,18 @@ from test_real_model import (
     plain_generate,  # what transformers alone makes of the folder, greedy
 )
 
+
 AZMLINFSRV = REPO / ".venv-azml" / "bin" / "azmlinfsrv"
 QUESTION = "Write one sentence about the sea."
 NEW_TOKENS = 24
 JSON = {"Content-Type": "application/json"}
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not AZMLINFSRV.exists(),
-                                 reason=f"{AZMLINFSRV.relative_to(REPO)} is absent: `make azmlinfsrv` builds it")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not AZMLINFSRV.exists(), reason=f"{AZMLINFSRV.relative_to(REPO)} is absent: `make azmlinfsrv` builds it"
+    ),
+]
 
 
 @contextmanager
@@ -33,10 +38,14 @@ def azmlinfsrv(model_folder, root, engine: str | None = None):
     port = free_port()
     log = root / "azmlinfsrv.log"
     env = {**os.environ, "AZUREML_MODEL_DIR": str(model_dir), **({"FINETUNE_PHI_ENGINE": engine} if engine else {})}
-    server = Process([AZMLINFSRV, "--entry_script", REPO / "deploy" / "score.py", "--port", port], log, cwd=root, env=env)
+    server = Process(
+        [AZMLINFSRV, "--entry_script", REPO / "deploy" / "score.py", "--port", port], log, cwd=root, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        server.wait_for_url(url + "/", timeout=120)  # GET / is the server's health probe; init() has run once it answers
+        server.wait_for_url(
+            url + "/", timeout=120
+        )  # GET / is the server's health probe; init() has run once it answers
         assert "Traceback" not in log.read_text(), log.read_text()[-4000:]
         yield url, log
     finally:
@@ -53,37 +62,69 @@ def test_both_score_shapes_answer_greedy_generate_text(azml, tiny_model):
     url, _ = azml
     expected, _ = plain_generate(tiny_model, QUESTION, NEW_TOKENS)
     messages = [{"role": "user", "content": QUESTION}]
-    status, headers, chat = http("POST", url + "/score",
-                                 {"input_data": {"input_string": messages,
-                                                 "parameters": {"temperature": 0, "max_new_tokens": NEW_TOKENS}}}, JSON)
+    status, headers, chat = http(
+        "POST",
+        url + "/score",
+        {"input_data": {"input_string": messages, "parameters": {"temperature": 0, "max_new_tokens": NEW_TOKENS}}},
+        JSON,
+    )
     assert status == 200 and headers["Content-Type"] == "application/json", chat
     assert chat == {"output": expected.strip()}
 
     from transformers import AutoTokenizer
 
-    prompt = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(messages, tokenize=False,
-                                                                           add_generation_prompt=True)
-    status, headers, text = http("POST", url + "/score",
-                                 {"input_data": [prompt, prompt],
-                                  "params": {"temperature": 0, "max_new_tokens": NEW_TOKENS, "return_full_text": False}},
-                                 JSON)
+    prompt = AutoTokenizer.from_pretrained(tiny_model).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+    status, headers, text = http(
+        "POST",
+        url + "/score",
+        {
+            "input_data": [prompt, prompt],
+            "params": {"temperature": 0, "max_new_tokens": NEW_TOKENS, "return_full_text": False},
+        },
+        JSON,
+    )
     assert status == 200 and headers["Content-Type"] == "application/json", text
     assert text == [expected.strip(), expected.strip()]
-    status, _, full = http("POST", url + "/score", {"input_data": [prompt], "params": {"temperature": 0,
-                                                                                   "max_new_tokens": NEW_TOKENS}}, JSON)
+    status, _, full = http(
+        "POST",
+        url + "/score",
+        {"input_data": [prompt], "params": {"temperature": 0, "max_new_tokens": NEW_TOKENS}},
+        JSON,
+    )
     assert status == 200 and isinstance(full, list) and full[0].startswith(prompt)  # return_full_text by default
 
 
-@pytest.mark.parametrize("body, code", [
-    (b"{oops", "invalid_json"),
-    (b"[" * 100_000, "invalid_json"),
-    (b'{"input_data": ["\\ud800 lone surrogate"]}', "invalid_json"),
-    ({"input_data": ["Hi"], "params": {"temprature": 0.5}}, "invalid_parameter"),
-    ({"input_data": ["Hi"], "params": {"max_new_tokens": 0}}, "invalid_parameter"),
-    ({"input_data": {"input_string": [{"role": "user", "content": "Hi"}],
-                     "parameters": {"max_new_tokens": 100000}}}, "invalid_parameter"),
-    ({"inputs": ["Hi"]}, "invalid_request"),
-], ids=["invalid-json", "nested-too-deeply", "lone-surrogate", "unknown-parameter", "max-new-tokens-0", "max-new-tokens-too-big", "no-input-data"])
+@pytest.mark.parametrize(
+    "body, code",
+    [
+        (b"{oops", "invalid_json"),
+        (b"[" * 100_000, "invalid_json"),
+        (b'{"input_data": ["\\ud800 lone surrogate"]}', "invalid_json"),
+        ({"input_data": ["Hi"], "params": {"temprature": 0.5}}, "invalid_parameter"),
+        ({"input_data": ["Hi"], "params": {"max_new_tokens": 0}}, "invalid_parameter"),
+        (
+            {
+                "input_data": {
+                    "input_string": [{"role": "user", "content": "Hi"}],
+                    "parameters": {"max_new_tokens": 100000},
+                }
+            },
+            "invalid_parameter",
+        ),
+        ({"inputs": ["Hi"]}, "invalid_request"),
+    ],
+    ids=[
+        "invalid-json",
+        "nested-too-deeply",
+        "lone-surrogate",
+        "unknown-parameter",
+        "max-new-tokens-0",
+        "max-new-tokens-too-big",
+        "no-input-data",
+    ],
+)
 def test_refusals_are_the_local_servers_error_object(azml, body, code):
     """The object `finetune-phi serve` sends, not a JSON string holding it, and no traceback in the log."""
     url, log = azml
@@ -99,7 +140,7 @@ def test_refusals_are_the_local_servers_error_object(azml, body, code):
         with pytest.raises(RequestError) as refused:
             parse_score_request(body)
         assert got == refused.value.body()
-    assert "Traceback" not in log.read_text()[len(before):]
+    assert "Traceback" not in log.read_text()[len(before) :]
     assert headers.get("x-ms-run-function-failed") == "False"  # Azure counts it as the client's, not a failed run
 
 
@@ -117,7 +158,11 @@ def test_the_quantized_engine_serves_an_export_as_an_azure_deployment_would(tiny
     finally:
         engine.close()
     with azmlinfsrv(tiny_export, tmp_path, engine="openvino") as (url, log):
-        status, _, chat = http("POST", url + "/score", {"input_data": {"input_string": messages, "parameters": {
-            "temperature": 0, "max_new_tokens": NEW_TOKENS}}}, JSON)
+        status, _, chat = http(
+            "POST",
+            url + "/score",
+            {"input_data": {"input_string": messages, "parameters": {"temperature": 0, "max_new_tokens": NEW_TOKENS}}},
+            JSON,
+        )
         # the export holds no PyTorch weights: only the openvino engine can have answered
         assert status == 200 and chat == {"output": expected}, chat

@@ -5,6 +5,7 @@ against the real endpoint through the real connection.
 What the page sends and what `pf flow serve` answers are read from Chromium's own network log (DevTools
 events), not from the page's code, so the follow-up's chat history is checked as it went over the wire.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -17,12 +18,14 @@ from pathlib import Path
 import pytest
 from support import BIN, REPO, Process, free_port, wait_for
 
+
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
     reason="needs Debian's chromium and chromium-driver in /usr/bin (apt-get install -y chromium chromium-driver; "
-           ".ci/run installs them)")
+    ".ci/run installs them)",
+)
 
 README = REPO / "README.md"
 DEMO = REPO / "finetune_phi" / "demo.py"
@@ -75,13 +78,23 @@ def browser(tmp_path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1280,1400"]:
+    for flag in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1280,1400",
+    ]:
         opts.add_argument(flag)
     opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # DevTools network events
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")),
-                              options=opts)
+    driver = webdriver.Chrome(
+        service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")), options=opts
+    )
     try:
         yield driver
     finally:
@@ -140,8 +153,12 @@ def ask(driver, wire, question: str, deployment: str | None, turn: int, timeout:
         fields[name].send_keys(value)
     fields["question"].send_keys(question)
     fields["question"].send_keys(Keys.ENTER)
-    wait_for(lambda: len(wire.poll()) >= turn and len(answers_shown(driver)) >= turn,
-             f"turn {turn}'s answer on the page (exchanges so far {wire.done})", timeout, interval=0.3)
+    wait_for(
+        lambda: len(wire.poll()) >= turn and len(answers_shown(driver)) >= turn,
+        f"turn {turn}'s answer on the page (exchanges so far {wire.done})",
+        timeout,
+        interval=0.3,
+    )
     return wire.poll()[turn - 1]
 
 
@@ -159,8 +176,12 @@ def test_chat_page_answers_and_sends_the_history(chat_page, browser, test_root):
     try:
         browser.get(url + "/")
         # the flow's other inputs (temperature, max_tokens) come with samples.json's values filled in
-        wait_for(lambda: {"question", "deployment"} <= set(inputs_by_label(browser)[0]),
-                 "the chat page's question and deployment fields", 60, interval=0.3)
+        wait_for(
+            lambda: {"question", "deployment"} <= set(inputs_by_label(browser)[0]),
+            "the chat page's question and deployment fields",
+            60,
+            interval=0.3,
+        )
         fields, labels = inputs_by_label(browser)
         # the page insists on a value in every field; the flow's samples.json starts `deployment` at "*",
         # which the flow takes as the traffic split, so a first question needs nothing else typed
@@ -168,8 +189,13 @@ def test_chat_page_answers_and_sends_the_history(chat_page, browser, test_root):
 
         first = ask(browser, wire, FIRST, None, turn=1)
         # samples.json's values: the tutorial's temperature, the endpoint's answer length
-        assert first["body"] == {"question": FIRST, "deployment": "*", "chat_history": [], "temperature": 0.7,
-                                 "max_tokens": 0}
+        assert first["body"] == {
+            "question": FIRST,
+            "deployment": "*",
+            "chat_history": [],
+            "temperature": 0.7,
+            "max_tokens": 0,
+        }
         assert first["status"] == 200, first
         answer1 = first["response"]["answer"]
         assert answer1.strip()
@@ -187,7 +213,11 @@ def test_chat_page_answers_and_sends_the_history(chat_page, browser, test_root):
         assert answer2.strip()
 
         shown = answers_shown(browser)
-        assert len(shown) == 2 and same_text(shown[0], answer1) and same_text(shown[1], answer2), (shown, answer1, answer2)
+        assert len(shown) == 2 and same_text(shown[0], answer1) and same_text(shown[1], answer2), (
+            shown,
+            answer1,
+            answer2,
+        )
         assert len(wire.poll()) == 2
     except BaseException:
         browser.save_screenshot(str(screenshot))

@@ -16,17 +16,26 @@ def write_lines(path, rows):
 
 
 def good(i=0, messages=None):
-    return {"prompt": f"q{i}", "prompt_id": f"id{i}",
-            "messages": messages or [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+    return {
+        "prompt": f"q{i}",
+        "prompt_id": f"id{i}",
+        "messages": messages or [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+    }
 
 
-@pytest.mark.parametrize("bad, problem", [
-    ({"prompt": "q", "messages": []}, "missing key 'prompt_id'"),
-    (good(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]), "messages[1] (assistant) has empty content"),
-    (good(messages=[{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]), "unknown role 'robot'"),
-    (good(messages=[{"role": "user", "content": "q"}]), "no assistant reply"),
-    ("{not json", "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "bad, problem",
+    [
+        ({"prompt": "q", "messages": []}, "missing key 'prompt_id'"),
+        (
+            good(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]),
+            "messages[1] (assistant) has empty content",
+        ),
+        (good(messages=[{"role": "user", "content": "q"}, {"role": "robot", "content": "a"}]), "unknown role 'robot'"),
+        (good(messages=[{"role": "user", "content": "q"}]), "no assistant reply"),
+        ("{not json", "invalid JSON"),
+    ],
+)
 def test_bad_row_is_named_by_file_and_line(tmp_path, bad, problem):
     src = write_lines(tmp_path / "chat.jsonl", [good(1), good(2), bad])
     with pytest.raises(DataError) as err:
@@ -63,13 +72,22 @@ def test_split_is_deterministic_and_never_shares_a_prompt_id():
 
 
 def test_eval_row_takes_last_question_and_history_in_prompt_flow_shape():
-    row = good(messages=[{"role": "system", "content": "be brief"},
-                         {"role": "user", "content": "Hi, I am Ann."}, {"role": "assistant", "content": "Hello Ann!"},
-                         {"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."},
-                         {"role": "user", "content": "trailing question with no answer"}])
+    row = good(
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "Hi, I am Ann."},
+            {"role": "assistant", "content": "Hello Ann!"},
+            {"role": "user", "content": "Capital of Peru?"},
+            {"role": "assistant", "content": "Lima."},
+            {"role": "user", "content": "trailing question with no answer"},
+        ]
+    )
     assert eval_row(row) == {
-        "prompt_id": "id0", "question": "Capital of Peru?", "ground_truth": "Lima.",
-        "chat_history": [{"inputs": {"question": "Hi, I am Ann."}, "outputs": {"answer": "Hello Ann!"}}]}
+        "prompt_id": "id0",
+        "question": "Capital of Peru?",
+        "ground_truth": "Lima.",
+        "chat_history": [{"inputs": {"question": "Hi, I am Ann."}, "outputs": {"answer": "Hello Ann!"}}],
+    }
 
 
 def test_sample_source_writes_three_consistent_files(tmp_path):
@@ -109,8 +127,11 @@ def test_real_ultrachat_rows_go_through_unchanged(tmp_path):
 @pytest.mark.slow
 def test_cli_reports_bad_input_without_a_traceback(tmp_path):
     src = write_lines(tmp_path / "c.jsonl", [good(1), good(2, [{"role": "user", "content": "q"}])])
-    done = subprocess.run([str(BIN / "finetune-phi"), "data", "--source", str(src), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [str(BIN / "finetune-phi"), "data", "--source", str(src), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 2
     assert f"{src}:2: no assistant reply" in done.stderr and "Traceback" not in done.stderr
 

@@ -5,6 +5,7 @@ it through the engine: greedy agreement with HF `generate` on the same weights, 
 stop strings, cancellation, max_new_tokens. Skipped when openvino-genai or the export venv is
 missing. FINETUNE_PHI_TEST_SMOLLM2_EXPORT=1 adds the real SmolLM2-135M (its export takes ~2 min).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,12 +16,19 @@ from support import exporter_or_skip
 
 from finetune_phi.serving.generation import GenerationParams, Row
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("openvino_genai") is None,
-                                reason="openvino-genai is not installed (pip install 'finetune-phi[openvino]')")
 
-QUESTIONS = ["What is the capital of France?", "Give me three tips for staying focused while studying.",
-             "How do plants make their food?", "Write a haiku about the sea.",
-             "Explain what a neural network is in one paragraph."]
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("openvino_genai") is None,
+    reason="openvino-genai is not installed (pip install 'finetune-phi[openvino]')",
+)
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Give me three tips for staying focused while studying.",
+    "How do plants make their food?",
+    "Write a haiku about the sea.",
+    "Explain what a neural network is in one paragraph.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +49,9 @@ def hf_greedy(model_dir, prompts_ids, max_new_tokens):
     for ids in prompts_ids:
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
-        new = out[0, len(ids):].tolist()
+        new = out[0, len(ids) :].tolist()
         stops = set(stop_token_ids_of(model_dir))
-        outs.append(new[:next((i for i, t in enumerate(new) if t in stops), len(new))])
+        outs.append(new[: next((i for i, t in enumerate(new) if t in stops), len(new))])
     return outs
 
 
@@ -58,12 +66,17 @@ def stop_token_ids_of(model_dir):
 def agreement(engine, model_dir, max_new_tokens=24):
     """(exact-match rate, mean fraction of the reference matched before the first differing token)."""
     params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=False)
-    rows = [Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), params), params) for q in QUESTIONS]
+    rows = [
+        Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), params), params) for q in QUESTIONS
+    ]
     engine.run(rows)
     ref = hf_greedy(model_dir, [r.prompt_ids for r in rows], max_new_tokens)
-    exact = sum(r.ids == h for r, h in zip(rows, ref)) / len(rows)
-    prefix = [next((i for i, (a, b) in enumerate(zip(r.ids, h)) if a != b), min(len(r.ids), len(h))) / max(len(h), 1)
-              for r, h in zip(rows, ref)]
+    exact = sum(r.ids == h for r, h in zip(rows, ref, strict=True)) / len(rows)
+    prefix = [
+        next((i for i, (a, b) in enumerate(zip(r.ids, h, strict=True)) if a != b), min(len(r.ids), len(h)))
+        / max(len(h), 1)
+        for r, h in zip(rows, ref, strict=True)
+    ]
     return exact, sum(prefix) / len(prefix)
 
 
@@ -110,7 +123,9 @@ def test_same_chat_template_and_stop_ids_as_the_source(engine, tiny_model):
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     messages = [{"role": "user", "content": "Hi there"}]
-    assert engine.chat_prompt(messages) == tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert engine.chat_prompt(messages) == tok.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert engine.stop_ids == set(stop_token_ids_of(tiny_model))
 
 
@@ -145,7 +160,7 @@ def test_stop_string_and_streaming_and_many_concurrent_rows(engine):
     full = engine.run([Row(prompt, free)])[0]
     if len(full.text) < 4:
         pytest.skip("the random tiny model ended at once; nothing to stop inside")
-    stop = full.text[len(full.text) // 2:][:3]
+    stop = full.text[len(full.text) // 2 :][:3]
     params = GenerationParams(max_new_tokens=16, do_sample=False, stop=[stop])
     chunks: list[str] = []
     cut = engine.run([Row(prompt, params, on_text=chunks.append)])[0]
@@ -164,8 +179,10 @@ def test_sampling_rows_run(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FINETUNE_PHI_TEST_SMOLLM2_EXPORT") != "1",
-                    reason="exporting SmolLM2-135M takes ~2 min; set FINETUNE_PHI_TEST_SMOLLM2_EXPORT=1")
+@pytest.mark.skipif(
+    os.environ.get("FINETUNE_PHI_TEST_SMOLLM2_EXPORT") != "1",
+    reason="exporting SmolLM2-135M takes ~2 min; set FINETUNE_PHI_TEST_SMOLLM2_EXPORT=1",
+)
 def test_smollm2_int8_export_stops_at_end_of_turn_and_agrees(smollm2_model, tmp_path):
     from finetune_phi.modeling.export import export
     from finetune_phi.serving.engines import load_engine

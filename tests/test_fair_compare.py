@@ -9,6 +9,7 @@ true difference is exactly 0, and it serves planned faults (503 + Retry-After, 4
 always fails on one deployment). The real `finetune-phi compare` runs through the real `pf` (and the Agent
 Framework twins); determinism on real weights is in test_real_model.
 """
+
 import json
 import os
 import signal
@@ -19,21 +20,29 @@ import pytest
 from standin import StandInEndpoint
 from support import BIN, REPO, wait_for
 
+
 pytestmark = pytest.mark.slow
 KEY = "s" * 32
 MAF_PYTHON = REPO / ".venv-maf" / "bin" / "python"
 
 
 def rows(n: int = 20) -> list[dict]:
-    return [{"question": f"Question {i}: what do you know about topic {i}?", "chat_history": [],
-             "ground_truth": f"Topic {i} is a subject with {i} known facts, studied by many people for years."}
-            for i in range(n)]
+    return [
+        {
+            "question": f"Question {i}: what do you know about topic {i}?",
+            "chat_history": [],
+            "ground_truth": f"Topic {i} is a subject with {i} known facts, studied by many people for years.",
+        }
+        for i in range(n)
+    ]
 
 
 def answer(question: str) -> str:
     """The same answer from both deployments: part of the reference, so scores differ between lines."""
     i = int(question.split()[1].rstrip(":"))
-    return " ".join(f"Topic {i} is a subject with {i} known facts, studied by many people for years.".split()[:4 + i % 9])
+    return " ".join(
+        f"Topic {i} is a subject with {i} known facts, studied by many people for years.".split()[: 4 + i % 9]
+    )
 
 
 @pytest.fixture
@@ -47,9 +56,23 @@ def standin(pf_home, request):
 
 
 def compare(tmp_path, *args, timeout=600, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "finetune-phi"), "compare", "--reports", str(tmp_path / "reports"),
-                           "--base-connection", "standin", "--candidate-connection", "standin", *args],
-                          capture_output=True, text=True, timeout=timeout, **popen)
+    return subprocess.run(
+        [
+            str(BIN / "finetune-phi"),
+            "compare",
+            "--reports",
+            str(tmp_path / "reports"),
+            "--base-connection",
+            "standin",
+            "--candidate-connection",
+            "standin",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
+    )
 
 
 def summary(tmp_path, name: str) -> dict:
@@ -63,9 +86,15 @@ def write_rows(tmp_path, n: int = 20):
 
 
 Q = [r["question"] for r in rows()]
-FAULTS = {("ft", Q[1]): ["503:1"], ("ft", Q[2]): ["503:1", "503:1"], ("base", Q[3]): ["429:0"],
-          ("ft", Q[4]): ["reset"], ("base", Q[5]): ["502", "504"], ("ft", Q[6]): ["503:1"],
-          ("ft", Q[7]): ["always", "500"]}  # ft fails line 7 for good
+FAULTS = {
+    ("ft", Q[1]): ["503:1"],
+    ("ft", Q[2]): ["503:1", "503:1"],
+    ("base", Q[3]): ["429:0"],
+    ("ft", Q[4]): ["reset"],
+    ("base", Q[5]): ["502", "504"],
+    ("ft", Q[6]): ["503:1"],
+    ("ft", Q[7]): ["always", "500"],
+}  # ft fails line 7 for good
 
 
 @pytest.mark.parametrize("standin", [FAULTS], indirect=True)
@@ -74,8 +103,9 @@ def test_transient_failures_cost_no_line_and_a_one_sided_failure_is_left_out_on_
     if runner == "maf" and not MAF_PYTHON.exists():
         pytest.skip("no .venv-maf: `make maf` creates it (`make test` does)")
     data = write_rows(tmp_path)
-    done = compare(tmp_path, "--runner", runner, "--base", "base", "--candidate", "ft", "--data", str(data),
-                   "--name", "fair")
+    done = compare(
+        tmp_path, "--runner", runner, "--base", "base", "--candidate", "ft", "--data", str(data), "--name", "fair"
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     got = summary(tmp_path, "fair")
     assert got["lines"] == {"total": 20, "paired": 19, "failed": {"base": 0, "ft": 1}}
@@ -95,11 +125,27 @@ def test_transient_failures_cost_no_line_and_a_one_sided_failure_is_left_out_on_
     assert list(lines["line"])[-1] == 7 and len(lines) == 20  # failed lines after the paired ones
 
 
-@pytest.mark.parametrize("standin", [{("ft", Q[0]): ["always", "400"], ("ft", Q[1]): ["always", "503:0"]}], indirect=True)
+@pytest.mark.parametrize(
+    "standin", [{("ft", Q[0]): ["always", "400"], ("ft", Q[1]): ["always", "503:0"]}], indirect=True
+)
 def test_more_failures_than_max_failed_write_the_report_and_exit_non_zero(standin, tmp_path, monkeypatch):
     data = write_rows(tmp_path, 10)
-    done = compare(tmp_path, "--base", "base", "--candidate", "ft", "--data", str(data), "--name", "lossy",
-                   "--temperature", "0.3", "--max-tokens", "40", env={**os.environ, "FINETUNE_PHI_RETRY_ATTEMPTS": "2"})
+    done = compare(
+        tmp_path,
+        "--base",
+        "base",
+        "--candidate",
+        "ft",
+        "--data",
+        str(data),
+        "--name",
+        "lossy",
+        "--temperature",
+        "0.3",
+        "--max-tokens",
+        "40",
+        env={**os.environ, "FINETUNE_PHI_RETRY_ATTEMPTS": "2"},
+    )
     assert done.returncode == 2 and "too many lines failed (ft 2 of 10; --max-failed 5%)" in done.stderr
     assert "Traceback" not in done.stderr
     got = summary(tmp_path, "lossy")
@@ -110,8 +156,19 @@ def test_more_failures_than_max_failed_write_the_report_and_exit_non_zero(standi
     errors = pd.read_csv(tmp_path / "reports" / "lossy" / "lines.csv").set_index("line")["error_ft"]
     assert "HTTP 400" in errors[0] and "HTTP 503" in errors[1] and "gave up after 2 attempts" in errors[1]
     # the same deployment name on two connections: the runs carry the side, the table tells them apart
-    done = compare(tmp_path, "--base", "ft", "--candidate", "ft", "--data", str(data), "--name", "same_name",
-                   "--max-failed", "100%")
+    done = compare(
+        tmp_path,
+        "--base",
+        "ft",
+        "--candidate",
+        "ft",
+        "--data",
+        str(data),
+        "--name",
+        "same_name",
+        "--max-failed",
+        "100%",
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert summary(tmp_path, "same_name")["lines"]["failed"] == {"ft_base": 2, "ft_candidate": 2}
     again = compare(tmp_path, "--base", "ft", "--candidate", "ft", "--data", str(data), "--name", "same_name")
@@ -122,7 +179,9 @@ def test_more_failures_than_max_failed_write_the_report_and_exit_non_zero(standi
 def test_a_side_that_fails_every_line_still_gets_a_report(standin, tmp_path):
     data = write_rows(tmp_path, 6)
     done = compare(tmp_path, "--base", "base", "--candidate", "ft", "--data", str(data), "--name", "all_failed")
-    assert done.returncode == 2 and "too many lines failed (ft 6 of 6" in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.returncode == 2 and "too many lines failed (ft 6 of 6" in done.stderr, (
+        done.stdout[-2000:] + done.stderr[-2000:]
+    )
     got = summary(tmp_path, "all_failed")
     assert got["lines"] == {"total": 6, "paired": 0, "failed": {"base": 0, "ft": 6}}
     assert all(row["delta"] is None for row in got["rows"]) and "0 of 6 paired" in done.stdout
@@ -139,9 +198,23 @@ def test_a_comparison_killed_half_way_resumes_to_the_uninterrupted_table(pf_home
     data = write_rows(tmp_path, 16)
     try:
         args = ["--runner", runner, "--base", "base", "--candidate", "ft", "--data", str(data), "--workers", "2"]
-        proc = subprocess.Popen([str(BIN / "finetune-phi"), "compare", "--reports", str(tmp_path / "reports"),
-                                 "--base-connection", "standin", "--candidate-connection", "standin", *args,
-                                 "--name", "killed"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "finetune-phi"),
+                "compare",
+                "--reports",
+                str(tmp_path / "reports"),
+                "--base-connection",
+                "standin",
+                "--candidate-connection",
+                "standin",
+                *args,
+                "--name",
+                "killed",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         wait_for(lambda: slow.count() >= 6, "six answers before the kill", timeout=120, proc=proc)
         children = psutil.Process(proc.pid).children(recursive=True)  # pf's workers (or the maf runner), the watchdog
         assert len(children) >= 2
@@ -161,5 +234,9 @@ def test_a_comparison_killed_half_way_resumes_to_the_uninterrupted_table(pf_home
     finally:
         slow.close()
     a, b = summary(tmp_path, "killed"), summary(tmp_path, "whole")
-    assert a["rows"] == b["rows"] and a["lines"] == b["lines"] == {"total": 16, "paired": 16, "failed": {"base": 0, "ft": 0}}
+    assert a["rows"] == b["rows"] and a["lines"] == b["lines"] == {
+        "total": 16,
+        "paired": 16,
+        "failed": {"base": 0, "ft": 0},
+    }
     assert a["rows"][0]["delta"] != 0  # the candidate's answers differ: a real table, not all zeros

@@ -1,5 +1,6 @@
 """Chat data as people have it: UltraChat, OpenAI messages, ShareGPT and original UltraChat rows,
 in jsonl/json/parquet, converted to the same UltraChat rows; the set lands together or not at all."""
+
 import hashlib
 import json
 import subprocess
@@ -12,9 +13,11 @@ from finetune_phi.data.prepare import prepare
 from finetune_phi.data.read import read_jsonl
 from finetune_phi.data.rows import DataError
 
+
 MESSAGES1000 = SHARED_ASSETS / "ultrachat-sample" / "ultrachat1000-messages.jsonl"
-needs_real_rows = pytest.mark.skipif(not (ULTRACHAT40.exists() and MESSAGES1000.exists()),
-                                     reason="shared UltraChat rows not present")
+needs_real_rows = pytest.mark.skipif(
+    not (ULTRACHAT40.exists() and MESSAGES1000.exists()), reason="shared UltraChat rows not present"
+)
 
 
 def as_form(row: dict, form: str) -> dict:
@@ -23,8 +26,11 @@ def as_form(row: dict, form: str) -> dict:
     if form == "messages":
         return {"messages": turns}
     if form == "sharegpt":
-        return {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
-                                  for m in turns]}
+        return {
+            "conversations": [
+                {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]} for m in turns
+            ]
+        }
     return {"id": row["prompt_id"][:8], "data": [m["content"] for m in turns]}  # ultrachat-original
 
 
@@ -41,14 +47,18 @@ def write(path, rows):
 
 
 @needs_real_rows
-@pytest.mark.parametrize("form, suffix", [("messages", ".jsonl"), ("sharegpt", ".json"),
-                                          ("ultrachat-original", ".parquet"), ("messages", ".parquet")])
+@pytest.mark.parametrize(
+    "form, suffix",
+    [("messages", ".jsonl"), ("sharegpt", ".json"), ("ultrachat-original", ".parquet"), ("messages", ".parquet")],
+)
 def test_each_form_converts_real_rows_to_the_same_ultrachat_rows(tmp_path, form, suffix):
     originals = read_jsonl(ULTRACHAT40)
     src = write(tmp_path / f"chats{suffix}", [as_form(r, form) for r in originals])
     result = prepare(str(src), tmp_path / "out")
     assert result.formats == {form: 40} and result.train + result.test == 40
-    converted = {r["prompt_id"]: r for r in read_jsonl(tmp_path / "out/train.jsonl") + read_jsonl(tmp_path / "out/test.jsonl")}
+    converted = {
+        r["prompt_id"]: r for r in read_jsonl(tmp_path / "out/train.jsonl") + read_jsonl(tmp_path / "out/test.jsonl")
+    }
     for original in originals:
         first_user = original["messages"][0]["content"]
         row = converted[hashlib.sha256(first_user.encode()).hexdigest()]  # UltraChat's own id rule
@@ -60,8 +70,12 @@ def test_each_form_converts_real_rows_to_the_same_ultrachat_rows(tmp_path, form,
 @needs_real_rows
 @pytest.mark.slow
 def test_thousand_real_messages_only_rows_through_the_cli(tmp_path):
-    done = subprocess.run([str(BIN / "finetune-phi"), "data", "--source", str(MESSAGES1000), "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(BIN / "finetune-phi"), "data", "--source", str(MESSAGES1000), "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert "1000 rows in messages form" in done.stdout
     train, test = read_jsonl(tmp_path / "train.jsonl"), read_jsonl(tmp_path / "test.jsonl")
@@ -74,19 +88,39 @@ def test_thousand_real_messages_only_rows_through_the_cli(tmp_path):
 
 @pytest.mark.slow
 def test_duplicates_are_counted_not_dropped_silently(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"q{i % 11}"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(20)]  # 20 rows, 11 distinct first questions
-    done = subprocess.run([str(BIN / "finetune-phi"), "data", "--source", str(write(tmp_path / "c.jsonl", rows)),
-                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    rows = [
+        {"messages": [{"role": "user", "content": f"q{i % 11}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(20)
+    ]  # 20 rows, 11 distinct first questions
+    done = subprocess.run(
+        [
+            str(BIN / "finetune-phi"),
+            "data",
+            "--source",
+            str(write(tmp_path / "c.jsonl", rows)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "dropped 9 rows whose prompt_id repeats" in done.stderr
 
 
 def test_bom_is_accepted_and_bad_bytes_are_named_by_line(tmp_path):
-    good = [json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
-            for i in range(6)]
+    good = [
+        json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a"}]})
+        for i in range(6)
+    ]
     src = tmp_path / "c.jsonl"
-    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(good[:3]).encode() + b"\n{\"messages\": \"\xff\xfe\"}\n"
-                    + "\n".join(good[3:]).encode() + b"\n")
+    src.write_bytes(
+        b"\xef\xbb\xbf"
+        + "\n".join(good[:3]).encode()
+        + b'\n{"messages": "\xff\xfe"}\n'
+        + "\n".join(good[3:]).encode()
+        + b"\n"
+    )
     with pytest.raises(DataError, match=rf"{src}:4: not valid UTF-8 \(byte 0xff"):
         prepare(str(src), tmp_path / "o")
     result = prepare(str(src), tmp_path / "o", skip_invalid=True)
@@ -123,8 +157,12 @@ def test_killed_between_files_the_set_is_refused_and_the_next_run_repairs_it(tmp
     for name in ("train.jsonl", "test.jsonl", "eval.jsonl"):
         with pytest.raises(DataError, match="was not written completely"):
             read_jsonl(out / name)
-    train = subprocess.run([str(BIN / "finetune-phi"), "train", "--base-model", "tiny", "--data", str(out),
-                            "--out", str(tmp_path / "m")], capture_output=True, text=True, timeout=300)
+    train = subprocess.run(
+        [str(BIN / "finetune-phi"), "train", "--base-model", "tiny", "--data", str(out), "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert train.returncode != 0 and "was not written completely" in train.stderr and "Traceback" not in train.stderr
     prepare("sample", out, seed=2)  # the next run cleans up and writes a consistent set
     assert not list(out.glob(".*.tmp"))

@@ -7,6 +7,7 @@ known win rate), one that always answers [[A]] (all ties, consistency 0), one wi
 (counted), one that answers 429 + Retry-After first (retried). The endpoint under comparison is
 tests/standin.py's StandInEndpoint (see test_fair_compare).
 """
+
 import json
 import re
 import subprocess
@@ -17,13 +18,15 @@ from support import BIN, REPO
 
 from finetune_phi.evaluation import judge as J
 
+
 KEY = "s" * 32
 
 
 def answer_of(messages: list[dict], slot: str) -> str:
     text = messages[-1]["content"]
-    return re.search(rf"\[The Start of Assistant {slot}'s Answer\]\n(.*)\n\[The End of Assistant {slot}'s Answer\]",
-                     text, re.S).group(1)
+    return re.search(
+        rf"\[The Start of Assistant {slot}'s Answer\]\n(.*)\n\[The End of Assistant {slot}'s Answer\]", text, re.S
+    ).group(1)
 
 
 def by_content(messages: list[dict]) -> str:
@@ -32,8 +35,17 @@ def by_content(messages: list[dict]) -> str:
     return "Both are alike. [[C]]" if a == b else ("A is better. [[A]]" if a else "B is better. [[B]]")
 
 
-@pytest.mark.parametrize("reply, verdict", [("...so [[A]]", "A"), ("[[A]] at first, but in the end [[B]]", "B"),
-                                            ("a tie: [[C]]", "C"), ("A is better", None), ("[A]", None), ("", None)])
+@pytest.mark.parametrize(
+    "reply, verdict",
+    [
+        ("...so [[A]]", "A"),
+        ("[[A]] at first, but in the end [[B]]", "B"),
+        ("a tie: [[C]]", "C"),
+        ("A is better", None),
+        ("[A]", None),
+        ("", None),
+    ],
+)
 def test_the_verdict_is_the_last_double_bracket(reply, verdict):
     assert J.parse_verdict(reply) == verdict
 
@@ -46,8 +58,12 @@ def test_both_orders_agreeing_decide_and_disagreeing_tie():
 
 
 def test_summary_counts_rates_and_a_length_control_that_sees_through_length():
-    results = ([{"verdict_1": "B", "verdict_2": "A"}] * 6 + [{"verdict_1": "A", "verdict_2": "B"}] * 2
-               + [{"verdict_1": "A", "verdict_2": "A"}] * 2 + [{"verdict_1": "B", "verdict_2": "junk"}])
+    results = (
+        [{"verdict_1": "B", "verdict_2": "A"}] * 6
+        + [{"verdict_1": "A", "verdict_2": "B"}] * 2
+        + [{"verdict_1": "A", "verdict_2": "A"}] * 2
+        + [{"verdict_1": "B", "verdict_2": "junk"}]
+    )
     s = J.summarize(results, [0.0] * len(results), "m")
     assert (s["n"], s["wins"], s["losses"], s["ties"], s["parse_failures"]) == (10, 6, 2, 2, 1)
     assert s["win_rate"] == pytest.approx(0.7) and s["ci_low"] < 0.7 < s["ci_high"]
@@ -108,9 +124,28 @@ def setting(pf_home, tmp_path):
 
 
 def compare(tmp_path, data, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "finetune-phi"), "compare", "--reports", str(tmp_path / "reports"), "--base", "base",
-                           "--candidate", "ft", "--data", str(data), "--base-connection", "standin",
-                           "--candidate-connection", "standin", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            str(BIN / "finetune-phi"),
+            "compare",
+            "--reports",
+            str(tmp_path / "reports"),
+            "--base",
+            "base",
+            "--candidate",
+            "ft",
+            "--data",
+            str(data),
+            "--base-connection",
+            "standin",
+            "--candidate-connection",
+            "standin",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def summary(tmp_path, name: str) -> dict:
@@ -125,12 +160,15 @@ def judge_and_evaluators(messages: list[dict]) -> str:
     text = messages[-1]["content"]
     if re.search(r"answer 3\b", text):
         return "I would rather not say."
-    return json.dumps({"reason": "Let's think step by step: planted.", "score": 5 if "GOOD" in text else 2,
-                       "status": "completed"})
+    return json.dumps(
+        {"reason": "Let's think step by step: planted.", "score": 5 if "GOOD" in text else 2, "status": "completed"}
+    )
 
 
 @pytest.mark.slow
-def test_judged_by_content_both_runners_give_the_known_win_rate_evaluator_means_and_a_rerun_asks_nothing(setting, tmp_path):
+def test_judged_by_content_both_runners_give_the_known_win_rate_evaluator_means_and_a_rerun_asks_nothing(
+    setting, tmp_path
+):
     """The pairwise verdicts (a judge that prefers by content: an exact, known win rate) and, with
     --judge-evaluators, azure-ai-evaluation's own Coherence/Fluency/Relevance/Similarity evaluators given the
     judge connection as their OpenAIModelConfiguration: means and paired CIs beside the lexical metrics, a reply
@@ -142,8 +180,20 @@ def test_judged_by_content_both_runners_give_the_known_win_rate_evaluator_means_
     for runner in ("promptflow", "maf"):
         if runner == "maf" and not (REPO / ".venv-maf" / "bin" / "python").exists():
             continue
-        done = compare(tmp_path, data, "--runner", runner, "--name", f"judged_{runner}", "--judge", "content_judge",
-                       "--judge-model", "content-v1", "--judge-evaluators", names)
+        done = compare(
+            tmp_path,
+            data,
+            "--runner",
+            runner,
+            "--name",
+            f"judged_{runner}",
+            "--judge",
+            "content_judge",
+            "--judge-model",
+            "content-v1",
+            "--judge-evaluators",
+            names,
+        )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         got[runner] = summary(tmp_path, f"judged_{runner}")
         if runner == "promptflow":
@@ -171,9 +221,15 @@ def test_judged_by_content_both_runners_give_the_known_win_rate_evaluator_means_
     import pandas as pd
 
     lines = pd.read_csv(tmp_path / "reports" / "judged_promptflow" / "lines.csv").set_index("line")
-    assert (lines.loc[0, "judge_verdict_1"], lines.loc[0, "judge_verdict_2"], lines.loc[0, "judge_outcome"]) == ("B", "A", "win")
+    assert (lines.loc[0, "judge_verdict_1"], lines.loc[0, "judge_verdict_2"], lines.loc[0, "judge_outcome"]) == (
+        "B",
+        "A",
+        "win",
+    )
     assert "better" in lines.loc[0, "judge_reason_1"]
-    assert (lines.loc[0, "coherence_ft"], lines.loc[0, "coherence_base"]) == (5, 2) and pd.isna(lines.loc[3, "fluency_ft"])
+    assert (lines.loc[0, "coherence_ft"], lines.loc[0, "coherence_base"]) == (5, 2) and pd.isna(
+        lines.loc[3, "fluency_ft"]
+    )
     assert "judge content-v1" in (tmp_path / "reports" / "judged_promptflow" / "compare.html").read_text()
     wrong = compare(tmp_path, data, "--name", "bad_evaluator", "--judge", "content_judge", "--judge-evaluators", "wit")
     assert wrong.returncode == 2 and "unknown judge evaluator wit" in wrong.stderr

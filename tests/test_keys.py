@@ -1,4 +1,5 @@
 """The endpoint key can never be empty: racing first starts, bad keys refused, empty bearer refused."""
+
 import os
 import subprocess
 from concurrent.futures import ProcessPoolExecutor
@@ -22,22 +23,34 @@ def test_concurrent_first_starts_all_get_the_same_complete_key(tmp_path):
     with ProcessPoolExecutor(max_workers=8) as pool:
         keys = list(pool.map(_first_start, folders))
     by_folder = {}
-    for folder, key in zip(folders, keys):
+    for folder, key in zip(folders, keys, strict=True):
         by_folder.setdefault(folder, set()).add(key)
     assert all(len(k) == 1 for k in by_folder.values()), "two processes got different keys for one file"
     assert all(len(next(iter(k))) >= 16 for k in by_folder.values())
     for folder, (key,) in by_folder.items():
         assert (tmp_path / folder / "api_key").read_text().strip() == key
-    assert not [p for p in tmp_path.rglob(".api_key.*")], "a temp key file was left behind"
+    assert not list(tmp_path.rglob(".api_key.*")), "a temp key file was left behind"
 
 
 def _serve(env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "finetune-phi"), "serve", "--deployment", "m=tiny", "--port", str(free_port())],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    return subprocess.run(
+        [str(BIN / "finetune-phi"), "serve", "--deployment", "m=tiny", "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
 
 
-@pytest.mark.parametrize("key, problem", [("", "is empty"), ("   ", "is empty"), ("short", "at least 16"),
-                                          ("has a space in it, long enough", "printable ASCII")])
+@pytest.mark.parametrize(
+    "key, problem",
+    [
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("short", "at least 16"),
+        ("has a space in it, long enough", "printable ASCII"),
+    ],
+)
 @pytest.mark.slow
 def test_server_refuses_to_start_on_a_bad_key_from_the_environment(key, problem):
     done = _serve({"FINETUNE_PHI_API_KEY": key})

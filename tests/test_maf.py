@@ -7,6 +7,7 @@ flags: greedy, transient failures retried) against the suite's endpoint itself. 
 through `Greedy`, a pass-through on 127.0.0.1 that sets temperature 0 on every request, forwards one
 request at a time and records the bodies, to compare their answers with the client's own call.
 """
+
 import json
 import os
 import subprocess
@@ -21,19 +22,31 @@ import pytest
 from support import BIN, REPO, Process, free_port, http
 
 from finetune_phi.data.read import read_jsonl
+from finetune_phi.evaluation.maf_runner import read_rows, scores_of
 from finetune_phi.evaluation.metrics import METRICS
 from finetune_phi.serving.client import chat_stream, history_to_messages
 
+
 MAF_PYTHON = Path(os.environ.get("FINETUNE_PHI_MAF_PYTHON") or REPO / ".venv-maf" / "bin" / "python")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not MAF_PYTHON.exists() and not os.environ.get("CI"),
-                                 reason="no .venv-maf: `make maf` creates it (`make test` does)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not MAF_PYTHON.exists() and not os.environ.get("CI"),
+        reason="no .venv-maf: `make maf` creates it (`make test` does)",
+    ),
+]
 
 
 def maf(*args, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """python -m finetune_phi.evaluation.maf_runner ARGS in .venv-maf."""
-    return subprocess.run([str(MAF_PYTHON), "-m", "finetune_phi.evaluation.maf_runner", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [str(MAF_PYTHON), "-m", "finetune_phi.evaluation.maf_runner", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 class Greedy:
@@ -49,8 +62,11 @@ class Greedy:
                 pass
 
             def _forward(self, data: bytes | None):
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() in ("authorization", "content-type", "azureml-model-deployment", "accept")}
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() in ("authorization", "content-type", "azureml-model-deployment", "accept")
+                }
                 request = urllib.request.Request(target + self.path, data=data, headers=headers, method=self.command)
                 with one_at_a_time:
                     try:
@@ -103,8 +119,8 @@ def test_chat_twin_answers_with_history_and_streams(greedy, greedy_env, connecte
     script = f"""
 import asyncio, json, os
 from finetune_phi import project
-from finetune_phi.evaluation.maf_runner import endpoint, load_flow
-flow = load_flow(project.flow("chat-maf"))
+from finetune_phi.twins import endpoint, load
+flow = load(project.flow("chat-maf"))
 url, key = endpoint()
 chat_input = flow.ChatInput({question!r}, {history!r}, "ft")
 answer = asyncio.run(flow.create_workflow(url, key).run(chat_input)).get_outputs()
@@ -112,8 +128,9 @@ async def stream():
     return [e.data async for e in flow.create_workflow(url, key, stream=True).run(chat_input, stream=True) if e.type == "output"]
 print(json.dumps({{"answer": answer, "pieces": asyncio.run(stream())}}))
 """
-    done = subprocess.run([str(MAF_PYTHON), "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **greedy_env})
+    done = subprocess.run(
+        [str(MAF_PYTHON), "-c", script], capture_output=True, text=True, timeout=300, env={**os.environ, **greedy_env}
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert greedy.bodies[-1]["messages"] == history_to_messages(history, question)  # the history reached the endpoint
@@ -132,7 +149,9 @@ def test_chat_twin_reads_the_prompt_flow_connection_and_reports_endpoint_errors(
     assert bad.returncode == 2 and "HTTP 401" in bad.stderr and "Traceback" not in bad.stderr
     assert "x" * 32 not in bad.stderr
     # a main venv somewhere else (make VENV=...): the error names the setting that points at it
-    lost = maf("test", "--question", "hi", env={"FINETUNE_PHI_PF_PYTHON": str(REPO / "no-such-venv" / "bin" / "python")})
+    lost = maf(
+        "test", "--question", "hi", env={"FINETUNE_PHI_PF_PYTHON": str(REPO / "no-such-venv" / "bin" / "python")}
+    )
     assert lost.returncode == 2 and "point FINETUNE_PHI_PF_PYTHON at the main venv's python" in lost.stderr
 
 
@@ -150,15 +169,16 @@ def test_eval_twin_aggregates_equal_the_prompt_flow_eval_run(eval_flow_run, tmp_
     assert metrics["lines_scored"] == 4 and metrics["lines_failed"] == 1
     assert set(metrics) == set(logged) and all(metrics[k] == logged[k] for k in logged), (metrics, logged)
     details = pf.get_details(name)
-    twin = [json.loads(line) for line in (runs / "eval_maf" / "outputs.jsonl").read_text().splitlines()]
-    for (_, row), line in zip(details.iterrows(), twin):
+    twin = [scores_of(row) for row in read_rows(runs, "eval_maf")]  # evaluate()'s own rows
+    for (_, row), line in zip(details.iterrows(), twin, strict=True):
         # pf.get_details reads outputs with pandas' read_json, whose float parser keeps ~10 digits (0.33333333330000003)
         assert all(row[f"outputs.{m}"] == pytest.approx(line[m], rel=0, abs=1e-9) for m in METRICS)
         assert row["outputs.failed"] == line["failed"]
 
 
-def test_parity_both_runners_give_the_same_answers_metrics_and_table(connected, trained, sample_data, tmp_path,
-                                                                     record_property):
+def test_parity_both_runners_give_the_same_answers_metrics_and_table(
+    connected, trained, sample_data, tmp_path, record_property
+):
     """Both runners over the same rows, as a user types them (README): one row fails (longer than the model's
     context: the endpoint says 400): the same answers, scores and table, the failed line counted and left out."""
     rows = read_jsonl(sample_data / "eval.jsonl")[:6]
@@ -168,15 +188,36 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(connected, 
     conns = ["--max-failed", "20%"]  # the planted failure is 1 of 6 lines
     test_file = tmp_path / "test.jsonl"  # held-out loss, once: on 16 conversations
     test_file.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(sample_data / "test.jsonl")[:16]))
-    losses = {"promptflow": ["--base-model", "tiny", "--candidate-model", str(trained.out), "--test-file", str(test_file)],
-              "maf": []}
+    losses = {
+        "promptflow": ["--base-model", "tiny", "--candidate-model", str(trained.out), "--test-file", str(test_file)],
+        "maf": [],
+    }
     seconds, summaries = {}, {}
     for runner in ("promptflow", "maf"):
         t = time.time()
-        done = subprocess.run([str(BIN / "finetune-phi"), "compare", "--runner", runner, "--base", "base",
-                               "--candidate", "ft", "--data", str(data), "--name", f"parity_{runner}",
-                               "--reports", str(tmp_path / runner), *conns, *losses[runner]],
-                              capture_output=True, text=True, timeout=600)
+        done = subprocess.run(
+            [
+                str(BIN / "finetune-phi"),
+                "compare",
+                "--runner",
+                runner,
+                "--base",
+                "base",
+                "--candidate",
+                "ft",
+                "--data",
+                str(data),
+                "--name",
+                f"parity_{runner}",
+                "--reports",
+                str(tmp_path / runner),
+                *conns,
+                *losses[runner],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         seconds[runner] = time.time() - t
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         summaries[runner] = json.loads((tmp_path / runner / f"parity_{runner}" / "summary.json").read_text())
@@ -185,20 +226,31 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(connected, 
 
     answers = ["answer_base", "answer_ft"]
     metric_cols = [f"{m}_{side}" for m in METRICS for side in ("base", "ft")]
-    pf_lines, maf_lines = (pd.read_csv(tmp_path / r / f"parity_{r}" / "lines.csv", keep_default_na=False,
-                                       na_values={c: [""] for c in metric_cols}, dtype={a: str for a in answers})
-                           .sort_values("line").reset_index(drop=True)
-                           for r in ("promptflow", "maf"))  # lines.csv puts worst regressions first: back in line order
+    pf_lines, maf_lines = (
+        pd.read_csv(
+            tmp_path / r / f"parity_{r}" / "lines.csv",
+            keep_default_na=False,
+            na_values={c: [""] for c in metric_cols},
+            dtype=dict.fromkeys(answers, str),
+        )
+        .sort_values("line")
+        .reset_index(drop=True)
+        for r in ("promptflow", "maf")
+    )  # lines.csv puts worst regressions first: back in line order
     same_answers = int((pf_lines[answers] == maf_lines[answers]).all(axis=1).sum())
     # the pf runner reads scores through pf.get_details, i.e. pandas' read_json: ~10 digits (0.33333333330000003)
-    same_scores = int(np.isclose(pf_lines[metric_cols], maf_lines[metric_cols], rtol=0, atol=1e-9, equal_nan=True)
-                      .all(axis=1).sum())  # the failed line: no score on either runner
+    same_scores = int(
+        np.isclose(pf_lines[metric_cols], maf_lines[metric_cols], rtol=0, atol=1e-9, equal_nan=True).all(axis=1).sum()
+    )  # the failed line: no score on either runner
     exact_scores = int((pf_lines[metric_cols].fillna(-1) == maf_lines[metric_cols].fillna(-1)).all(axis=1).sum())
-    record_property("figure", f"parity on {len(rows)} rows x 2 deployments: {same_answers}/{len(rows)} rows with identical "
-                    f"answers, {same_scores}/{len(rows)} with equal scores (to 1e-9; {exact_scores} to the last bit); compare "
-                    f"took promptflow {seconds['promptflow']:.1f} s, maf {seconds['maf']:.1f} s (chat runs: pf "
-                    f"{[round(r['seconds'], 1) for r in summaries['promptflow']['runs'].values()]} s, maf "
-                    f"{[round(r['seconds'], 1) for r in summaries['maf']['runs'].values()]} s)")
+    record_property(
+        "figure",
+        f"parity on {len(rows)} rows x 2 deployments: {same_answers}/{len(rows)} rows with identical "
+        f"answers, {same_scores}/{len(rows)} with equal scores (to 1e-9; {exact_scores} to the last bit); compare "
+        f"took promptflow {seconds['promptflow']:.1f} s, maf {seconds['maf']:.1f} s (chat runs: pf "
+        f"{[round(r['seconds'], 1) for r in summaries['promptflow']['runs'].values()]} s, maf "
+        f"{[round(r['seconds'], 1) for r in summaries['maf']['runs'].values()]} s)",
+    )
     answered = pf_lines[pf_lines["line"] != 2][answers].to_numpy().ravel()
     assert all(a.strip() for a in answered)  # every other row answered on both sides
     assert same_answers == len(rows) and same_scores == len(rows)
@@ -208,7 +260,9 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(connected, 
         f1 = next(r for r in summary["rows"] if r["metric"] == "f1_score")
         assert f1["candidate"] > f1["base"]
     assert summaries["promptflow"]["losses"]["candidate"] < summaries["promptflow"]["losses"]["base"]
-    for pf_row, maf_row in zip(summaries["promptflow"]["rows"], summaries["maf"]["rows"]):  # the same table
+    for pf_row, maf_row in zip(
+        summaries["promptflow"]["rows"], summaries["maf"]["rows"], strict=True
+    ):  # the same table
         assert pf_row["metric"] == maf_row["metric"]
         assert all(pf_row[k] == pytest.approx(maf_row[k], rel=0, abs=1e-9) for k in pf_row if k != "metric")
     report = (tmp_path / "maf" / "parity_maf" / "compare.md").read_text()
@@ -217,20 +271,32 @@ def test_parity_both_runners_give_the_same_answers_metrics_and_table(connected, 
 
 def test_serve_twin_answers_and_streams_like_pf_flow_serve(greedy, greedy_env, connected, tmp_path):
     port = free_port()
-    proc = Process([MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "serve", "--port", port], tmp_path / "serve.log",
-                   env={**os.environ, **greedy_env}, cwd=REPO)
+    proc = Process(
+        [MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "serve", "--port", port],
+        tmp_path / "serve.log",
+        env={**os.environ, **greedy_env},
+        cwd=REPO,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         proc.wait_for_url(url + "/health", timeout=60)
         body = {"question": "What is the opposite of hot?", "chat_history": [], "deployment": "ft"}
         status, _, answer = http("POST", url + "/score", body, {"Content-Type": "application/json"})
         assert status == 200 and answer["answer"].strip()
-        assert answer["answer"] == "".join(chat_stream(greedy.url + "/score", connected.key, body["question"], [], "ft"))
-        req = urllib.request.Request(url + "/score", data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json", "Accept": "text/event-stream"})
+        assert answer["answer"] == "".join(
+            chat_stream(greedy.url + "/score", connected.key, body["question"], [], "ft")
+        )
+        req = urllib.request.Request(
+            url + "/score",
+            data=json.dumps(body).encode(),
+            method="POST",
+            headers={"Content-Type": "application/json", "Accept": "text/event-stream"},
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             assert r.headers["Content-Type"] == "text/event-stream"
-            pieces = [json.loads(line[6:])["answer"] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+            pieces = [
+                json.loads(line[6:])["answer"] for line in r.read().decode().splitlines() if line.startswith("data: ")
+            ]
         assert len(pieces) > 1 and "".join(pieces) == answer["answer"]
         assert http("POST", url + "/score", {"chat_history": []}, {"Content-Type": "application/json"})[0] == 400
     finally:
@@ -241,21 +307,35 @@ def _serve_twins(tmp_path, endpoint_url: str, key: str, tag: str):
     """`pf flow serve` of flows/chat and the maf twin's serve, both to endpoint_url, transient failures not retried."""
     from support import PfFlowServe
 
-    env = {"PF_HOME_DIRECTORY": str(tmp_path / f"pf-{tag}"), "FINETUNE_PHI_API_KEY": key, "FINETUNE_PHI_RETRY_ATTEMPTS": "1"}
-    done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", endpoint_url],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    env = {
+        "PF_HOME_DIRECTORY": str(tmp_path / f"pf-{tag}"),
+        "FINETUNE_PHI_API_KEY": key,
+        "FINETUNE_PHI_RETRY_ATTEMPTS": "1",
+    }
+    done = subprocess.run(
+        [str(BIN / "finetune-phi"), "connect", "--endpoint-url", endpoint_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     assert done.returncode == 0, done.stderr
     pf = PfFlowServe(REPO / "flows" / "chat", tmp_path / f"pf-serve-{tag}.log", env=env)
     port = free_port()
-    twin = Process([MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "serve", "--port", port],
-                   tmp_path / f"maf-serve-{tag}.log", env={**os.environ, **env, "FINETUNE_PHI_ENDPOINT_URL": endpoint_url},
-                   cwd=REPO)
+    twin = Process(
+        [MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "serve", "--port", port],
+        tmp_path / f"maf-serve-{tag}.log",
+        env={**os.environ, **env, "FINETUNE_PHI_ENDPOINT_URL": endpoint_url},
+        cwd=REPO,
+    )
     twin.url = f"http://127.0.0.1:{port}"
     twin.wait_for_url(twin.url + "/health", timeout=60)
     return pf, twin
 
 
-def test_both_served_chat_flows_pass_on_the_endpoints_message_4xx_for_the_request_5xx_for_the_endpoint(connected, tmp_path):
+def test_both_served_chat_flows_pass_on_the_endpoints_message_4xx_for_the_request_5xx_for_the_endpoint(
+    connected, tmp_path
+):
     """What the endpoint refused in the request (too long for the context, no such deployment, a body over its
     limit) is the caller's 400 with the endpoint's own words; an endpoint that is down is a 5xx (pf flow
     serve can only say 500; the twin says 502, bad gateway), never a 400 and never a traceback."""
@@ -263,14 +343,22 @@ def test_both_served_chat_flows_pass_on_the_endpoints_message_4xx_for_the_reques
     pf, twin = _serve_twins(tmp_path, connected.url + "/score", connected.key, "up")
     try:
         for url in (pf.url, twin.url):
-            status, _, body = http("POST", url + "/score", {"question": "What is the capital of Peru?", "deployment": "ft",
-                                                            "temperature": 0}, json_headers)
+            status, _, body = http(
+                "POST",
+                url + "/score",
+                {"question": "What is the capital of Peru?", "deployment": "ft", "temperature": 0},
+                json_headers,
+            )
             assert status == 200 and body["answer"].startswith("The capital of"), (url, body)  # not streamed: joined
-            status, _, body = http("POST", url + "/score", {"question": "word " * 5000, "deployment": "ft"}, json_headers)
+            status, _, body = http(
+                "POST", url + "/score", {"question": "word " * 5000, "deployment": "ft"}, json_headers
+            )
             assert status == 400 and "exceeds the model's context" in body["error"]["message"], (url, body)
             status, _, body = http("POST", url + "/score", {"question": "Hi", "deployment": "nope"}, json_headers)
             assert status == 400 and "no deployment named 'nope'" in body["error"]["message"], (url, body)
-        status, _, body = http("POST", pf.url + "/score", {"question": "word " * 300_000, "deployment": "ft"}, json_headers)
+        status, _, body = http(
+            "POST", pf.url + "/score", {"question": "word " * 300_000, "deployment": "ft"}, json_headers
+        )
         assert status == 400 and "HTTP 413" in body["error"]["message"], body  # the endpoint's body limit, its words
 
         # the twin's own door: a question that is not a string, a body over the limit, a length that is not one

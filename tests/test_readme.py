@@ -1,4 +1,5 @@
 """The README's two commands, from a fresh copy of the repository (what a clone contains)."""
+
 import os
 import re
 import shutil
@@ -17,8 +18,13 @@ def readme_commands() -> list[str]:
 
 
 def fresh_copy(dest: Path) -> Path:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for f in files:
         if (REPO / f).is_file():
             (dest / f).parent.mkdir(parents=True, exist_ok=True)
@@ -37,8 +43,9 @@ def test_make_test_runs_the_tests_around_one_trained_model_on_one_worker(request
     """`make test`'s two workers: conftest groups the tests that share the tiny fine-tune, so it is trained once."""
     if not getattr(request.config.option, "loadgroup", False):
         pytest.skip("not under pytest-xdist's --dist loadgroup (make test)")
-    assert request.node.nodeid.endswith("@tiny-fine-tune"), \
+    assert request.node.nodeid.endswith("@tiny-fine-tune"), (
         "pytest-xdist ignored the group (pytest-xdist#1386: pytest 9.2 with pytest-xdist 3.8); see pyproject.toml's pin"
+    )
 
 
 @pytest.mark.slow
@@ -49,12 +56,19 @@ def test_make_demo_runs_the_whole_loop_from_a_fresh_copy(tmp_path):
     # the demo's own default MLflow store, and a Prompt flow home of its own: the demo points the
     # connection finetune_phi_endpoint at its endpoint, which must not touch the session's. That home
     # is new and unconfigured, as a user's is: the clone's pf.yaml keeps pf offline.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"PF_HOME_DIRECTORY": str(tmp_path / "pf")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {
+        "PF_HOME_DIRECTORY": str(tmp_path / "pf")
+    }
     # the tiny model keeps the suite within its 15 minutes; the real-model demo (5-6 min on 2 cores)
     # is the same code, and smollm2-135m itself is covered by test_real_model.py
-    done = subprocess.run(["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed", "DEMO_ARGS=--base-model tiny"],
-                          cwd=clone,
-                          capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run(
+        ["make", "demo", f"VENV={venv}", "-o", f"{venv}/.installed", "DEMO_ARGS=--base-model tiny"],
+        cwd=clone,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-3000:]
     for step in range(1, 9):

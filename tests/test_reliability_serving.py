@@ -1,4 +1,5 @@
 """Issue 13, serving and compare: nothing lost, nothing leaked. Each probe replayed against a real server."""
+
 import http.client as httpclient
 import json
 import shutil
@@ -19,6 +20,7 @@ from support import (
 )
 from support import sse_events as events
 
+
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 KEY = {"FINETUNE_PHI_API_KEY": "reliability-test-key"}
@@ -36,9 +38,22 @@ def strict(tiny_model, tmp_path_factory, test_root):
     config = json.loads((broken / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)
     (broken / "tokenizer_config.json").write_text(json.dumps(config))
-    s = Server(["--deployment", f"only={tiny_model}", "--deployment", f"broken={broken}",
-                "--max-queue-wait-ms", str(QUEUE_WAIT_MS), "--max-body-bytes", str(BODY_LIMIT),
-                "--request-timeout-ms", "8000"], test_root / "serve-reliability.log", env=KEY)
+    s = Server(
+        [
+            "--deployment",
+            f"only={tiny_model}",
+            "--deployment",
+            f"broken={broken}",
+            "--max-queue-wait-ms",
+            str(QUEUE_WAIT_MS),
+            "--max-body-bytes",
+            str(BODY_LIMIT),
+            "--request-timeout-ms",
+            "8000",
+        ],
+        test_root / "serve-reliability.log",
+        env=KEY,
+    )
     yield s
     s.stop()
 
@@ -70,13 +85,20 @@ def test_a_request_sent_while_another_decodes_is_served_at_once_not_refused(stri
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        status, _, body = http("POST", strict.url + "/score", {"input_data": ["y"], "params": {"max_new_tokens": 2}},
-                               strict.auth(**{"azureml-model-deployment": "only"}))
+        status, _, body = http(
+            "POST",
+            strict.url + "/score",
+            {"input_data": ["y"], "params": {"max_new_tokens": 2}},
+            strict.auth(**{"azureml-model-deployment": "only"}),
+        )
         answered = time.monotonic()
         assert status == 200, body
         # the long request was still being decoded after the short one's answer
-        wait_for(lambda: not reader.is_alive() or any(t > answered for t, _ in arrivals),
-                 "the long stream's next event after the short answer", 30)
+        wait_for(
+            lambda: not reader.is_alive() or any(t > answered for t, _ in arrivals),
+            "the long stream's next event after the short answer",
+            30,
+        )
         assert any(t > answered and has_content(e) for t, e in arrivals)
     finally:
         conn.sock.shutdown(socket.SHUT_RDWR)
@@ -119,8 +141,10 @@ def test_a_client_that_hangs_up_mid_body_is_not_a_server_error(strict):
     since = len(strict.log.read_text())
     host, port = strict.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(f"POST /score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {strict.key}\r\n"
-                     "Content-Length: 500\r\n\r\n{\"input_data\": [".encode())
+        sock.sendall(
+            f"POST /score HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {strict.key}\r\n"
+            'Content-Length: 500\r\n\r\n{"input_data": ['.encode()
+        )
         # the server is reading the body when the client goes: it has taken in these bytes, sent before
         # a request it has answered since (no guessed sleep)
         assert http("GET", strict.url + "/health")[0] == 200
@@ -138,19 +162,34 @@ def settled_log(server: Server, since: int) -> str:
     marker = '"GET /ready HTTP/1.1" 200'
     before = new_log(server, since).count(marker)
     assert http("GET", server.url + "/ready", headers=server.auth())[0] == 200
-    wait_for(lambda: new_log(server, since).count(marker) > before, "the access log line of a later request", 10,
-             log=server.log)
+    wait_for(
+        lambda: new_log(server, since).count(marker) > before,
+        "the access log line of a later request",
+        10,
+        log=server.log,
+    )
     return new_log(server, since)
 
 
-@pytest.mark.parametrize("path, body, where", [
-    ("/score", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
-    ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
-    ("/score", b'{"input_data": ["hi \\ud800"]}', "input_data[0] is not valid Unicode text"),
-    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff there"}]}',
-     "messages[0].content is not valid Unicode text"),
-    ("/score", b'{"input_data": ["hi"], "params": {"stop": ["\\ud800"]}}', "params.stop[0] is not valid Unicode text"),
-], ids=["deep-score", "deep-chat", "surrogate-prompt", "surrogate-message", "surrogate-stop"])
+@pytest.mark.parametrize(
+    "path, body, where",
+    [
+        ("/score", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        ("/v1/chat/completions", b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+        ("/score", b'{"input_data": ["hi \\ud800"]}', "input_data[0] is not valid Unicode text"),
+        (
+            "/v1/chat/completions",
+            b'{"messages": [{"role": "user", "content": "\\udfff there"}]}',
+            "messages[0].content is not valid Unicode text",
+        ),
+        (
+            "/score",
+            b'{"input_data": ["hi"], "params": {"stop": ["\\ud800"]}}',
+            "params.stop[0] is not valid Unicode text",
+        ),
+    ],
+    ids=["deep-score", "deep-chat", "surrogate-prompt", "surrogate-message", "surrogate-stop"],
+)
 def test_deep_json_and_lone_surrogates_are_the_callers_400(endpoint, path, body, where):
     since = len(endpoint.log.read_text())
     status, _, answer = http("POST", endpoint.url + path, body, endpoint.auth())
@@ -161,13 +200,21 @@ def test_deep_json_and_lone_surrogates_are_the_callers_400(endpoint, path, body,
 
 def test_a_server_bug_is_a_json_500_logged_once_with_its_traceback(strict):
     since = len(strict.log.read_text())
-    status, _, answer = http("POST", strict.url + "/v1/chat/completions",
-                             {"model": "broken", "messages": [{"role": "user", "content": "hi"}]}, strict.auth())
+    status, _, answer = http(
+        "POST",
+        strict.url + "/v1/chat/completions",
+        {"model": "broken", "messages": [{"role": "user", "content": "hi"}]},
+        strict.auth(),
+    )
     assert status == 500
     assert answer == {"error": {"code": "internal_error", "message": "internal error; see the server log"}}
     # the log line is written after the answer is sent: wait for it, down to the cause at its end
-    wait_for(lambda: "chat_template is not set" in new_log(strict, since), "the server bug's traceback in the log", 30,
-             log=strict.log)
+    wait_for(
+        lambda: "chat_template is not set" in new_log(strict, since),
+        "the server bug's traceback in the log",
+        30,
+        log=strict.log,
+    )
     log = new_log(strict, since)
     assert log.count("Traceback (most recent call last)") == 1  # once, in the line that names the request
     assert "finetune_phi.serve: unhandled error on POST /v1/chat/completions\nTraceback (most recent call last)" in log
@@ -177,24 +224,50 @@ def test_a_server_bug_is_a_json_500_logged_once_with_its_traceback(strict):
 
 def test_null_optional_parameters_mean_the_default(endpoint):
     question = [{"role": "user", "content": "What is the capital of Peru?"}]
-    nulls = {"temperature": None, "top_p": None, "max_tokens": None, "max_completion_tokens": None, "stop": None,
-             "stream": None, "n": None, "seed": None, "user": None, "stream_options": None}
-    status, _, answer = http("POST", endpoint.url + "/v1/chat/completions",
-                             {"model": "ft", "messages": question, **nulls}, endpoint.auth())
+    nulls = {
+        "temperature": None,
+        "top_p": None,
+        "max_tokens": None,
+        "max_completion_tokens": None,
+        "stop": None,
+        "stream": None,
+        "n": None,
+        "seed": None,
+        "user": None,
+        "stream_options": None,
+    }
+    status, _, answer = http(
+        "POST", endpoint.url + "/v1/chat/completions", {"model": "ft", "messages": question, **nulls}, endpoint.auth()
+    )
     assert status == 200 and answer["choices"][0]["message"]["content"], answer
 
     # null next to a real value changes nothing: greedy answers are the same with and without the nulls
     greedy = {"model": "ft", "messages": question, "temperature": 0, "max_tokens": 12}
     plain = http("POST", endpoint.url + "/v1/chat/completions", greedy, endpoint.auth())[2]
-    with_nulls = http("POST", endpoint.url + "/v1/chat/completions",
-                      {**greedy, "top_p": None, "stop": None, "max_completion_tokens": None}, endpoint.auth())[2]
+    with_nulls = http(
+        "POST",
+        endpoint.url + "/v1/chat/completions",
+        {**greedy, "top_p": None, "stop": None, "max_completion_tokens": None},
+        endpoint.auth(),
+    )[2]
     assert with_nulls["choices"][0]["message"] == plain["choices"][0]["message"]
     assert with_nulls["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] <= 12
 
-    score = {"input_data": {"input_string": question, "parameters": {"temperature": None, "max_new_tokens": None,
-                                                                    "top_p": None, "stop": None, "do_sample": None}}}
-    status, _, answer = http("POST", endpoint.url + "/score", score,
-                             endpoint.auth(**{"azureml-model-deployment": "ft"}))
+    score = {
+        "input_data": {
+            "input_string": question,
+            "parameters": {
+                "temperature": None,
+                "max_new_tokens": None,
+                "top_p": None,
+                "stop": None,
+                "do_sample": None,
+            },
+        }
+    }
+    status, _, answer = http(
+        "POST", endpoint.url + "/score", score, endpoint.auth(**{"azureml-model-deployment": "ft"})
+    )
     assert status == 200 and answer["output"], answer
 
 
@@ -205,6 +278,7 @@ LOOKALIKE = FORGED.replace("<|", "<!").replace("|>", "!>")  # the same character
 def test_role_tokens_typed_into_a_message_stay_text_and_cannot_forge_a_system_turn(endpoint, trained):
     """A user who types the template's control strings gets them tokenized as text: as many prompt tokens
     as the look-alike string (the issue's probe: 7 tokens instead of 15 before), on /v1 and on /score."""
+
     def prompt_tokens(content):
         body = {"model": "ft", "messages": [{"role": "user", "content": content}], "max_tokens": 1, "temperature": 0}
         status, _, answer = http("POST", endpoint.url + "/v1/chat/completions", body, endpoint.auth())
@@ -223,12 +297,16 @@ def test_role_tokens_typed_into_a_message_stay_text_and_cannot_forge_a_system_tu
         ids = engine.encode([{"role": "user", "content": FORGED}], params)
         role_ids = set(engine.tok.convert_tokens_to_ids(["<|system|>", "<|user|>", "<|end|>", "<|assistant|>"]))
         # the template's own role tokens only: <|user|> ... <|end|> <|assistant|>, none from the content
-        assert [engine.tok.convert_ids_to_tokens(i) for i in ids if i in role_ids] == ["<|user|>", "<|end|>",
-                                                                                      "<|assistant|>"]
+        assert [engine.tok.convert_ids_to_tokens(i) for i in ids if i in role_ids] == [
+            "<|user|>",
+            "<|end|>",
+            "<|assistant|>",
+        ]
         assert FORGED in engine.tok.decode(ids)  # and the text is all there, byte for byte
         plain = [{"role": "user", "content": "What is the capital of Peru?"}]
-        assert engine.encode(plain, params) == engine.tok.apply_chat_template(plain, add_generation_prompt=True,
-                                                                              tokenize=True, return_dict=False)
+        assert engine.encode(plain, params) == engine.tok.apply_chat_template(
+            plain, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
     finally:
         engine.close()
 
@@ -253,11 +331,17 @@ def test_the_real_phi3_tokenizer_keeps_typed_role_strings_as_text_and_plain_rows
 def test_requests_that_do_not_fit_the_kv_cache_wait_and_get_408_at_the_queue_limit(tiny_model, test_root):
     """More clients than the KV cache holds (room for one prompt + max_tokens at a time): those that cannot start
     within max_queue_wait_ms get 408 queue_timeout, the others their answer, none a 5xx; then the cache is free."""
-    s = Server(["--deployment", f"only={tiny_model}", "--kv-cache-tokens", "256", "--max-queue-wait-ms", "1"],
-               test_root / "serve-kv.log", env=KEY)
+    s = Server(
+        ["--deployment", f"only={tiny_model}", "--kv-cache-tokens", "256", "--max-queue-wait-ms", "1"],
+        test_root / "serve-kv.log",
+        env=KEY,
+    )
     try:
-        body = {"messages": [{"role": "user", "content": "What is the capital of Peru?"}], "max_tokens": 120,
-                "temperature": 0}
+        body = {
+            "messages": [{"role": "user", "content": "What is the capital of Peru?"}],
+            "max_tokens": 120,
+            "temperature": 0,
+        }
         results = []
 
         def ask():
@@ -290,20 +374,53 @@ def test_dropped_streams_leave_no_unretrieved_futures_and_the_server_ready(stric
         conn.sock.close()
         conn.close()
     # the server frees everything and serves again; queued rows of gone clients are not decoded
-    wait_for(lambda: http("POST", strict.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
-                          strict.auth(**{"azureml-model-deployment": "only"}))[0] == 200,
-             "a 200 after every stream's client hung up", 20, log=strict.log)
+    wait_for(
+        lambda: (
+            http(
+                "POST",
+                strict.url + "/score",
+                {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                strict.auth(**{"azureml-model-deployment": "only"}),
+            )[0]
+            == 200
+        ),
+        "a 200 after every stream's client hung up",
+        20,
+        log=strict.log,
+    )
     for _ in range(3):  # asyncio reports an unretrieved exception when the future is collected: give it time
-        assert http("POST", strict.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
-                    strict.auth(**{"azureml-model-deployment": "only"}))[0] == 200
+        assert (
+            http(
+                "POST",
+                strict.url + "/score",
+                {"input_data": ["x"], "params": {"max_new_tokens": 2}},
+                strict.auth(**{"azureml-model-deployment": "only"}),
+            )[0]
+            == 200
+        )
     log = settled_log(strict, since)
     assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
 
 
-def test_compare_with_a_misspelt_deployment_stops_before_any_run_with_one_line(connected, sample_data, tmp_path, capsys):
-    done = run_cli(capsys, "compare", "--base", "base", "--candidate", "fx", "--data", sample_data / "eval.jsonl",
-                   "--name", "misspelt", "--reports", tmp_path / "reports")
+def test_compare_with_a_misspelt_deployment_stops_before_any_run_with_one_line(
+    connected, sample_data, tmp_path, capsys
+):
+    done = run_cli(
+        capsys,
+        "compare",
+        "--base",
+        "base",
+        "--candidate",
+        "fx",
+        "--data",
+        sample_data / "eval.jsonl",
+        "--name",
+        "misspelt",
+        "--reports",
+        tmp_path / "reports",
+    )
     assert done.returncode != 0
-    assert done.stderr.strip() == (f"finetune-phi compare: error: no deployment named 'fx' on {connected.url}/score; "
-                                   "it has ['base', 'ft']")
+    assert done.stderr.strip() == (
+        f"finetune-phi compare: error: no deployment named 'fx' on {connected.url}/score; it has ['base', 'ft']"
+    )
     assert "pf run" not in done.stdout and not (tmp_path / "reports").exists()  # no batch run started

@@ -2,6 +2,7 @@
 
 Real training of the cached tiny model for a few steps, a real MLflow store on SQLite, the real CLI.
 """
+
 import fcntl
 import json
 import os
@@ -15,6 +16,7 @@ from support import BIN, run_cli, wait_for
 from finetune_phi.errors import UserError
 from finetune_phi.modeling import registry
 from finetune_phi.training.trainer import TrainConfig, train
+
 
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
@@ -30,20 +32,56 @@ def data(sample_data, tmp_path_factory):
 
 
 def config(data, out, max_steps=4, **kwargs) -> TrainConfig:
-    return TrainConfig(base_model="tiny", train_file=str(data / "train.jsonl"), eval_file=str(data / "test.jsonl"),
-                       out=str(out), save_steps=2, register=False, extra={"max_steps": max_steps}, **kwargs)
+    return TrainConfig(
+        base_model="tiny",
+        train_file=str(data / "train.jsonl"),
+        eval_file=str(data / "test.jsonl"),
+        out=str(out),
+        save_steps=2,
+        register=False,
+        extra={"max_steps": max_steps},
+        **kwargs,
+    )
 
 
 def cli_train(data, out, *flags, timeout=300):
-    return subprocess.run([str(BIN / "finetune-phi"), "train", "--base-model", "tiny", "--data", str(data),
-                           "--out", str(out), "--save-steps", "2", "--no-register", *flags],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            str(BIN / "finetune-phi"),
+            "train",
+            "--base-model",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--save-steps",
+            "2",
+            "--no-register",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def main_train(data, out, *flags, capsys) -> subprocess.CompletedProcess:
     """`finetune-phi train` in this process: as the command runs, without starting Python and torch again."""
-    return run_cli(capsys, "train", "--base-model", "tiny", "--data", data, "--out", out, "--save-steps", "2",
-                   "--no-register", *flags)
+    return run_cli(
+        capsys,
+        "train",
+        "--base-model",
+        "tiny",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--save-steps",
+        "2",
+        "--no-register",
+        *flags,
+    )
 
 
 def one_line_error(done) -> str:
@@ -76,8 +114,10 @@ def test_a_finished_model_is_only_replaced_on_overwrite(finished, data, tmp_path
     weights = (out / "model.safetensors").read_bytes()
 
     line = one_line_error(cli_train(data, out))
-    assert line == (f"finetune-phi train: error: {out} already holds a trained model; "
-                    "use --resume to continue its run or --overwrite to replace it")
+    assert line == (
+        f"finetune-phi train: error: {out} already holds a trained model; "
+        "use --resume to continue its run or --overwrite to replace it"
+    )
     assert (out / "model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
@@ -103,24 +143,49 @@ def test_checkpoints_of_an_unfinished_run_are_only_replaced_on_overwrite(finishe
     for ckpt in (out / "checkpoints").glob("checkpoint-*"):
         os.truncate(ckpt / "scheduler.pt", 100)
     done = cli_train(data, out, "--resume")
-    assert one_line_error(done) == (f"finetune-phi train: error: --resume: nothing in {out / 'checkpoints'} to resume "
-                                    f"from, and {out} holds checkpoints of an earlier run; use --overwrite to replace it")
+    assert one_line_error(done) == (
+        f"finetune-phi train: error: --resume: nothing in {out / 'checkpoints'} to resume "
+        f"from, and {out} holds checkpoints of an earlier run; use --overwrite to replace it"
+    )
     assert done.stdout.count("scheduler.pt does not load") == 2
 
 
 def test_a_second_run_on_the_same_out_stops_at_once_and_a_crash_frees_the_folder(data, tiny_model, tmp_path):
     out = tmp_path / "ft"
-    first = subprocess.Popen([str(BIN / "finetune-phi"), "train", "--base-model", "tiny", "--data", str(data),
-                              "--out", str(out), "--epochs", "100", "--no-register"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [
+            str(BIN / "finetune-phi"),
+            "train",
+            "--base-model",
+            "tiny",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--epochs",
+            "100",
+            "--no-register",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        wait_for(lambda: (out / ".lock").exists() and (out / ".lock").read_text().strip() == str(first.pid),
-                 "the first run to take the folder", 120, proc=first)
+        wait_for(
+            lambda: (out / ".lock").exists() and (out / ".lock").read_text().strip() == str(first.pid),
+            "the first run to take the folder",
+            120,
+            proc=first,
+        )
 
         # at once, before any model or data is loaded: a base model and data that do not exist are not
         # noticed; and without waiting for the lock (the first run, 100 epochs, is still going after)
-        second = cli_train(tmp_path / "no-such-data", out, "--overwrite", "--base-model", str(tmp_path / "no-such-model"))
-        assert one_line_error(second) == f"finetune-phi train: error: {out} is in use by another training run (PID {first.pid})"
+        second = cli_train(
+            tmp_path / "no-such-data", out, "--overwrite", "--base-model", str(tmp_path / "no-such-model")
+        )
+        assert (
+            one_line_error(second)
+            == f"finetune-phi train: error: {out} is in use by another training run (PID {first.pid})"
+        )
         assert first.poll() is None  # and the first run goes on
     finally:
         first.kill()  # a crash: no clean-up code runs
@@ -131,8 +196,9 @@ def test_a_second_run_on_the_same_out_stops_at_once_and_a_crash_frees_the_folder
 
 
 @pytest.mark.parametrize("damaged", ["optimizer.pt", "model.safetensors"])
-def test_resume_skips_a_damaged_checkpoint_and_leaves_the_finished_run_alone(finished, data, tmp_path,
-                                                                          capsys, damaged):
+def test_resume_skips_a_damaged_checkpoint_and_leaves_the_finished_run_alone(
+    finished, data, tmp_path, capsys, damaged
+):
     out = copy_of(finished, tmp_path)
     newest, previous = out / "checkpoints" / "checkpoint-4", out / "checkpoints" / "checkpoint-2"
     f = newest / damaged
@@ -154,15 +220,18 @@ def test_resume_skips_a_damaged_checkpoint_and_leaves_the_finished_run_alone(fin
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {mounted.stderr.strip()}")
     yield disk
     subprocess.run(["umount", "-l", str(disk)], check=True)
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_finished_run_stays_finished(finished, data, small_disk,
-                                                                                     capsys):
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_finished_run_stays_finished(
+    finished, data, small_disk, capsys
+):
     out = shutil.copytree(finished.out, small_disk / "ft")  # ~25 MB of the 40
     weights = (out / "model.safetensors").read_bytes()
     free = shutil.disk_usage(small_disk).free
@@ -170,7 +239,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_the_finished_run_stays_fini
 
     done = main_train(data, out, "--resume", "--epochs", "1.5", capsys=capsys)  # 6 steps: it saves checkpoint-6
     line = one_line_error(done)
-    assert line.startswith(f"finetune-phi train: error: could not write checkpoint to {out / 'checkpoints' / 'checkpoint-6'}: ")
+    assert line.startswith(
+        f"finetune-phi train: error: could not write checkpoint to {out / 'checkpoints' / 'checkpoint-6'}: "
+    )
     assert line.endswith("; free disk space or choose another --out")
     assert "resuming from" in done.stdout
     assert run_status(finished.run_id) == "FINISHED"  # the crash is the new run's, not the finished one's
@@ -182,7 +253,8 @@ def test_an_out_that_is_a_file_is_one_line(data, tmp_path):
     out = tmp_path / "model.txt"
     out.write_text("notes")
     assert one_line_error(cli_train(data, out)) == (
-        f"finetune-phi train: error: --out {out} is a file; give a folder for the model")
+        f"finetune-phi train: error: --out {out} is a file; give a folder for the model"
+    )
     assert out.read_text() == "notes"
 
 
@@ -190,14 +262,17 @@ def test_a_read_only_out_is_one_line(data, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     # we run as root, whom chmod does not stop; a read-only mount stops everyone
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a read-only tmpfs (needs root): {mounted.stderr.strip()}")
     try:
         for out in (ro, ro / "ft"):  # the folder itself, or a new one inside it
             assert one_line_error(cli_train(data, out)) == (
                 f"finetune-phi train: error: cannot write to --out {out}: Read-only file system; "
-                "choose a folder you can write to")
+                "choose a folder you can write to"
+            )
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=True)
 
@@ -242,8 +317,14 @@ def test_a_registry_made_again_never_serves_the_old_version_1_from_the_cache(tin
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_REGISTRY_URI": store}
 
     def register(kind: str) -> tuple[str, float]:
-        done = subprocess.run([sys.executable, "-c", REGISTER_AND_LOAD, str(tiny_model), kind, str(tmp_path / "other")],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+        done = subprocess.run(
+            [sys.executable, "-c", REGISTER_AND_LOAD, str(tiny_model), kind, str(tmp_path / "other")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=tmp_path,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         _, folder, total = next(line for line in done.stdout.splitlines() if line.startswith("FOLDER")).split()
         return folder, float(total)

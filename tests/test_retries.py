@@ -2,6 +2,7 @@
 HTTP server on 127.0.0.1, since Azure cannot be reached here) that injects the faults an overloaded or
 restarting endpoint serves: transient ones are retried (Retry-After honoured), the rest fail at once,
 and a stream cut off before its end is an error, never a finished-looking answer."""
+
 import time
 
 import pytest
@@ -15,6 +16,7 @@ from finetune_phi.serving.client import (
     flow_inputs,
     retry_after_seconds,
 )
+
 
 KEY = "k" * 32
 FAST = RetryPolicy(attempts=4, max_seconds=30, backoff=0.01, max_backoff=0.05)
@@ -32,10 +34,26 @@ def ask(standin, question="q", retry=FAST, **kw):
     return "".join(chat_stream(standin.url + "/score", KEY, question, [], "ft", retry=retry, **kw))
 
 
-@pytest.mark.parametrize("standin", [{("ft", "q"): ["503:1", "429:0", "502", "504", ]}], indirect=True)
+@pytest.mark.parametrize(
+    "standin",
+    [
+        {
+            ("ft", "q"): [
+                "503:1",
+                "429:0",
+                "502",
+                "504",
+            ]
+        }
+    ],
+    indirect=True,
+)
 def test_transient_statuses_are_retried_and_retry_after_is_honoured(standin):
     t = time.monotonic()
-    assert ask(standin, retry=RetryPolicy(attempts=5, backoff=0.01, max_backoff=0.05)) == "An answer to q, in four pieces."
+    assert (
+        ask(standin, retry=RetryPolicy(attempts=5, backoff=0.01, max_backoff=0.05))
+        == "An answer to q, in four pieces."
+    )
     assert time.monotonic() - t >= 1.0  # the 503's Retry-After: 1, not the 10 ms backoff
     assert [o for _, _, o in standin.log] == ["503:1", "429:0", "502", "504", "ok"]
 

@@ -1,4 +1,5 @@
 """Training that scales and survives: several processes (gloo), checkpoints, memory estimates."""
+
 import json
 import subprocess
 
@@ -11,8 +12,16 @@ from finetune_phi.training import throughput
 from finetune_phi.training.checkpoints import latest_complete_checkpoint
 from finetune_phi.training.trainer import TrainConfig, train
 
-PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=32, max_position_embeddings=4096, vocab_size=32064)
+
+PHI3_MINI = dict(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    vocab_size=32064,
+)
 
 
 def cli_train(*args, timeout=600):
@@ -21,13 +30,32 @@ def cli_train(*args, timeout=600):
 
 @pytest.mark.slow
 def test_two_gloo_processes_train_like_one_with_the_same_global_batch(sample_data, tiny_model, tmp_path):
-    common = ["--base-model", "tiny", "--data", str(sample_data), "--epochs", "1", "--no-register", "--save-steps", "1000"]
+    common = [
+        "--base-model",
+        "tiny",
+        "--data",
+        str(sample_data),
+        "--epochs",
+        "1",
+        "--no-register",
+        "--save-steps",
+        "1000",
+    ]
     two = cli_train(*common, "--nproc", "2", "--batch-size", "8", "--out", str(tmp_path / "two"))
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
     # the reference: one process with the same global batch (in this process: no second start-up to pay)
-    one = train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
-                            eval_file=str(sample_data / "test.jsonl"), out=str(tmp_path / "one"), epochs=1,
-                            batch_size=16, save_steps=1000, register=False))
+    one = train(
+        TrainConfig(
+            base_model="tiny",
+            train_file=str(sample_data / "train.jsonl"),
+            eval_file=str(sample_data / "test.jsonl"),
+            out=str(tmp_path / "one"),
+            epochs=1,
+            batch_size=16,
+            save_steps=1000,
+            register=False,
+        )
+    )
     s2 = json.loads((tmp_path / "two" / "finetune_phi.json").read_text())
     s1 = {"steps": one.steps, "base_eval_loss": one.base_eval_loss, "eval_loss": one.eval_loss}
     assert s2["steps"] == s1["steps"] == 30  # 480 rows / (2 x 8) = 480 / 16 per step, 1 epoch
@@ -44,11 +72,18 @@ def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data
 
     args = ["--base-model", "tiny", "--data", str(sample_data), "--epochs", "1", "--save-steps", "5", "--no-register"]
     out = tmp_path / "killed"
-    first = subprocess.Popen([str(BIN / "finetune-phi"), "train", *args, "--out", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [str(BIN / "finetune-phi"), "train", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     # killed once its second checkpoint is complete (the event, not a guessed time): ~20 of 30 steps to go
-    wait_for(lambda: (latest := latest_complete_checkpoint(out / "checkpoints")) and latest.name != "checkpoint-5",
-             "a second complete checkpoint of the run to kill", 300, proc=first)
+    wait_for(
+        lambda: (latest := latest_complete_checkpoint(out / "checkpoints")) and latest.name != "checkpoint-5",
+        "a second complete checkpoint of the run to kill",
+        300,
+        proc=first,
+    )
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert not (out / "config.json").exists()  # it died before the end
@@ -63,9 +98,17 @@ def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data
     resumed = run_cli(capsys, "train", *args, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "skipping incomplete checkpoint" in resumed.stdout + resumed.stderr
-    straight = train(TrainConfig(base_model="tiny", train_file=str(sample_data / "train.jsonl"),
-                                 eval_file=str(sample_data / "test.jsonl"), out=str(tmp_path / "straight"), epochs=1,
-                                 save_steps=5, register=False))
+    straight = train(
+        TrainConfig(
+            base_model="tiny",
+            train_file=str(sample_data / "train.jsonl"),
+            eval_file=str(sample_data / "test.jsonl"),
+            out=str(tmp_path / "straight"),
+            epochs=1,
+            save_steps=5,
+            register=False,
+        )
+    )
     summary = json.loads((out / "finetune_phi.json").read_text())
     assert summary["mlflow_run_id"] == run_id  # one MLflow run across the crash
     assert summary["base_eval_loss"] == pytest.approx(straight.base_eval_loss)
@@ -76,11 +119,19 @@ def test_resumed_run_ends_within_two_percent_of_an_uninterrupted_one(sample_data
 
 
 def test_padding_waste_of_constructed_batches():
-    padded = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]])}
+    padded = {
+        "input_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]),
+    }
     assert throughput.padding_waste(padded) == (4, 8)
-    packed = {"input_ids": torch.zeros(1, 10, dtype=torch.long), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]])}
+    packed = {
+        "input_ids": torch.zeros(1, 10, dtype=torch.long),
+        "position_ids": torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4]]),
+    }
     assert throughput.padding_waste(packed) == (0, 10)
-    assert throughput.mfu(params=1_000_000_000, tokens_per_second=50_000, device_peak=989e12) == pytest.approx(0.3033, abs=1e-4)
+    assert throughput.mfu(params=1_000_000_000, tokens_per_second=50_000, device_peak=989e12) == pytest.approx(
+        0.3033, abs=1e-4
+    )
 
 
 def test_memory_estimate_on_known_shapes(tiny_model):
@@ -92,8 +143,9 @@ def test_memory_estimate_on_known_shapes(tiny_model):
     full = memory.estimate(mini, batch_size=4, seq_len=2048, dtype_bytes=2, activation_checkpointing=True)
     assert 60 < full.total / memory.GiB < 90  # bf16 weights + fp32 master + AdamW: ~16 bytes a parameter
     lora = memory.estimate(mini, batch_size=4, seq_len=2048, lora_r=16, dtype_bytes=2, activation_checkpointing=True)
-    qlora = memory.estimate(mini, batch_size=4, seq_len=2048, lora_r=16, dtype_bytes=2, activation_checkpointing=True,
-                            quantized_4bit=True)
+    qlora = memory.estimate(
+        mini, batch_size=4, seq_len=2048, lora_r=16, dtype_bytes=2, activation_checkpointing=True, quantized_4bit=True
+    )
     assert lora.total < 0.25 * full.total and qlora.weights == pytest.approx(lora.weights / 4)
 
     tiny_config = AutoConfig.from_pretrained(tiny_model)
@@ -105,8 +157,20 @@ def test_memory_estimate_on_known_shapes(tiny_model):
 
 
 def test_a_fine_tune_that_cannot_fit_is_refused_before_training(sample_data, tiny_model, tmp_path, capsys):
-    done = run_cli(capsys, "train", "--base-model", "tiny", "--data", sample_data, "--out", tmp_path / "x",
-                   "--batch-size", "100000", "--max-length", "4096")
+    done = run_cli(
+        capsys,
+        "train",
+        "--base-model",
+        "tiny",
+        "--data",
+        sample_data,
+        "--out",
+        tmp_path / "x",
+        "--batch-size",
+        "100000",
+        "--max-length",
+        "4096",
+    )
     err = done.stderr
     assert done.returncode == 2 and "needs ~" in err and "GiB available" in err and "--lora" in err
     assert not (tmp_path / "x" / "checkpoints").exists() and "Traceback" not in err

@@ -1,4 +1,5 @@
 """The endpoint under real traffic: batching, limits, the OpenAI API, streaming, fuzzing and load."""
+
 import http.client as httpclient
 import json
 import os
@@ -23,12 +24,14 @@ from support import (
     wait_for,
 )
 
+
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 KEY = {"FINETUNE_PHI_API_KEY": "serving-test-key"}
 
 
 # --- the default engine (continuous batching), in process -----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def engine(trained):
@@ -46,8 +49,13 @@ def rows_for(engine, questions, **params):
     return [Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), p), p) for q in questions]
 
 
-QUESTIONS = ["Say hello to Maya.", "What is the capital of Peru?", "Hi", "Which noise does a cow make?",
-             "What is 12 plus 30? Please answer in a full sentence, thank you very much."]
+QUESTIONS = [
+    "Say hello to Maya.",
+    "What is the capital of Peru?",
+    "Hi",
+    "Which noise does a cow make?",
+    "What is 12 plus 30? Please answer in a full sentence, thank you very much.",
+]
 
 
 def test_batched_greedy_decoding_equals_one_request_at_a_time(engine):
@@ -65,7 +73,9 @@ def test_top_p_sorts_only_the_rows_that_ask_for_it_and_matches_the_stock_warper_
         ContinuousBatchingTopPLogitsWarper,
     )
 
-    (ours,) = [p for p in engine.manager.logit_processor.logits_processor if isinstance(p, ContinuousBatchingTopPLogitsWarper)]
+    (ours,) = [
+        p for p in engine.manager.logit_processor.logits_processor if isinstance(p, ContinuousBatchingTopPLogitsWarper)
+    ]
     assert type(ours) is not ContinuousBatchingTopPLogitsWarper
     scores = torch.randn(4, 49152, generator=torch.Generator().manual_seed(0)) * 3
     top_p = torch.tensor([1.0, 0.9, 1.0, 0.5], dtype=torch.float32).view(dtype=torch.int32)
@@ -83,10 +93,18 @@ def test_a_json_schema_row_decodes_in_the_batch_beside_free_rows_which_it_leaves
 
     alone = [engine.run(rows_for(engine, [q]))[0].text for q in QUESTIONS[:2]]
     free_1, held, free_2 = rows_for(engine, [QUESTIONS[0], QUESTIONS[3], QUESTIONS[1]])
-    schema = {"type": "object", "properties": {"answer": {"enum": ["moo"]}}, "required": ["answer"],
-              "additionalProperties": False}
-    held.params = GenerationParams.parse({"temperature": 0, "response_format": {
-        "type": "json_schema", "json_schema": {"name": "only", "schema": schema}}})
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["moo"]}},
+        "required": ["answer"],
+        "additionalProperties": False,
+    }
+    held.params = GenerationParams.parse(
+        {
+            "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "only", "schema": schema}},
+        }
+    )
     out = engine.run([free_1, held, free_2])
     assert json.loads(out[1].text) == {"answer": "moo"} and out[1].finish_reason == "stop"
     assert [out[0].text, out[2].text] == alone
@@ -171,10 +189,23 @@ def test_streamed_pieces_add_up_to_the_answer(engine):
 
 # --- the server: OpenAI API, streaming, auth, limits --------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def server(trained, tiny_model, test_root):
-    s = Server(["--deployment", f"ft={trained.out}", "--deployment", f"base={tiny_model}", "--max-new-tokens-cap", "64",
-                "--max-body-bytes", "28000"], test_root / "serve-serving.log", env=KEY)
+    s = Server(
+        [
+            "--deployment",
+            f"ft={trained.out}",
+            "--deployment",
+            f"base={tiny_model}",
+            "--max-new-tokens-cap",
+            "64",
+            "--max-body-bytes",
+            "28000",
+        ],
+        test_root / "serve-serving.log",
+        env=KEY,
+    )
     yield s
     s.stop()
     assert s.key not in s.log.read_text()  # keys never reach the log
@@ -184,13 +215,18 @@ def test_openai_client_chat_completion(server):
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key)
-    reply = client.chat.completions.create(model="ft", messages=[{"role": "user", "content": "Say hello to Maya."}],
-                                           temperature=0)
+    reply = client.chat.completions.create(
+        model="ft", messages=[{"role": "user", "content": "Say hello to Maya."}], temperature=0
+    )
     assert reply.choices[0].message.content == "Hello Maya! It is great to meet you."
     assert reply.choices[0].finish_reason == "stop" and reply.model == "ft"
-    assert reply.usage.completion_tokens > 0 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
-    cut = client.chat.completions.create(model="ft", messages=[{"role": "user", "content": "Say hello to Maya."}],
-                                         temperature=0, max_tokens=3)
+    assert (
+        reply.usage.completion_tokens > 0
+        and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    )
+    cut = client.chat.completions.create(
+        model="ft", messages=[{"role": "user", "content": "Say hello to Maya."}], temperature=0, max_tokens=3
+    )
     assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 3
     assert [m.id for m in client.models.list()] == ["ft", "base"]
     with pytest.raises(openai.NotFoundError):
@@ -203,8 +239,13 @@ def test_openai_client_streams(server):
     import openai
 
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=server.key)
-    stream = client.chat.completions.create(model="ft", messages=[{"role": "user", "content": "Say hello to Maya."}],
-                                            temperature=0, stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="ft",
+        messages=[{"role": "user", "content": "Say hello to Maya."}],
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello Maya! It is great to meet you."
@@ -217,27 +258,53 @@ def test_prompt_flow_llm_tool_through_an_openai_connection(server, pf_home, tmp_
     from promptflow.client import PFClient
     from promptflow.entities import OpenAIConnection
 
-    PFClient().connections.create_or_update(OpenAIConnection(name="finetune_phi_openai", api_key=server.key,
-                                                             base_url=server.url + "/v1"))
-    done = subprocess.run([str(BIN / "pf"), "flow", "test", "--flow", str(REPO / "tests" / "flows" / "llm_chat"),
-                           "--inputs", "question=Say hello to Maya."], capture_output=True, text=True, timeout=300)
+    PFClient().connections.create_or_update(
+        OpenAIConnection(name="finetune_phi_openai", api_key=server.key, base_url=server.url + "/v1")
+    )
+    done = subprocess.run(
+        [
+            str(BIN / "pf"),
+            "flow",
+            "test",
+            "--flow",
+            str(REPO / "tests" / "flows" / "llm_chat"),
+            "--inputs",
+            "question=Say hello to Maya.",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert '"answer": "Hello Maya! It is great to meet you."' in done.stdout
 
 
 def test_every_route_but_health_needs_the_key(server):
-    for method, path in (("GET", "/ready"), ("GET", "/v1/models"), ("POST", "/score"), ("POST", "/v1/chat/completions")):
+    for method, path in (
+        ("GET", "/ready"),
+        ("GET", "/v1/models"),
+        ("POST", "/score"),
+        ("POST", "/v1/chat/completions"),
+    ):
         status, _, body = http(method, server.url + path, {} if method == "POST" else None)
         assert status == 401 and server.key not in json.dumps(body), path
     assert http("GET", server.url + "/health")[0] == 200
 
 
-@pytest.mark.parametrize("body, status, code, words", [
-    ({"input_data": ["x" * 30000]}, 413, "body_too_large", ["limit is 28000"]),
-    ({"input_data": ["x"], "params": {"max_new_tokens": 65}}, 400, "invalid_parameter", ["from 1 to 64"]),
-    ({"input_data": ["word " * 5000]}, 400, "context_length_exceeded", ["prompt has 5002 tokens", "context of 4096 tokens"]),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_parameter", ["n=2"]),
-])
+@pytest.mark.parametrize(
+    "body, status, code, words",
+    [
+        ({"input_data": ["x" * 30000]}, 413, "body_too_large", ["limit is 28000"]),
+        ({"input_data": ["x"], "params": {"max_new_tokens": 65}}, 400, "invalid_parameter", ["from 1 to 64"]),
+        (
+            {"input_data": ["word " * 5000]},
+            400,
+            "context_length_exceeded",
+            ["prompt has 5002 tokens", "context of 4096 tokens"],
+        ),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "unsupported_parameter", ["n=2"]),
+    ],
+)
 def test_limits_answer_with_clear_json_errors(server, body, status, code, words):
     path = "/v1/chat/completions" if "messages" in body else "/score"
     got, _, answer = http("POST", server.url + path, body, server.auth())
@@ -246,21 +313,37 @@ def test_limits_answer_with_clear_json_errors(server, body, status, code, words)
 
 
 def test_timeouts_and_disconnects_never_hang_or_leak_capacity(tiny_model, test_root):
-    s = Server(["--deployment", f"only={tiny_model}", "--request-timeout-ms", "800", "--max-concurrent-requests", "1"],
-               test_root / "serve-timeout.log", env=KEY)
+    s = Server(
+        ["--deployment", f"only={tiny_model}", "--request-timeout-ms", "800", "--max-concurrent-requests", "1"],
+        test_root / "serve-timeout.log",
+        env=KEY,
+    )
     try:
         t = time.time()
-        status, _, body = http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 1024, "do_sample": False}},
-                               s.auth())
+        status, _, body = http(
+            "POST",
+            s.url + "/score",
+            {"input_data": ["x"], "params": {"max_new_tokens": 1024, "do_sample": False}},
+            s.auth(),
+        )
         assert (status, body["error"]["code"]) == (503, "request_timeout") and time.time() - t < 5
 
         # a client that hangs up mid-stream: its slot must come back (max 1 in flight here)
-        conn, response = stream_request(s.url, s.key, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000})
+        conn, response = stream_request(
+            s.url, s.key, {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000}
+        )
         assert response.status == 200 and response.readline().startswith(b"data: ")
         conn.sock.close()
         conn.close()
-        wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
-                              s.auth())[0] == 200, "the hung-up stream's slot to come back", 10, log=s.log)
+        wait_for(
+            lambda: (
+                http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}}, s.auth())[0]
+                == 200
+            ),
+            "the hung-up stream's slot to come back",
+            10,
+            log=s.log,
+        )
         assert http("GET", s.url + "/ready", headers=s.auth())[0] == 200
     finally:
         s.stop()
@@ -279,10 +362,17 @@ class HoldAfterFirstPiece:
                 pass
 
             def do_POST(self):
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() in ("authorization", "content-type", "azureml-model-deployment", "accept")}
-                request = urllib.request.Request(target + self.path, data=self.rfile.read(int(self.headers["Content-Length"])),
-                                                 headers=headers, method="POST")
+                headers = {
+                    k: v
+                    for k, v in self.headers.items()
+                    if k.lower() in ("authorization", "content-type", "azureml-model-deployment", "accept")
+                }
+                request = urllib.request.Request(
+                    target + self.path,
+                    data=self.rfile.read(int(self.headers["Content-Length"])),
+                    headers=headers,
+                    method="POST",
+                )
                 try:
                     upstream = urllib.request.urlopen(request, timeout=120)
                 except urllib.error.HTTPError as e:
@@ -308,15 +398,27 @@ def test_chat_flow_streams_through_pf_flow_serve(connected, test_root, tmp_path)
     """pf flow serve passes the answer on piece by piece: its first event reaches the client while the
     endpoint's stream is held after its first piece, so it cannot have come from a buffered answer."""
     gate = HoldAfterFirstPiece(connected.url)
-    env = {"PF_HOME_DIRECTORY": str(tmp_path / "pf"), "FINETUNE_PHI_API_KEY": connected.key}  # a connection to the gate
-    done = subprocess.run([str(BIN / "finetune-phi"), "connect", "--endpoint-url", gate.url + "/score"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    env = {
+        "PF_HOME_DIRECTORY": str(tmp_path / "pf"),
+        "FINETUNE_PHI_API_KEY": connected.key,
+    }  # a connection to the gate
+    done = subprocess.run(
+        [str(BIN / "finetune-phi"), "connect", "--endpoint-url", gate.url + "/score"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **env},
+    )
     assert done.returncode == 0, done.stderr
     flow = PfFlowServe(REPO / "flows" / "chat", test_root / "pf-stream.log", env=env)
     try:
         conn = httpclient.HTTPConnection("127.0.0.1", flow.port, timeout=120)
-        conn.request("POST", "/score", json.dumps({"question": "What is the capital of Peru?", "deployment": "ft"}),
-                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
+        conn.request(
+            "POST",
+            "/score",
+            json.dumps({"question": "What is the capital of Peru?", "deployment": "ft"}),
+            {"Content-Type": "application/json", "Accept": "text/event-stream"},
+        )
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("Content-Type").startswith("text/event-stream")
         pieces, before_release = [], None
@@ -338,33 +440,64 @@ def test_chat_flow_streams_through_pf_flow_serve(connected, test_root, tmp_path)
 
 # --- abuse: fuzzing and load ---------------------------------------------------------------------
 
+
 def test_fuzzed_requests_never_get_a_5xx(tiny_model, test_root):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    s = Server(["--deployment", f"only={tiny_model}", "--max-new-tokens-cap", "4"], test_root / "serve-fuzz.log", env=KEY)
-    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-                               lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-                               max_leaves=10)
-    message = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "robot", 3]),
-                                     "content": st.text(max_size=40) | json_values})
-    params = st.dictionaries(st.sampled_from(["max_new_tokens", "max_tokens", "temperature", "top_p", "do_sample",
-                                              "return_full_text", "stop", "bogus"]),
-                             st.integers(-5, 10) | st.floats(-1, 3, allow_nan=False) | st.booleans() | st.text(max_size=5)
-                             | st.lists(st.text(max_size=3), max_size=5), max_size=4)
-    score_bodies = (json_values
-                    | st.fixed_dictionaries({"input_data": st.lists(st.text(max_size=30), max_size=3) | json_values,
-                                             "params": params})
-                    | st.fixed_dictionaries({"input_data": st.fixed_dictionaries({"input_string": st.lists(message, max_size=3),
-                                                                                  "parameters": params})}))
+    s = Server(
+        ["--deployment", f"only={tiny_model}", "--max-new-tokens-cap", "4"], test_root / "serve-fuzz.log", env=KEY
+    )
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=10,
+    )
+    message = st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["user", "assistant", "system", "robot", 3]),
+            "content": st.text(max_size=40) | json_values,
+        }
+    )
+    params = st.dictionaries(
+        st.sampled_from(
+            ["max_new_tokens", "max_tokens", "temperature", "top_p", "do_sample", "return_full_text", "stop", "bogus"]
+        ),
+        st.integers(-5, 10)
+        | st.floats(-1, 3, allow_nan=False)
+        | st.booleans()
+        | st.text(max_size=5)
+        | st.lists(st.text(max_size=3), max_size=5),
+        max_size=4,
+    )
+    score_bodies = (
+        json_values
+        | st.fixed_dictionaries(
+            {"input_data": st.lists(st.text(max_size=30), max_size=3) | json_values, "params": params}
+        )
+        | st.fixed_dictionaries(
+            {
+                "input_data": st.fixed_dictionaries(
+                    {"input_string": st.lists(message, max_size=3), "parameters": params}
+                )
+            }
+        )
+    )
     chat_bodies = json_values | st.fixed_dictionaries(
-        {"messages": st.lists(message, max_size=3) | json_values, "model": st.sampled_from(["only", "x", None, 5]),
-         "stream": st.booleans() | st.integers(), "max_tokens": st.integers(-2, 8) | st.text(max_size=3),
-         "temperature": st.floats(-1, 3, allow_nan=False) | st.text(max_size=3)})
+        {
+            "messages": st.lists(message, max_size=3) | json_values,
+            "model": st.sampled_from(["only", "x", None, 5]),
+            "stream": st.booleans() | st.integers(),
+            "max_tokens": st.integers(-2, 8) | st.text(max_size=3),
+            "temperature": st.floats(-1, 3, allow_nan=False) | st.text(max_size=3),
+        }
+    )
     seen = Counter()
 
     def check(path, body, raw=False):
-        status, _, answer = http("POST", s.url + path, body if raw else json.dumps(body).encode(), s.auth(), timeout=30)
+        status, _, answer = http(
+            "POST", s.url + path, body if raw else json.dumps(body).encode(), s.auth(), timeout=30
+        )
         seen[status] += 1
         assert status < 500, (path, body, answer)
 
@@ -372,8 +505,9 @@ def test_fuzzed_requests_never_get_a_5xx(tiny_model, test_root):
     try:
         run(given(score_bodies)(lambda body: check("/score", body)))()
         run(given(chat_bodies)(lambda body: check("/v1/chat/completions", body)))()
-        settings(max_examples=40, deadline=None, database=None)(given(st.binary(max_size=200))(
-            lambda raw: check("/score", raw, raw=True)))()
+        settings(max_examples=40, deadline=None, database=None)(
+            given(st.binary(max_size=200))(lambda raw: check("/score", raw, raw=True))
+        )()
         assert sum(seen.values()) >= 400 and seen[200] > 0 and seen[400] > 0
         assert http("GET", s.url + "/ready", headers=s.auth())[0] == 200
     finally:
@@ -388,10 +522,20 @@ def test_64_clients_for_10_seconds_get_200_or_429_and_the_server_stays_ready(ser
     def client(i):
         while time.time() < stop:
             if i % 2:
-                body, path = {"input_data": {"input_string": [{"role": "user", "content": f"Say hello to {i}."}],
-                                             "parameters": {"max_new_tokens": 8}}}, "/score"
+                body, path = (
+                    {
+                        "input_data": {
+                            "input_string": [{"role": "user", "content": f"Say hello to {i}."}],
+                            "parameters": {"max_new_tokens": 8},
+                        }
+                    },
+                    "/score",
+                )
             else:
-                body, path = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": i % 4 == 0}, "/v1/chat/completions"
+                body, path = (
+                    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": i % 4 == 0},
+                    "/v1/chat/completions",
+                )
             try:
                 status = http("POST", server.url + path, body, server.auth(), timeout=60)[0]
             except OSError as e:  # a refused or dropped connection is a failure too
@@ -415,21 +559,39 @@ def test_a_non_streamed_request_whose_client_hangs_up_frees_its_slot(tiny_model,
     """One slot, a long request timeout: a client that asks for 1000 tokens without streaming and hangs up
     must not hold the slot until its answer would have ended (20-25 s on 2 cores); decoding stops within
     seconds (5.5 s measured on a busy machine under make test)."""
-    s = Server(["--deployment", f"only={tiny_model}", "--max-concurrent-requests", "1", "--request-timeout-ms", "120000"],
-               test_root / "serve-hangup.log", env=KEY)
+    s = Server(
+        ["--deployment", f"only={tiny_model}", "--max-concurrent-requests", "1", "--request-timeout-ms", "120000"],
+        test_root / "serve-hangup.log",
+        env=KEY,
+    )
     try:
-        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000,
-                                                     "temperature": 0}),
-                           ("/score", {"input_data": ["x"], "params": {"max_new_tokens": 1000, "do_sample": False}})):
+        for path, body in (
+            (
+                "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1000, "temperature": 0},
+            ),
+            ("/score", {"input_data": ["x"], "params": {"max_new_tokens": 1000, "do_sample": False}}),
+        ):
             conn = httpclient.HTTPConnection("127.0.0.1", s.port, timeout=10)
             conn.request("POST", path, json.dumps(body), s.auth())
-            wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"]}, s.auth())[0] == 429,
-                     "the long request to take the only slot", 10, log=s.log)
+            wait_for(
+                lambda: http("POST", s.url + "/score", {"input_data": ["x"]}, s.auth())[0] == 429,
+                "the long request to take the only slot",
+                10,
+                log=s.log,
+            )
             conn.sock.shutdown(2)
             conn.close()
             t = time.monotonic()
-            wait_for(lambda: http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}},
-                                  s.auth())[0] == 200, f"the hung-up {path} request's slot to come back", 30, log=s.log)
+            wait_for(
+                lambda: (
+                    http("POST", s.url + "/score", {"input_data": ["x"], "params": {"max_new_tokens": 2}}, s.auth())[0]
+                    == 200
+                ),
+                f"the hung-up {path} request's slot to come back",
+                30,
+                log=s.log,
+            )
             assert time.monotonic() - t < 10, f"{path}: the slot came back only after {time.monotonic() - t:.1f} s"
     finally:
         s.stop()

@@ -8,6 +8,7 @@ from support import PHI3_TOKENIZER, ULTRACHAT40
 from finetune_phi.modeling import models, registry
 from finetune_phi.training.trainer import TrainConfig, train
 
+
 pytestmark = pytest.mark.slow  # every test here trains, serves or runs pf
 
 
@@ -36,7 +37,9 @@ def test_training_is_an_mlflow_run_with_a_registered_version(trained):
     a, b = reg_model.state_dict(), folder_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     client.set_registered_model_alias("finetune-phi", "champion", trained.registered_version)
-    assert models.resolve("models:/finetune-phi@champion") == models.resolve(f"models:/finetune-phi/{trained.registered_version}")
+    assert models.resolve("models:/finetune-phi@champion") == models.resolve(
+        f"models:/finetune-phi/{trained.registered_version}"
+    )
 
 
 def test_saved_models_follow_the_umask_weights_too(trained, tiny_model):
@@ -51,17 +54,30 @@ def test_saved_models_follow_the_umask_weights_too(trained, tiny_model):
     for folder in map(Path, folders):
         weights = list(folder.rglob("model.safetensors"))
         assert weights, folder
-        wrong = {str(p): oct(stat.S_IMODE(os.stat(p).st_mode)) for p in folder.rglob("*")
-                 if p.is_file() and stat.S_IMODE(os.stat(p).st_mode) != umask_mode()}
+        wrong = {
+            str(p): oct(stat.S_IMODE(os.stat(p).st_mode))
+            for p in folder.rglob("*")
+            if p.is_file() and stat.S_IMODE(os.stat(p).st_mode) != umask_mode()
+        }
         assert not wrong, wrong
 
 
 def test_lora_trains_an_adapter_and_saves_a_merged_model(trained, tmp_path):
     # LoRA on a random base barely learns; start from the briefly trained model, as a real base would be
-    result = train(TrainConfig(base_model=str(trained.out), lora=True, epochs=1, lr=1e-3, batch_size=16, max_length=256,
-                               train_file=str(trained.out.parent.parent / "data" / "train.jsonl"),
-                               eval_file=str(trained.out.parent.parent / "data" / "test.jsonl"),
-                               out=str(tmp_path / "lora"), register=False))
+    result = train(
+        TrainConfig(
+            base_model=str(trained.out),
+            lora=True,
+            epochs=1,
+            lr=1e-3,
+            batch_size=16,
+            max_length=256,
+            train_file=str(trained.out.parent.parent / "data" / "train.jsonl"),
+            eval_file=str(trained.out.parent.parent / "data" / "test.jsonl"),
+            out=str(tmp_path / "lora"),
+            register=False,
+        )
+    )
     assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
     merged, _ = models.load(str(tmp_path / "lora"))
     assert type(merged).__name__ == "Phi3ForCausalLM"
@@ -74,7 +90,16 @@ def test_real_ultrachat_rows_train_with_the_real_tokenizer(tmp_path):
     from finetune_phi.data.prepare import prepare
 
     prepare(str(ULTRACHAT40), tmp_path / "data")
-    result = train(TrainConfig(base_model="tiny", tokenizer=str(PHI3_TOKENIZER), epochs=3, max_length=128,
-                               train_file=str(tmp_path / "data" / "train.jsonl"),
-                               eval_file=str(tmp_path / "data" / "test.jsonl"), out=str(tmp_path / "ft"), register=False))
+    result = train(
+        TrainConfig(
+            base_model="tiny",
+            tokenizer=str(PHI3_TOKENIZER),
+            epochs=3,
+            max_length=128,
+            train_file=str(tmp_path / "data" / "train.jsonl"),
+            eval_file=str(tmp_path / "data" / "test.jsonl"),
+            out=str(tmp_path / "ft"),
+            register=False,
+        )
+    )
     assert result.eval_loss < result.base_eval_loss - 0.5

@@ -6,13 +6,15 @@
 It is `finetune-phi train` with the tutorial's argument names; the job's code snapshot is the repo,
 so the package is imported from there when it is not installed.
 """
+
 import argparse
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune_phi import cli  # noqa: E402
+from finetune_phi import cli
 
 
 def main(argv=None) -> int:
@@ -21,8 +23,18 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-file", required=True, help="UltraChat-format jsonl held out for evaluation")
     parser.add_argument("--model_output_dir", required=True, help="where the fine-tuned model folder goes")
     known, rest = parser.parse_known_args(argv)
-    return cli.main(["train", "--train-file", known.train_file, "--eval-file", known.eval_file,
-                     "--out", known.model_output_dir, *rest])
+    return cli.main(
+        [
+            "train",
+            "--train-file",
+            known.train_file,
+            "--eval-file",
+            known.eval_file,
+            "--out",
+            known.model_output_dir,
+            *rest,
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ a user reviews is what Azure receives. The job runs `training/fine_tune.py`, the
 local `finetune-phi train` uses; the deployment serves `deploy/score.py`, which speaks the local
 endpoint's /score protocol through the same code (finetune_phi.serving.azure_protocol).
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,6 +17,7 @@ from ..errors import UserError
 from ..modeling import export
 from ..serving.engines.base import DEFAULT_ENGINE
 from .options import CPU_VM, ENDPOINT_NAME, GPU_VM, DeployOptions
+
 
 # azure-ai-ml warns "experimental class" for schemas it uses internally on every dump: noise to a user
 logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
@@ -34,8 +36,12 @@ def compute_size(size: str) -> str:
 def training_environment(image: str = TRAIN_IMAGE):
     from azure.ai.ml.entities import Environment
 
-    return Environment(name="finetune-phi-train", image=image, conda_file=str(project.root() / "conda.yml"),
-                       description="finetune-phi training: torch, transformers, trl, peft, mlflow (conda.yml)")
+    return Environment(
+        name="finetune-phi-train",
+        image=image,
+        conda_file=str(project.root() / "conda.yml"),
+        description="finetune-phi training: torch, transformers, trl, peft, mlflow (conda.yml)",
+    )
 
 
 def serving_image(instance_type: str) -> str:
@@ -47,19 +53,36 @@ def serving_image(instance_type: str) -> str:
 def serving_environment(image: str):
     from azure.ai.ml.entities import Environment
 
-    return Environment(name="finetune-phi-serve", image=image, conda_file=str(project.root() / "deploy" / "conda.yml"),
-                       description="finetune-phi scoring: torch, transformers, azureml-inference-server-http")
+    return Environment(
+        name="finetune-phi-serve",
+        image=image,
+        conda_file=str(project.root() / "deploy" / "conda.yml"),
+        description="finetune-phi scoring: torch, transformers, azureml-inference-server-http",
+    )
 
 
-def compute(name: str, size: str = "gpu", max_nodes: int = 1, min_nodes: int = 0, idle_seconds: int = 1800,
-            location: str | None = None):
+def compute(
+    name: str,
+    size: str = "gpu",
+    max_nodes: int = 1,
+    min_nodes: int = 0,
+    idle_seconds: int = 1800,
+    location: str | None = None,
+):
     from azure.ai.ml.entities import AmlCompute
 
     if max_nodes < 1 or min_nodes < 0 or min_nodes > max_nodes:
         raise UserError(f"compute {name}: need 0 <= min nodes ({min_nodes}) <= max nodes ({max_nodes}), max >= 1")
     # min 0 + idle scale-down: an A100 node costs dollars an hour, so nothing runs while idle
-    return AmlCompute(name=name, size=compute_size(size), min_instances=min_nodes, max_instances=max_nodes,
-                      idle_time_before_scale_down=idle_seconds, tier="dedicated", location=location)
+    return AmlCompute(
+        name=name,
+        size=compute_size(size),
+        min_instances=min_nodes,
+        max_instances=max_nodes,
+        idle_time_before_scale_down=idle_seconds,
+        tier="dedicated",
+        location=location,
+    )
 
 
 def data_input(path: str):
@@ -78,8 +101,16 @@ def data_input(path: str):
 BOUND_BY_JOB = ("data", "train_file", "eval_file", "out")
 
 
-def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_node: int = 1,
-                 experiment: str = "finetune-phi", display_name: str | None = None, env_vars: dict | None = None):
+def training_job(
+    cfg,
+    compute_name: str,
+    environment,
+    nodes: int = 1,
+    gpus_per_node: int = 1,
+    experiment: str = "finetune-phi",
+    display_name: str | None = None,
+    env_vars: dict | None = None,
+):
     """A command job running training/fine_tune.py with the settings of `cfg` (a TrainConfig): its data
     files become the job's inputs, its output folder the job's output, everything else the flags
     `cfg.to_args()` writes. Several processes -> PyTorch distribution (DDP via torchrun)."""
@@ -89,8 +120,10 @@ def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_n
     if nodes < 1 or gpus_per_node < 1:
         raise UserError(f"--nodes ({nodes}) and --gpus-per-node ({gpus_per_node}) must be at least 1")
     cfg = cfg.with_data_files()
-    command = ("python training/fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
-               "--model_output_dir ${{outputs.model}}")
+    command = (
+        "python training/fine_tune.py --train-file ${{inputs.train_file}} --eval-file ${{inputs.eval_file}} "
+        "--model_output_dir ${{outputs.model}}"
+    )
     train_args = cfg.to_args(exclude=BOUND_BY_JOB)
     if train_args:
         command += " " + shlex.join(train_args)
@@ -106,8 +139,11 @@ def training_job(cfg, compute_name: str, environment, nodes: int = 1, gpus_per_n
         distribution=PyTorchDistribution(process_count_per_instance=gpus_per_node) if distributed else None,
         experiment_name=experiment,
         display_name=display_name or "finetune-phi-sft",
-        environment_variables={"MLFLOW_EXPERIMENT_NAME": experiment, "TOKENIZERS_PARALLELISM": "false",
-                               **(env_vars or {})},
+        environment_variables={
+            "MLFLOW_EXPERIMENT_NAME": experiment,
+            "TOKENIZERS_PARALLELISM": "false",
+            **(env_vars or {}),
+        },
     )
 
 
@@ -128,8 +164,12 @@ def model_asset(source: str, name: str = MODEL_NAME, engine: str = DEFAULT_ENGIN
         if engine == "openvino" and not export.is_openvino(local):
             local = export.cached_export(str(local))  # exported on first use, kept in the cache (export.cached_export)
         path = str(local.resolve())
-    return Model(name=name, path=path, type=AssetTypes.CUSTOM_MODEL,
-                 description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)")
+    return Model(
+        name=name,
+        path=path,
+        type=AssetTypes.CUSTOM_MODEL,
+        description="Phi-3 fine-tuned with finetune-phi (Hugging Face folder)",
+    )
 
 
 def endpoint(name: str, identity: str | None = None, traffic: dict[str, int] | None = None):
@@ -141,10 +181,16 @@ def endpoint(name: str, identity: str | None = None, traffic: dict[str, int] | N
 
     ident = None
     if identity:
-        ident = IdentityConfiguration(type="user_assigned",
-                                      user_assigned_identities=[ManagedIdentityConfiguration(resource_id=identity)])
-    return ManagedOnlineEndpoint(name=name, auth_mode="key", identity=ident, traffic=traffic or {},
-                                 description="finetune-phi scoring endpoint (/score, Bearer key)")
+        ident = IdentityConfiguration(
+            type="user_assigned", user_assigned_identities=[ManagedIdentityConfiguration(resource_id=identity)]
+        )
+    return ManagedOnlineEndpoint(
+        name=name,
+        auth_mode="key",
+        identity=ident,
+        traffic=traffic or {},
+        description="finetune-phi scoring endpoint (/score, Bearer key)",
+    )
 
 
 def deployment(options: DeployOptions, model, environment, env_vars: dict | None = None):
@@ -160,13 +206,20 @@ def deployment(options: DeployOptions, model, environment, env_vars: dict | None
     liveness = ProbeSettings(initial_delay=600, period=30, timeout=10, failure_threshold=30, success_threshold=1)
     readiness = ProbeSettings(initial_delay=30, period=10, timeout=10, failure_threshold=60, success_threshold=1)
     return ManagedOnlineDeployment(
-        name=options.deployment_name, endpoint_name=options.endpoint_name, model=model, environment=environment,
+        name=options.deployment_name,
+        endpoint_name=options.endpoint_name,
+        model=model,
+        environment=environment,
         code_configuration=CodeConfiguration(code=str(project.root()), scoring_script="deploy/score.py"),
-        instance_type=options.vm_size, instance_count=options.instance_count,
+        instance_type=options.vm_size,
+        instance_count=options.instance_count,
         request_settings=OnlineRequestSettings(
             max_concurrent_requests_per_instance=options.max_concurrent_requests_per_instance,
-            request_timeout_ms=options.request_timeout_ms, max_queue_wait_ms=options.max_queue_wait_ms),
-        liveness_probe=liveness, readiness_probe=readiness,
+            request_timeout_ms=options.request_timeout_ms,
+            max_queue_wait_ms=options.max_queue_wait_ms,
+        ),
+        liveness_probe=liveness,
+        readiness_probe=readiness,
         environment_variables={"TOKENIZERS_PARALLELISM": "false", **(env_vars or {})},
     )
 

@@ -3,6 +3,7 @@
 Each command builds its entities (entities.py) first; `--dry-run` writes and prints their YAML
 and stops there, needing no credentials. Otherwise the same objects are submitted.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -60,8 +61,11 @@ def deploy(settings: AzureSettings, options: DeployOptions):
     ep = entities.endpoint(endpoint_name, settings.identity, traffic)
     dep = entities.deployment(options, model, env, env_vars={"FINETUNE_PHI_ENGINE": options.engine})
     if options.dry_run:
-        _show(entities.dump_all({"model": model, "environment": env, "endpoint": ep, "deployment": dep},
-                                Path(options.dry_run_dir)))
+        _show(
+            entities.dump_all(
+                {"model": model, "environment": env, "endpoint": ep, "deployment": dep}, Path(options.dry_run_dir)
+            )
+        )
         return None
     ml = settings.ml_client()
     registered = ml.models.create_or_update(model)
@@ -76,7 +80,10 @@ def deploy(settings: AzureSettings, options: DeployOptions):
     unknown = set(traffic) - set(current.traffic or {}) - {deployment_name}
     if unknown:
         raise UserError(f"--traffic names deployments that endpoint {endpoint_name} does not have: {sorted(unknown)}")
-    print(f"creating deployment {deployment_name} ({options.instance_count} x {options.vm_size}); this takes minutes...", flush=True)
+    print(
+        f"creating deployment {deployment_name} ({options.instance_count} x {options.vm_size}); this takes minutes...",
+        flush=True,
+    )
     ml.online_deployments.begin_create_or_update(dep).result()
     current.traffic = traffic
     ml.online_endpoints.begin_create_or_update(current).result()
@@ -86,7 +93,11 @@ def deploy(settings: AzureSettings, options: DeployOptions):
 
 
 def delete(settings: AzureSettings, endpoint_name: str, deployment_name: str | None, dry_run: bool):
-    what = f"deployment {deployment_name} of endpoint {endpoint_name}" if deployment_name else f"endpoint {endpoint_name} and all its deployments"
+    what = (
+        f"deployment {deployment_name} of endpoint {endpoint_name}"
+        if deployment_name
+        else f"endpoint {endpoint_name} and all its deployments"
+    )
     if dry_run:
         print(f"(dry run) would delete {what}")
         return
@@ -94,8 +105,10 @@ def delete(settings: AzureSettings, endpoint_name: str, deployment_name: str | N
     if deployment_name:
         ep = ml.online_endpoints.get(endpoint_name)
         if (ep.traffic or {}).get(deployment_name, 0) > 0:
-            raise UserError(f"deployment {deployment_name} still takes {ep.traffic[deployment_name]}% of traffic; "
-                             "move it first (finetune-phi deploy ... --traffic)")
+            raise UserError(
+                f"deployment {deployment_name} still takes {ep.traffic[deployment_name]}% of traffic; "
+                "move it first (finetune-phi deploy ... --traffic)"
+            )
         ml.online_deployments.begin_delete(name=deployment_name, endpoint_name=endpoint_name).result()
     else:
         ml.online_endpoints.begin_delete(name=endpoint_name).result()

@@ -3,6 +3,7 @@
 No secrets live here: credentials come from azure-identity's DefaultAzureCredential (`az login`,
 a managed identity, or the AZURE_CLIENT_* variables of a service principal).
 """
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..errors import UserError
+
 
 # setting -> (flag, environment variable, what it is)
 SETTINGS = {
@@ -34,7 +36,7 @@ class AzureSettings:
     identity: str | None = None
 
     @classmethod
-    def load(cls, **flags) -> "AzureSettings":
+    def load(cls, **flags) -> AzureSettings:
         """Flags first, then environment variables, then a `.env` file in the working directory."""
         dotenv = {}
         if (Path.cwd() / ".env").is_file():  # the working directory's .env; read, not exported
@@ -47,12 +49,14 @@ class AzureSettings:
             values[f.name] = flags.get(f.name) or os.environ.get(env) or dotenv.get(env) or None
         return cls(**values)
 
-    def require(self, *names: str) -> "AzureSettings":
+    def require(self, *names: str) -> AzureSettings:
         missing = [n for n in names if not getattr(self, n)]
         if missing:
             how = "; ".join(f"{SETTINGS[n][2]}: pass {SETTINGS[n][0]} or set {SETTINGS[n][1]}" for n in missing)
-            raise MissingSetting(f"missing Azure setting(s) {', '.join(missing)} ({how}; a .env file in the "
-                                 "working directory works too, keep it out of git)")
+            raise MissingSetting(
+                f"missing Azure setting(s) {', '.join(missing)} ({how}; a .env file in the "
+                "working directory works too, keep it out of git)"
+            )
         return self
 
     def ml_client(self):

@@ -1,5 +1,6 @@
 """A data set (train/test/eval.jsonl) written as one: a manifest written last lists the files with their sizes
 and sha256, and readers refuse a folder whose files do not match it (a run killed half way)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from ..files import sha256, umask_mode
 from .rows import DataError
+
 
 MANIFEST = "dataset.json"  # written last: lists the set's files with their sizes and sha256
 
@@ -80,10 +82,17 @@ def write_set(out: Path, files: dict[str, list[dict]], about: dict) -> dict[str,
         _write_json_atomic(out / MANIFEST, {"state": "writing", "files": {}})
         for name, (tmp, _) in written.items():
             os.replace(tmp, out / name)
-        _write_json_atomic(out / MANIFEST, {
-            "state": "complete", **about,
-            "files": {name: {"rows": n, "bytes": (out / name).stat().st_size, "sha256": sha256(out / name)}
-                      for name, (_, n) in written.items()}})
+        _write_json_atomic(
+            out / MANIFEST,
+            {
+                "state": "complete",
+                **about,
+                "files": {
+                    name: {"rows": n, "bytes": (out / name).stat().st_size, "sha256": sha256(out / name)}
+                    for name, (_, n) in written.items()
+                },
+            },
+        )
     except BaseException:
         for name in (*written, MANIFEST) if replacing else ():  # the previous set back; files it lacked removed
             with contextlib.suppress(OSError):  # one that cannot be put back must not stop the others
@@ -122,11 +131,15 @@ def check_set_member(path: str | Path):
     except (OSError, ValueError) as e:
         raise DataError(f"{manifest_path}: unreadable ({e}); re-run `finetune-phi data --out {path.parent}`") from None
     if manifest.get("state") != "complete":
-        raise DataError(f"{path.parent}: the data set was not written completely (a `finetune-phi data` run "
-                        f"stopped half way); re-run `finetune-phi data --out {path.parent}`")
+        raise DataError(
+            f"{path.parent}: the data set was not written completely (a `finetune-phi data` run "
+            f"stopped half way); re-run `finetune-phi data --out {path.parent}`"
+        )
     entry = manifest.get("files", {}).get(path.name)
     if entry is None:
         return  # not one of the set's files
     if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
-        raise DataError(f"{path}: differs from the data set written with it; if you edited it on purpose, "
-                        f"delete {manifest_path}, else re-run `finetune-phi data --out {path.parent}`")
+        raise DataError(
+            f"{path}: differs from the data set written with it; if you edited it on purpose, "
+            f"delete {manifest_path}, else re-run `finetune-phi data --out {path.parent}`"
+        )

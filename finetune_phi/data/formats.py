@@ -7,12 +7,14 @@ Four forms, told apart by the keys of a file's first row:
   ultrachat-original  {"id", "data": ["<user>", "<assistant>", ...]}          (stingning/ultrachat)
 Where a row has no prompt_id, it is derived as UltraChat does: the first user turn and its sha256.
 """
+
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 from .rows import DataError
+
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -49,16 +51,19 @@ def from_sharegpt(row: object, where: str) -> dict:
             raise DataError(f"{where}: conversations[{i}] needs 'from' and 'value'")
         role = SHAREGPT_ROLES.get(turn["from"])
         if role is None:
-            raise DataError(f"{where}: conversations[{i}] has unknown 'from' {turn['from']!r} "
-                            f"(expected one of {', '.join(SHAREGPT_ROLES)})")
+            raise DataError(
+                f"{where}: conversations[{i}] has unknown 'from' {turn['from']!r} "
+                f"(expected one of {', '.join(SHAREGPT_ROLES)})"
+            )
         messages.append({"role": role, "content": turn["value"]})
     return _with_ids(messages, where)
 
 
 def from_ultrachat_original(row: object, where: str) -> dict:
     turns = _require(row, "data", where)  # user and assistant alternate, the user first
-    return _with_ids([{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)],
-                     where)
+    return _with_ids(
+        [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)], where
+    )
 
 
 CONVERTERS: dict[str, Callable[[object, str], object]] = {
@@ -80,7 +85,9 @@ def detect(first: object, where: str) -> str:
             return "sharegpt"
         if "data" in first and "id" in first:
             return "ultrachat-original"
-        raise DataError(f"{where}: not a chat row I know (keys {sorted(first)}); expected UltraChat "
-                        "(prompt, prompt_id, messages), OpenAI 'messages', ShareGPT 'conversations' "
-                        "or original UltraChat (id, data)")
+        raise DataError(
+            f"{where}: not a chat row I know (keys {sorted(first)}); expected UltraChat "
+            "(prompt, prompt_id, messages), OpenAI 'messages', ShareGPT 'conversations' "
+            "or original UltraChat (id, data)"
+        )
     raise DataError(f"{where}: expected a JSON object, got {type(first).__name__}")

@@ -5,6 +5,7 @@ original UltraChat `{"id", "data": [...]}` rows; each file's form is detected fr
 converted (formats.py). The set is written by dataset.write_set. Plain Python (no datasets/pandas import) so it
 loads fast; the hub and parquet readers import their libraries only when used.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ from .dataset import write_set
 from .read import iter_file, plain
 from .rows import DataError, SourceLine, eval_row, load_valid
 from .sample import generate_sample
+
 
 ULTRACHAT_HUB_ID = "HuggingFaceH4/ultrachat_200k"
 
@@ -42,11 +44,16 @@ def load_hub_rows(split: str, dataset: str = ULTRACHAT_HUB_ID) -> list[SourceLin
         ds = datasets.load_dataset(dataset, split=split)
     except (ConnectionError, OSError, ValueError, datasets.exceptions.DatasetNotFoundError) as e:
         # offline with nothing cached, no network, a split that does not exist: say which and what to do
-        offline = "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and " if (
-            os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE")) else ""
-        raise DataError(f"cannot load {dataset} (split {split}) from the Hugging Face Hub: {offline}"
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Download it once with "
-                        "network (it is cached), or give a local file: `finetune-phi data --source PATH`") from None
+        offline = (
+            "HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set and "
+            if (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("HF_DATASETS_OFFLINE"))
+            else ""
+        )
+        raise DataError(
+            f"cannot load {dataset} (split {split}) from the Hugging Face Hub: {offline}"
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Download it once with "
+            "network (it is cached), or give a local file: `finetune-phi data --source PATH`"
+        ) from None
     return [SourceLine(f"{dataset}[{split}]:row {i}", plain(r)) for i, r in enumerate(ds, start=1)]
 
 
@@ -74,8 +81,16 @@ def read_source(path: str | Path, skip_invalid: bool = False) -> tuple[list[dict
     return rows, errors, form
 
 
-def prepare(source: str, out: str | Path, split: str = "train_sft[:1%]", test_split: str | None = None,
-            test_size: float = 0.2, seed: int = 0, skip_invalid: bool = False, sample_size: int = 600) -> PrepareResult:
+def prepare(
+    source: str,
+    out: str | Path,
+    split: str = "train_sft[:1%]",
+    test_split: str | None = None,
+    test_size: float = 0.2,
+    seed: int = 0,
+    skip_invalid: bool = False,
+    sample_size: int = 600,
+) -> PrepareResult:
     """Make data/train.jsonl, test.jsonl and eval.jsonl (and the manifest) from a source.
 
     source: "ultrachat" (the hub dataset, `split`, optionally `test_split` as the test set),
@@ -110,8 +125,10 @@ def prepare(source: str, out: str | Path, split: str = "train_sft[:1%]", test_sp
     try:
         write_set(out, {"train.jsonl": train, "test.jsonl": test, "eval.jsonl": evals}, about)
     except OSError as e:
-        raise DataError(f"--out {out}: cannot write the data set ({e.strerror or e}); nothing was changed "
-                        "unless the files were being renamed, in which case re-run") from None
+        raise DataError(
+            f"--out {out}: cannot write the data set ({e.strerror or e}); nothing was changed "
+            "unless the files were being renamed, in which case re-run"
+        ) from None
     return PrepareResult(len(train), len(test), len(evals), errors, out, duplicates, forms)
 
 

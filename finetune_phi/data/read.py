@@ -3,6 +3,7 @@ project wrote (read_rows), and validated UltraChat conversations (read_conversat
 `finetune-phi data` wrote are checked against the set's manifest first (dataset.check_set_member).
 Plain Python: pandas is imported only for a parquet file.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ def iter_file(path: str | Path) -> Iterator[SourceLine]:
 
         try:
             frame = pd.read_parquet(path)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        except Exception as e:  # pyarrow raises several types for a damaged file
             raise DataError(f"{path}: not a readable parquet file ({e})") from None
         for i, record in enumerate(frame.to_dict(orient="records"), start=1):
             yield SourceLine(f"{path}:row {i}", plain(record))
@@ -56,7 +57,9 @@ def iter_file(path: str | Path) -> Iterator[SourceLine]:
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
-                    yield SourceLine(where, None, f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                    yield SourceLine(
+                        where, None, f"{where}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                    )
                     continue
                 if not line.strip():
                     continue

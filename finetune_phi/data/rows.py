@@ -3,12 +3,14 @@
 A row follows the HuggingFaceH4/ultrachat_200k schema:
     {"prompt": str, "prompt_id": str, "messages": [{"role": ..., "content": ...}, ...]}
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ..errors import UserError
+
 
 ROLES = ("system", "user", "assistant")
 
@@ -20,6 +22,7 @@ class DataError(UserError, ValueError):
 @dataclass
 class SourceLine:
     """One record as read from a source (a file line, a parquet row, a hub row), with where it came from."""
+
     where: str  # "file:line" for error messages
     data: object
     error: str | None = None  # a line that could not be read at all (bad bytes, bad JSON)
@@ -44,7 +47,8 @@ def validate_row(row: object, where: str) -> dict:
             raise DataError(f"{where}: messages[{i}] needs 'role' and 'content'")
         if message["role"] not in ROLES:
             raise DataError(
-                f"{where}: messages[{i}] has unknown role {message['role']!r} (expected one of {', '.join(ROLES)})")
+                f"{where}: messages[{i}] has unknown role {message['role']!r} (expected one of {', '.join(ROLES)})"
+            )
         if not isinstance(message["content"], str) or not message["content"].strip():
             raise DataError(f"{where}: messages[{i}] ({message['role']}) has empty content")
     if not any(m["role"] == "assistant" for m in messages):

@@ -5,6 +5,7 @@ several ways, some with an opening small-talk turn (so held-out rows carry chat 
 model cannot learn open-ended chat in minutes, but it can learn these facts and answer shapes, so a
 short fine-tune shows a real gain on held-out rows: unseen phrasings, names and number pairs.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -13,33 +14,108 @@ import random
 
 from ..errors import UserError
 
+
 CAPITALS = {
-    "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
-    "Canada": "Ottawa", "Egypt": "Cairo", "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago",
-    "Norway": "Oslo", "Sweden": "Stockholm", "Poland": "Warsaw", "Greece": "Athens", "India": "New Delhi",
-    "China": "Beijing", "Brazil": "Brasilia", "Mexico": "Mexico City", "Ireland": "Dublin", "Portugal": "Lisbon",
-    "Austria": "Vienna", "Hungary": "Budapest", "Finland": "Helsinki", "Denmark": "Copenhagen",
+    "France": "Paris",
+    "Germany": "Berlin",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Japan": "Tokyo",
+    "Canada": "Ottawa",
+    "Egypt": "Cairo",
+    "Kenya": "Nairobi",
+    "Peru": "Lima",
+    "Chile": "Santiago",
+    "Norway": "Oslo",
+    "Sweden": "Stockholm",
+    "Poland": "Warsaw",
+    "Greece": "Athens",
+    "India": "New Delhi",
+    "China": "Beijing",
+    "Brazil": "Brasilia",
+    "Mexico": "Mexico City",
+    "Ireland": "Dublin",
+    "Portugal": "Lisbon",
+    "Austria": "Vienna",
+    "Hungary": "Budapest",
+    "Finland": "Helsinki",
+    "Denmark": "Copenhagen",
 }
 OPPOSITES = {
-    "hot": "cold", "big": "small", "fast": "slow", "happy": "sad", "light": "dark", "early": "late",
-    "open": "closed", "strong": "weak", "young": "old", "full": "empty", "high": "low", "rich": "poor",
-    "loud": "quiet", "hard": "soft", "wet": "dry", "near": "far",
+    "hot": "cold",
+    "big": "small",
+    "fast": "slow",
+    "happy": "sad",
+    "light": "dark",
+    "early": "late",
+    "open": "closed",
+    "strong": "weak",
+    "young": "old",
+    "full": "empty",
+    "high": "low",
+    "rich": "poor",
+    "loud": "quiet",
+    "hard": "soft",
+    "wet": "dry",
+    "near": "far",
 }
 SOUNDS = {
-    "dog": "woof", "cat": "meow", "cow": "moo", "duck": "quack", "sheep": "baa", "lion": "roar",
-    "owl": "hoot", "horse": "neigh", "frog": "ribbit", "bee": "buzz", "pig": "oink", "snake": "hiss",
+    "dog": "woof",
+    "cat": "meow",
+    "cow": "moo",
+    "duck": "quack",
+    "sheep": "baa",
+    "lion": "roar",
+    "owl": "hoot",
+    "horse": "neigh",
+    "frog": "ribbit",
+    "bee": "buzz",
+    "pig": "oink",
+    "snake": "hiss",
 }
-NAMES = ["Alice", "Bob", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jonas", "Kemal", "Lena",
-         "Maya", "Nikos", "Olga", "Pedro", "Quinn", "Rosa", "Sami", "Tara", "Umar", "Vera", "Wang", "Yuki"]
+NAMES = [
+    "Alice",
+    "Bob",
+    "Carla",
+    "David",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kemal",
+    "Lena",
+    "Maya",
+    "Nikos",
+    "Olga",
+    "Pedro",
+    "Quinn",
+    "Rosa",
+    "Sami",
+    "Tara",
+    "Umar",
+    "Vera",
+    "Wang",
+    "Yuki",
+]
 
 SKILLS = {
     "capital": (
-        ["What is the capital of {x}?", "Which city is the capital of {x}?", "Tell me the capital city of {x}.",
-         "Do you know the capital of {x}?"],
+        [
+            "What is the capital of {x}?",
+            "Which city is the capital of {x}?",
+            "Tell me the capital city of {x}.",
+            "Do you know the capital of {x}?",
+        ],
         "The capital of {x} is {y}.",
     ),
     "opposite": (
-        ["What is the opposite of {x}?", "Give me the opposite of the word {x}.", "What word means the opposite of {x}?"],
+        [
+            "What is the opposite of {x}?",
+            "Give me the opposite of the word {x}.",
+            "What word means the opposite of {x}?",
+        ],
         "The opposite of {x} is {y}.",
     ),
     "sound": (
@@ -76,10 +152,14 @@ def _conversation(rng: random.Random) -> list[dict]:
     if rng.random() < 0.35:
         opener_q, opener_a = rng.choice(OPENERS)
         name = rng.choice(NAMES)
-        messages += [{"role": "user", "content": opener_q.format(n=name)},
-                     {"role": "assistant", "content": opener_a.format(n=name)}]
-    messages += [{"role": "user", "content": question.format(**fields)},
-                 {"role": "assistant", "content": answer.format(**fields)}]
+        messages += [
+            {"role": "user", "content": opener_q.format(n=name)},
+            {"role": "assistant", "content": opener_a.format(n=name)},
+        ]
+    messages += [
+        {"role": "user", "content": question.format(**fields)},
+        {"role": "assistant", "content": answer.format(**fields)},
+    ]
     return messages
 
 

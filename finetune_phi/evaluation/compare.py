@@ -10,6 +10,7 @@ that was killed, or whose endpoint went away, continues with `--resume NAME`: on
 answer are asked again. The report (Markdown, an offline HTML page, a PNG chart, the per-line CSV
 with worst regressions first and summary.json) goes to reports/<name>/.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,6 +29,7 @@ from ..serving.client import openai_url
 from ..serving.connection import CONNECTION_NAME
 from ..training.trainer import heldout_loss
 from . import maf_runner
+from .console import console_to
 from .judge import Judge, JudgeError, summarize
 from .metrics import METRICS
 from .quality import parse_names
@@ -42,6 +44,7 @@ from .report import (
     write_report,
 )
 from .watchdog import dies_with_me
+
 
 DEFAULT_WORKERS = 8  # chat lines in flight per batch run
 ROLES = ("base", "candidate")
@@ -69,8 +72,10 @@ def endpoint_deployments(endpoint_url: str, api_key: str, timeout: float = 30) -
         hint = " (the connection's api_key is not this endpoint's key)" if e.code == 401 else ""
         raise CompareError(f"GET {url} failed with HTTP {e.code} {e.reason}{hint}") from None
     except (urllib.error.URLError, TimeoutError) as e:
-        raise CompareError(f"cannot reach endpoint {url}: {getattr(e, 'reason', e)}. Is it running? "
-                           "(start one with `finetune-phi serve`)") from None
+        raise CompareError(
+            f"cannot reach endpoint {url}: {getattr(e, 'reason', e)}. Is it running? "
+            "(start one with `finetune-phi serve`)"
+        ) from None
     except (ValueError, KeyError, TypeError):
         return None  # something else answers there: leave the check to the runs
 
@@ -109,21 +114,41 @@ class CompareConfig:
     candidate_connection: str | None = setting(None, "pf connection for the candidate")
     reports: str = setting("reports", "folder for the report")
     runner: Literal["promptflow", "maf"] = setting(
-        "promptflow", "promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework twins "
-                      "flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)")
-    workers: int = setting(DEFAULT_WORKERS, "chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)")
-    temperature: float = setting(0.0, "sampling temperature of both sides; 0 = greedy, so the same compare gives the same table")
+        "promptflow",
+        "promptflow: flows/chat + flows/eval as pf runs; maf: their Microsoft Agent Framework twins "
+        "flows/chat-maf + flows/eval-maf (in .venv-maf, made by `make maf`)",
+    )
+    workers: int = setting(
+        DEFAULT_WORKERS, "chat lines in flight per batch run (Prompt flow's PF_WORKER_COUNT for that run)"
+    )
+    temperature: float = setting(
+        0.0, "sampling temperature of both sides; 0 = greedy, so the same compare gives the same table"
+    )
     max_tokens: int | None = setting(None, "longest answer in tokens (default: the endpoint's)")
     max_failed: str = setting(
-        "5%", "exit non-zero (after writing the report) when a side fails more than this share of lines (5%% or 0.05)")
+        "5%", "exit non-zero (after writing the report) when a side fails more than this share of lines (5%% or 0.05)"
+    )
     judge: str | None = setting(
-        None, "also judge each paired line in both orders (MT-Bench's pairwise protocol) with the chat model behind "
-              "this Prompt flow connection (type open_ai or azure_open_ai)", metavar="CONNECTION")
+        None,
+        "also judge each paired line in both orders (MT-Bench's pairwise protocol) with the chat model behind "
+        "this Prompt flow connection (type open_ai or azure_open_ai)",
+        metavar="CONNECTION",
+    )
     judge_model: str | None = setting(
-        None, "the judge's model (OpenAI; default gpt-4o) or deployment name (Azure OpenAI, required)")
+        None, "the judge's model (OpenAI; default gpt-4o) or deployment name (Azure OpenAI, required)"
+    )
+    azure_ai_project: str | None = setting(
+        None,
+        "with --runner maf: also log each evaluate() run to this Azure AI Foundry project: its endpoint "
+        "(https://RESOURCE.services.ai.azure.com/api/projects/PROJECT) or SUBSCRIPTION_ID/RESOURCE_GROUP/PROJECT_NAME",
+        metavar="PROJECT",
+    )
     judge_evaluators: str = setting(
-        "", "also score both answers with Azure AI Evaluation's evaluators, asked of the judge model: a comma-separated "
-            "list of coherence, fluency, relevance, similarity (1-5, paired CIs)", metavar="NAMES")
+        "",
+        "also score both answers with Azure AI Evaluation's evaluators, asked of the judge model: a comma-separated "
+        "list of coherence, fluency, relevance, similarity (1-5, paired CIs)",
+        metavar="NAMES",
+    )
 
     def __post_init__(self):
         check_bounds(self)
@@ -137,9 +162,40 @@ class CompareConfig:
             raise CompareError(f"--temperature must be from 0 (greedy) to 2, got {self.temperature}")
         self.max_failed = str(self.max_failed)  # a float in a state.json of an older version
         if not 0 <= self.failed_share <= 1:
-            raise CompareError(f"--max-failed must be a share of the lines from 0 to 1 (or 0% to 100%), got {self.max_failed}")
+            raise CompareError(
+                f"--max-failed must be a share of the lines from 0 to 1 (or 0% to 100%), got {self.max_failed}"
+            )
+        if self.azure_ai_project is not None:
+            if self.runner != "maf":
+                raise CompareError("--azure-ai-project logs azure-ai-evaluation's evaluate() runs: add --runner maf")
+            self.ai_project()  # checked now, not after both sides have run
         if self.runner not in ("promptflow", "maf"):
             raise CompareError(f"--runner must be promptflow or maf, got {self.runner!r}")
+
+    def ai_project(self) -> str | dict | None:
+        """--azure-ai-project as evaluate() takes it: a project endpoint URL, or an AzureAIProject dict."""
+        from urllib.parse import urlparse
+
+        text = (self.azure_ai_project or "").strip()
+        if not text:
+            return None
+        url = urlparse(text)
+        if (
+            url.scheme == "https"
+            and url.netloc
+            and "/api/projects/" in url.path
+            and url.path.split("/api/projects/")[1]
+        ):
+            return text
+        parts = text.split("/")
+        if url.scheme or len(parts) != 3 or not all(p.strip() for p in parts):
+            raise CompareError(
+                f"--azure-ai-project {text!r}: give the project's endpoint (https://RESOURCE.services.ai."
+                "azure.com/api/projects/PROJECT) or SUBSCRIPTION_ID/RESOURCE_GROUP/PROJECT_NAME"
+            )
+        return dict(
+            zip(("subscription_id", "resource_group_name", "project_name"), (p.strip() for p in parts), strict=True)
+        )
 
     @property
     def evaluators(self) -> tuple[str, ...]:
@@ -173,30 +229,6 @@ class CompareConfig:
 
 
 COMPARE_COMMAND = (CompareConfig,)  # the dataclass behind `finetune-phi compare`
-
-
-@contextmanager
-def pf_console_quiet(log: Path):
-    """Prompt flow's own lines (run submitted, log paths, worker processes started, "terminated" and "had
-    been terminated" at the end of every run) go to `log`, not the console, where they would bury the
-    lines this command prints. pf writes them to stdout, from its worker processes too, so stdout and
-    stderr are redirected at the file-descriptor level (children inherit them) while a run lasts; a
-    failed run still raises here."""
-    import sys
-
-    log.parent.mkdir(parents=True, exist_ok=True)
-    sys.stdout.flush(), sys.stderr.flush()
-    console = {fd: os.dup(fd) for fd in (1, 2)}
-    with log.open("a") as f:
-        for fd in console:
-            os.dup2(f.fileno(), fd)
-        try:
-            yield
-        finally:
-            sys.stdout.flush(), sys.stderr.flush()
-            for fd, saved_fd in console.items():
-                os.dup2(saved_fd, fd)
-                os.close(saved_fd)
 
 
 def eval_workers() -> int:
@@ -253,8 +285,9 @@ def _resumable(pf, run: str):
     try:
         yield
     finally:
-        RunInfo.get(run).update(status="Canceled" if status in ("NotStarted", "Preparing", "Running", "CancelRequested")
-                                else status)
+        RunInfo.get(run).update(
+            status="Canceled" if status in ("NotStarted", "Preparing", "Running", "CancelRequested") else status
+        )
 
 
 def run_chat(pf, data: Path, config: CompareConfig, role: str, name: str, log: Path, resume_from: str | None = None):
@@ -270,13 +303,22 @@ def run_chat(pf, data: Path, config: CompareConfig, role: str, name: str, log: P
     # the same run pf.run() makes, or with resume_from (`pf run create --resume-from`): pf.run() refuses
     # connections and environment variables beside resume_from, and a resumed run would lose the
     # original's --connections, so the run is built whole and submitted
-    run = Run(flow=str(project.flow("chat")), data=str(data), name=name, resume_from=resume_from,
-              column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
-                              "deployment": config.deployment(role), "temperature": config.temperature,
-                              "max_tokens": config.max_tokens or 0},
-              connections={"chat": {"connection": connection}} if connection else None,
-              environment_variables={"PF_WORKER_COUNT": str(config.workers)})
-    with pf_console_quiet(log):
+    run = Run(
+        flow=str(project.flow("chat")),
+        data=str(data),
+        name=name,
+        resume_from=resume_from,
+        column_mapping={
+            "question": "${data.question}",
+            "chat_history": "${data.chat_history}",
+            "deployment": config.deployment(role),
+            "temperature": config.temperature,
+            "max_tokens": config.max_tokens or 0,
+        },
+        connections={"chat": {"connection": connection}} if connection else None,
+        environment_variables={"PF_WORKER_COUNT": str(config.workers)},
+    )
+    with console_to(log):
         if resume_from:
             with _resumable(pf, resume_from):
                 pf.runs.create_or_update(run)
@@ -286,14 +328,25 @@ def run_chat(pf, data: Path, config: CompareConfig, role: str, name: str, log: P
 
 def run_eval(pf, data: Path, chat_run: str, name: str, log: Path):
     """The eval flow over a chat run's answers (`pf run create --flow flows/eval --run CHAT ...`)."""
-    with pf_console_quiet(log):
-        pf.run(flow=str(project.flow("eval")), data=str(data), run=chat_run, name=name, stream=False,
-               column_mapping={"question": "${data.question}", "ground_truth": "${data.ground_truth}",
-                               "answer": "${run.outputs.answer}"},
-               environment_variables={"PF_WORKER_COUNT": str(eval_workers())})
+    with console_to(log):
+        pf.run(
+            flow=str(project.flow("eval")),
+            data=str(data),
+            run=chat_run,
+            name=name,
+            stream=False,
+            column_mapping={
+                "question": "${data.question}",
+                "ground_truth": "${data.ground_truth}",
+                "answer": "${run.outputs.answer}",
+            },
+            environment_variables={"PF_WORKER_COUNT": str(eval_workers())},
+        )
 
 
-def pf_side(pf, data: Path, n_rows: int, config: CompareConfig, role: str, label: str, state: "State", log: Path) -> Side:
+def pf_side(
+    pf, data: Path, n_rows: int, config: CompareConfig, role: str, label: str, state: State, log: Path
+) -> Side:
     """One side through Prompt flow: the chat run (continued from the last one when resuming and lines
     are missing), then the eval run over it. A side whose every line failed gets no eval run (there is
     nothing to score) and the comparison goes on."""
@@ -305,10 +358,15 @@ def pf_side(pf, data: Path, n_rows: int, config: CompareConfig, role: str, label
     if previous is None or missing:
         name = config.run_name("chat", role) + (f"_resume{len(runs['chat'])}" if runs["chat"] else "")
         if _pf_run(pf, name) is not None:
-            raise CompareError(f"a Prompt flow run named {name!r} already exists (an earlier comparison named "
-                               f"{config.name!r}?): pick another --name, or continue it with --resume {config.name}")
-        how = (f"resuming {previous} ({len(missing)} of {n_rows} lines to ask again)" if previous else
-               f"chat flow over {data} with deployment={config.deployment(role)}")
+            raise CompareError(
+                f"a Prompt flow run named {name!r} already exists (an earlier comparison named "
+                f"{config.name!r}?): pick another --name, or continue it with --resume {config.name}"
+            )
+        how = (
+            f"resuming {previous} ({len(missing)} of {n_rows} lines to ask again)"
+            if previous
+            else f"chat flow over {data} with deployment={config.deployment(role)}"
+        )
         print(f"  pf run {name}: {how}", flush=True)
         runs["chat"].append(name)
         runs["eval"] = None
@@ -343,8 +401,16 @@ def pf_side(pf, data: Path, n_rows: int, config: CompareConfig, role: str, label
         eval_run = ""
         print(f"  {label}: every line failed; no eval run", flush=True)
     seconds = state.add_seconds(role, seconds)
-    return Side(label, chat_run, eval_run, lines, [a if lines[i] else None for i, a in enumerate(answers)],
-                seconds, metrics, [None if lines[i] else errors[i] for i in range(n_rows)])
+    return Side(
+        label,
+        chat_run,
+        eval_run,
+        lines,
+        [a if lines[i] else None for i, a in enumerate(answers)],
+        seconds,
+        metrics,
+        [None if lines[i] else errors[i] for i in range(n_rows)],
+    )
 
 
 class State:
@@ -356,14 +422,15 @@ class State:
         self.sides = sides or {role: {"chat": [], "eval": None, "seconds": 0.0} for role in ROLES}
 
     @classmethod
-    def load(cls, path: Path) -> "State":
+    def load(cls, path: Path) -> State:
         try:
             raw = json.loads(path.read_text())
             known = {f.name for f in fields(CompareConfig)}
             return cls(path, CompareConfig(**{k: v for k, v in raw["config"].items() if k in known}), raw["sides"])
         except FileNotFoundError:
-            raise CompareError(f"nothing to resume: {path} does not exist (was the comparison started with "
-                               "another --reports folder?)") from None
+            raise CompareError(
+                f"nothing to resume: {path} does not exist (was the comparison started with another --reports folder?)"
+            ) from None
         except (ValueError, KeyError, TypeError) as e:
             raise CompareError(f"{path} is not a comparison's state ({e}); start a new comparison instead") from None
 
@@ -389,20 +456,32 @@ def judge_connection(pf, name: str):
     """The judge's Prompt flow connection, checked before any run: it exists and is open_ai or azure_open_ai."""
     conn = pf.connections.get(name, with_secrets=True, raise_error=False)
     if conn is None:
-        raise CompareError(f"no Prompt flow connection named {name!r} for --judge: create one of type open_ai "
-                           "(api_key, base_url) or azure_open_ai (api_base, api_key or Entra ID) with `pf connection create`")
+        raise CompareError(
+            f"no Prompt flow connection named {name!r} for --judge: create one of type open_ai "
+            "(api_key, base_url) or azure_open_ai (api_base, api_key or Entra ID) with `pf connection create`"
+        )
     if type(conn).__name__ not in ("OpenAIConnection", "AzureOpenAIConnection"):
-        raise CompareError(f"--judge {name}: a {type(conn).__name__}; a judge connection is of type open_ai or azure_open_ai")
+        raise CompareError(
+            f"--judge {name}: a {type(conn).__name__}; a judge connection is of type open_ai or azure_open_ai"
+        )
     return conn
 
 
 def judge_rows(rows: list[dict], base: Side, cand: Side, evaluators: tuple = ()) -> list[dict]:
     """The judge flow's input: one row per paired line, both answers and the reference beside the question,
     and the Azure AI Evaluation evaluators to score both answers with."""
-    return [{"line": i, "question": rows[i]["question"], "chat_history": rows[i].get("chat_history") or [],
-             "ground_truth": rows[i].get("ground_truth") or "", "answer_base": base.answers[i],
-             "answer_candidate": cand.answers[i], "evaluators": ",".join(evaluators)}
-            for i in paired_lines(base, cand)]
+    return [
+        {
+            "line": i,
+            "question": rows[i]["question"],
+            "chat_history": rows[i].get("chat_history") or [],
+            "ground_truth": rows[i].get("ground_truth") or "",
+            "answer_base": base.answers[i],
+            "answer_candidate": cand.answers[i],
+            "evaluators": ",".join(evaluators),
+        }
+        for i in paired_lines(base, cand)
+    ]
 
 
 def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> dict[int, dict | None]:
@@ -415,16 +494,28 @@ def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> 
     name = f"{config.name}_judge" + (f"_resume{len(judged)}" if judged else "")
     judged.append(name)
     state.save()
-    print(f"  pf run {name}: judge flow ({config.judge}, {config.judge_model or 'default model'}) over the paired lines, "
-          "both orders", flush=True)
-    run = Run(flow=str(project.flow("judge")), data=str(data), name=name,
-              column_mapping={"question": "${data.question}", "chat_history": "${data.chat_history}",
-                              "ground_truth": "${data.ground_truth}", "answer_base": "${data.answer_base}",
-                              "answer_candidate": "${data.answer_candidate}", "model": config.judge_model or "",
-                              "evaluators": "${data.evaluators}"},
-              connections={node: {"connection": config.judge} for node in ("judge", "quality")},
-              environment_variables={"PF_WORKER_COUNT": str(config.workers)})
-    with pf_console_quiet(log):
+    print(
+        f"  pf run {name}: judge flow ({config.judge}, {config.judge_model or 'default model'}) over the paired lines, "
+        "both orders",
+        flush=True,
+    )
+    run = Run(
+        flow=str(project.flow("judge")),
+        data=str(data),
+        name=name,
+        column_mapping={
+            "question": "${data.question}",
+            "chat_history": "${data.chat_history}",
+            "ground_truth": "${data.ground_truth}",
+            "answer_base": "${data.answer_base}",
+            "answer_candidate": "${data.answer_candidate}",
+            "model": config.judge_model or "",
+            "evaluators": "${data.evaluators}",
+        },
+        connections={node: {"connection": config.judge} for node in ("judge", "quality")},
+        environment_variables={"PF_WORKER_COUNT": str(config.workers)},
+    )
+    with console_to(log):
         pf.runs.create_or_update(run)
     lines = [json.loads(line) for line in data.read_text().splitlines()]
     found = {row["line"]: None for row in lines}
@@ -434,20 +525,25 @@ def pf_judge(pf, config: CompareConfig, data: Path, state: State, log: Path) -> 
         if isinstance(row.get("outputs.reason_1"), str) and row.get("outputs.reason_1") != "(Failed)":
             found[i] = {k: row.get(f"outputs.{k}") for k in JUDGE_OUTPUTS}
             found[i]["quality"] = found[i]["quality"] if isinstance(found[i]["quality"], dict) else {}
-            found[i].update(verdict_1=verdicts[0] if verdicts[0] in ("A", "B", "C") else None,
-                            verdict_2=verdicts[1] if verdicts[1] in ("A", "B", "C") else None)
+            found[i].update(
+                verdict_1=verdicts[0] if verdicts[0] in ("A", "B", "C") else None,
+                verdict_2=verdicts[1] if verdicts[1] in ("A", "B", "C") else None,
+            )
     return found
 
 
 def judged(results: dict[int, dict | None], model: str) -> dict:
     """summary.json's `judge` object: judge.summarize over the lines the judge answered, and how many it failed."""
     ok = [r for _, r in sorted(results.items()) if r is not None]
-    return {**summarize(ok, [float(r["length_delta"]) for r in ok], model),
-            "failed": sum(r is None for r in results.values())}
+    return {
+        **summarize(ok, [float(r["length_delta"]) for r in ok], model),
+        "failed": sum(r is None for r in results.values()),
+    }
 
 
-def _run_sides(pf, data: Path, rows: list[dict], config: CompareConfig, state: State, out: Path, labels: dict,
-               losses: dict | None):
+def _run_sides(
+    pf, data: Path, rows: list[dict], config: CompareConfig, state: State, out: Path, labels: dict, losses: dict | None
+):
     """Both sides' runs, then the held-out loss when the models are given: (base, candidate, losses, loss error)."""
     sides = []
     for role in ROLES:
@@ -455,8 +551,11 @@ def _run_sides(pf, data: Path, rows: list[dict], config: CompareConfig, state: S
             side = maf_runner.compare_side(pf, data, config, role, labels[role], (out / "maf-runs").resolve(), state)
         else:
             side = pf_side(pf, data, len(rows), config, role, labels[role], state, (out / "pf.log").resolve())
-        print(f"  {side.label}: {len(rows)} rows in {side.seconds:.1f} s, {side.failed} failed"
-              + ("" if config.runner == "maf" else f"; Prompt flow's log: {(out / 'pf.log').resolve()}"), flush=True)
+        print(
+            f"  {side.label}: {len(rows)} rows in {side.seconds:.1f} s, {side.failed} failed"
+            + ("" if config.runner == "maf" else f"; Prompt flow's log: {(out / 'pf.log').resolve()}"),
+            flush=True,
+        )
         sides.append(side)
     base_side, cand_side = sides
 
@@ -465,8 +564,10 @@ def _run_sides(pf, data: Path, rows: list[dict], config: CompareConfig, state: S
         test_file = config.test_file or str(data.with_name("test.jsonl"))
         print(f"  held-out loss on {test_file}", flush=True)
         try:  # an optional figure: its failure is reported, never a reason to lose both sides' answers
-            losses = {"base": heldout_loss(config.base_model, test_file),
-                      "candidate": heldout_loss(config.candidate_model, test_file)}
+            losses = {
+                "base": heldout_loss(config.base_model, test_file),
+                "candidate": heldout_loss(config.candidate_model, test_file),
+            }
         except Exception as e:
             loss_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             print(f"  held-out loss failed: {loss_error}", flush=True)
@@ -489,12 +590,16 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
     else:
         config.name = config.name or f"compare_{time.strftime('%Y%m%d_%H%M%S')}"
         if len(config.name) > 100 or not config.name.replace("_", "").replace("-", "").isalnum():
-            raise CompareError(f"--name {config.name[:40]!r}...: use at most 100 letters, digits, '_' and '-' "
-                               "(it names Prompt flow runs and a folder)")
+            raise CompareError(
+                f"--name {config.name[:40]!r}...: use at most 100 letters, digits, '_' and '-' "
+                "(it names Prompt flow runs and a folder)"
+            )
         state_path = Path(config.reports) / config.name / STATE
         if state_path.exists():
-            raise CompareError(f"a comparison named {config.name!r} exists in {state_path.parent}: continue it with "
-                               f"`finetune-phi compare --resume {config.name}`, or pick another --name")
+            raise CompareError(
+                f"a comparison named {config.name!r} exists in {state_path.parent}: continue it with "
+                f"`finetune-phi compare --resume {config.name}`, or pick another --name"
+            )
         state = State(state_path, config)
     data = Path(config.data).resolve()
     rows = read_jsonl(data)
@@ -502,7 +607,9 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
         raise CompareError(f"{data} has no rows to compare on")
     for i, row in enumerate(rows, start=1):
         if not {"question", "ground_truth"} <= set(row):
-            raise CompareError(f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)")
+            raise CompareError(
+                f"{data}:{i}: an eval row needs 'question' and 'ground_truth' (make one with `finetune-phi data`)"
+            )
     pf = PFClient()
     check_deployments(pf, [(config.base, config.base_connection), (config.candidate, config.candidate_connection)])
     judge_client = None
@@ -510,17 +617,23 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
         judge_client = Judge.from_connection(judge_connection(pf, config.judge), config.judge_model)
     state.save()
     out = Path(config.reports) / config.name
-    labels = dict(zip(ROLES, config.labels()))
+    labels = dict(zip(ROLES, config.labels(), strict=True))
     judge_results = judge = None
     with dies_with_me():  # pf's workers and the maf runner end with compare, even if it is killed
         base_side, cand_side, losses, loss_error = _run_sides(pf, data, rows, config, state, out, labels, losses)
         if judge_client is not None:
             judge_data = out / "judge-input.jsonl"
-            judge_data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                          for r in judge_rows(rows, base_side, cand_side, config.evaluators)),
-                                  encoding="utf-8")
+            judge_data.write_text(
+                "".join(
+                    json.dumps(r, ensure_ascii=False) + "\n"
+                    for r in judge_rows(rows, base_side, cand_side, config.evaluators)
+                ),
+                encoding="utf-8",
+            )
             if config.runner == "maf":
-                judge_results = maf_runner.judge_side(judge_data, judge_client, config, (out / "maf-runs").resolve(), state)
+                judge_results = maf_runner.judge_side(
+                    judge_data, judge_client, config, (out / "maf-runs").resolve(), state
+                )
             else:
                 judge_results = pf_judge(pf, config, judge_data, state, (out / "pf.log").resolve())
             judge = judged(judge_results, judge_client.model)
@@ -533,17 +646,28 @@ def compare(config: CompareConfig, losses: dict | None = None, resume: bool = Fa
     paths = write_report(out, config.name, result_rows, base_side, cand_side, losses, frame, loss_error, judge)
     print("\n" + format_table(result_rows, base_side, cand_side, losses, loss_error, judge))
     print(f"\nreport: {paths['md']}  {paths['html']}  {paths['png']}  {paths['csv']}")
-    summary = {"name": config.name, "runner": config.runner, "temperature": config.temperature,
-               "max_tokens": config.max_tokens, "rows": result_rows, "lines": line_counts(base_side, cand_side),
-               "losses": losses, "loss_error": loss_error, "paths": {k: str(v) for k, v in paths.items()},
-               "runs": {s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds, "failed": s.failed}
-                        for s in sides}}
+    summary = {
+        "name": config.name,
+        "runner": config.runner,
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+        "rows": result_rows,
+        "lines": line_counts(base_side, cand_side),
+        "losses": losses,
+        "loss_error": loss_error,
+        "paths": {k: str(v) for k, v in paths.items()},
+        "runs": {
+            s.label: {"chat": s.chat_run, "eval": s.eval_run, "seconds": s.seconds, "failed": s.failed} for s in sides
+        },
+    }
     if judge is not None:
         summary["judge"] = judge
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     too_many = [f"{s.label} {s.failed} of {len(rows)}" for s in sides if s.failed > config.failed_share * len(rows)]
     if too_many:
-        raise CompareError(f"too many lines failed ({', '.join(too_many)}; --max-failed {config.failed_share:.0%}): the "
-                           f"report in {out} leaves them out, but says little. Their errors are in lines.csv; "
-                           f"`finetune-phi compare --resume {config.name}` asks them again")
+        raise CompareError(
+            f"too many lines failed ({', '.join(too_many)}; --max-failed {config.failed_share:.0%}): the "
+            f"report in {out} leaves them out, but says little. Their errors are in lines.csv; "
+            f"`finetune-phi compare --resume {config.name}` asks them again"
+        )
     return summary

@@ -14,6 +14,7 @@ policy (serving.client.RetryPolicy) and are cached by (judge, model, prompt) und
 so a re-run of the same comparison asks the judge nothing. Standard library (and numpy for the
 statistics) only: the flows' tools import it in milliseconds.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,6 +29,7 @@ from ..modeling.cache import cache_dir
 from ..serving.client import EndpointError, RetryPolicy, _post
 from .report import paired_bootstrap
 
+
 SYSTEM = (
     "Please act as an impartial judge and evaluate the quality of the responses provided by two AI assistants "
     "to the user question displayed below, in the context of the conversation before it. A reference answer is "
@@ -37,7 +39,8 @@ SYSTEM = (
     "explanation. Avoid any position biases and ensure that the order in which the responses were presented "
     "does not influence your decision. Do not allow the length of the responses to influence your evaluation. "
     "Be as objective as possible. After providing your explanation, output your final verdict by strictly "
-    'following this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.')
+    'following this format: "[[A]]" if assistant A is better, "[[B]]" if assistant B is better, and "[[C]]" for a tie.'
+)
 
 VERDICT = re.compile(r"\[\[([ABC])\]\]")
 AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
@@ -58,7 +61,7 @@ class Judge:
     max_tokens: int = 1024  # the longest reply: an explanation, then the verdict
 
     @classmethod
-    def from_connection(cls, connection, model: str | None = None) -> "Judge":
+    def from_connection(cls, connection, model: str | None = None) -> Judge:
         """From a Prompt flow OpenAIConnection / AzureOpenAIConnection (or an object with the same fields)."""
         kind = type(connection).__name__
         if hasattr(connection, "api_base") and ("Azure" in kind or getattr(connection, "api_type", "") == "azure"):
@@ -94,8 +97,12 @@ class Judge:
                 except (ValueError, KeyError, IndexError, TypeError):
                     raise EndpointError(f"{self.url} answered something that is not a chat completion") from None
 
-        return cached([self.url, self.model, self.max_tokens, messages], "reply", {"model": self.model},
-                      lambda: _post(self.url, "", body, None, timeout, read, retry, headers=self.headers))
+        return cached(
+            [self.url, self.model, self.max_tokens, messages],
+            "reply",
+            {"model": self.model},
+            lambda: _post(self.url, "", body, None, timeout, read, retry, headers=self.headers),
+        )
 
 
 def _cache_dir() -> Path:
@@ -117,43 +124,68 @@ def cached(key: list, field: str, about: dict, compute, folder: str = ""):
     return value
 
 
-def prompt(question: str, chat_history: list | None, reference: str | None, answer_a: str, answer_b: str) -> list[dict]:
+def prompt(
+    question: str, chat_history: list | None, reference: str | None, answer_a: str, answer_b: str
+) -> list[dict]:
     """The judge's messages for one game: the conversation so far, the question, the reference, answers A and B."""
-    turns = "".join(f"[User]\n{t['inputs']['question']}\n\n[Assistant]\n{t['outputs']['answer']}\n\n"
-                    for t in chat_history or [])
-    history = f"[The Start of the Conversation So Far]\n{turns}[The End of the Conversation So Far]\n\n" if turns else ""
+    turns = "".join(
+        f"[User]\n{t['inputs']['question']}\n\n[Assistant]\n{t['outputs']['answer']}\n\n" for t in chat_history or []
+    )
+    history = (
+        f"[The Start of the Conversation So Far]\n{turns}[The End of the Conversation So Far]\n\n" if turns else ""
+    )
     ref = f"[The Start of Reference Answer]\n{reference}\n[The End of Reference Answer]\n\n" if reference else ""
-    user = (f"{history}[User Question]\n{question}\n\n{ref}"
-            f"[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
-            f"[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]")
+    user = (
+        f"{history}[User Question]\n{question}\n\n{ref}"
+        f"[The Start of Assistant A's Answer]\n{answer_a}\n[The End of Assistant A's Answer]\n\n"
+        f"[The Start of Assistant B's Answer]\n{answer_b}\n[The End of Assistant B's Answer]"
+    )
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 def parse_verdict(reply: str) -> str | None:
-    """"A", "B" or "C" from the last [[X]] of the reply; None (a parse failure) if it has none."""
+    """ "A", "B" or "C" from the last [[X]] of the reply; None (a parse failure) if it has none."""
     found = VERDICT.findall(reply or "")
     return found[-1] if found else None
 
 
-def judge_pair(judge: Judge, question: str, chat_history: list | None, reference: str | None, base: str,
-               candidate: str, retry: RetryPolicy | None = None) -> dict:
+def judge_pair(
+    judge: Judge,
+    question: str,
+    chat_history: list | None,
+    reference: str | None,
+    base: str,
+    candidate: str,
+    retry: RetryPolicy | None = None,
+) -> dict:
     """Both games of one paired line. Game 1 puts the base in slot A, game 2 the candidate. The line's
     outcome for the candidate: "win", "loss", "tie" (a [[C]], or two orders that disagree), or None
     when either reply had no verdict (a parse failure)."""
-    replies = [judge.ask(prompt(question, chat_history, reference, base, candidate), retry),
-               judge.ask(prompt(question, chat_history, reference, candidate, base), retry)]
+    replies = [
+        judge.ask(prompt(question, chat_history, reference, base, candidate), retry),
+        judge.ask(prompt(question, chat_history, reference, candidate, base), retry),
+    ]
     verdicts = [parse_verdict(r) for r in replies]
     result, consistent = outcome(*verdicts)
-    return {"outcome": result, "verdict_1": verdicts[0], "verdict_2": verdicts[1], "reason_1": replies[0],
-            "reason_2": replies[1], "consistent": consistent,
-            "length_delta": float(len((candidate or "").split()) - len((base or "").split()))}
+    return {
+        "outcome": result,
+        "verdict_1": verdicts[0],
+        "verdict_2": verdicts[1],
+        "reason_1": replies[0],
+        "reason_2": replies[1],
+        "consistent": consistent,
+        "length_delta": float(len((candidate or "").split()) - len((base or "").split())),
+    }
 
 
 def outcome(verdict_1: str | None, verdict_2: str | None) -> tuple[str | None, bool | None]:
     """(the candidate's outcome, whether the two orders agreed) from the verdicts of game 1 (base in slot
     A) and game 2 (candidate in slot A): "win", "loss", "tie" (a [[C]], or orders that disagree), or
     (None, None) when either game has no verdict."""
-    games = [{"B": "win", "A": "loss", "C": "tie"}.get(verdict_1), {"A": "win", "B": "loss", "C": "tie"}.get(verdict_2)]
+    games = [
+        {"B": "win", "A": "loss", "C": "tie"}.get(verdict_1),
+        {"A": "win", "B": "loss", "C": "tie"}.get(verdict_2),
+    ]
     if None in games:
         return None, None
     return (games[0] if games[0] == games[1] else "tie"), games[0] == games[1]
@@ -162,18 +194,23 @@ def outcome(verdict_1: str | None, verdict_2: str | None) -> tuple[str | None, b
 def summarize(results: list[dict], length_deltas: list[float], model: str, seed: int = 0) -> dict:
     """The `judge` object of summary.json from the lines' judge_pair results (paired lines only, in order)
     and each line's answer-length difference (candidate - base, in words)."""
-    verdicts = [tuple(v if v in ("A", "B", "C") else None for v in (r.get("verdict_1"), r.get("verdict_2")))
-                for r in results]
-    judged = [(o, d) for v, d in zip(verdicts, length_deltas) if (o := outcome(*v))[0] is not None]
+    verdicts = [
+        tuple(v if v in ("A", "B", "C") else None for v in (r.get("verdict_1"), r.get("verdict_2"))) for r in results
+    ]
+    judged = [(o, d) for v, d in zip(verdicts, length_deltas, strict=True) if (o := outcome(*v))[0] is not None]
     score = {"win": 1.0, "tie": 0.5, "loss": 0.0}
     values = [score[o] for (o, _), _ in judged]
     games = [v for pair in verdicts for v in pair if v is not None]
     win_rate, lo, hi = paired_bootstrap(values, seed=seed) if values else (None, None, None)
     return {
-        "model": model, "n": len(judged),
-        "wins": sum(o == "win" for (o, _), _ in judged), "losses": sum(o == "loss" for (o, _), _ in judged),
+        "model": model,
+        "n": len(judged),
+        "wins": sum(o == "win" for (o, _), _ in judged),
+        "losses": sum(o == "loss" for (o, _), _ in judged),
         "ties": sum(o == "tie" for (o, _), _ in judged),
-        "win_rate": win_rate, "ci_low": lo, "ci_high": hi,
+        "win_rate": win_rate,
+        "ci_low": lo,
+        "ci_high": hi,
         "position_consistency": (sum(c for (_, c), _ in judged) / len(judged)) if judged else None,
         "first_slot_rate": (games.count("A") / len(games)) if games else None,
         "parse_failures": sum(v is None for pair in verdicts for v in pair),
@@ -181,8 +218,9 @@ def summarize(results: list[dict], length_deltas: list[float], model: str, seed:
     }
 
 
-def length_controlled(values: list[float], length_deltas: list[float], iterations: int = 100,
-                      slope_penalty: float = 1.0) -> float:
+def length_controlled(
+    values: list[float], length_deltas: list[float], iterations: int = 100, slope_penalty: float = 1.0
+) -> float:
     """AlpacaEval 2's minimal length control: a logistic regression of the preference (1 win, 0.5 tie,
     0 loss) on tanh(length difference / its standard deviation), read where the lengths are equal:
     sigmoid(intercept). Fitted by Newton's method on the soft labels, with an L2 penalty on the slope

@@ -4,11 +4,13 @@ token F1: azure-ai-evaluation's F1ScoreEvaluator (SQuAD-style);  ROUGE-L: rouge-
 Unicode-aware tokenizer (its default drops every non-ASCII letter);  BLEU and chrF: sacrebleu
 (no NLTK downloads);  exact match and answer length: a few lines here. All in [0, 1] except length.
 """
+
 from __future__ import annotations
 
 import re
 import unicodedata
 from functools import lru_cache
+
 
 METRICS = ("f1_score", "rouge_l", "bleu", "chrf", "exact_match", "answer_length")
 
@@ -57,7 +59,7 @@ def score(answer: str | None, ground_truth: str) -> dict:
 
     answer = answer or ""
     if not answer.strip():
-        return {m: 0.0 for m in METRICS} | {"answer_length": 0}
+        return dict.fromkeys(METRICS, 0.0) | {"answer_length": 0}
     return {
         "f1_score": float(_f1()(response=answer, ground_truth=ground_truth)["f1_score"]),
         "rouge_l": _rouge().score(ground_truth, answer)["rougeL"].fmeasure,

@@ -8,12 +8,14 @@ connection, `AzureOpenAIModelConfiguration` (endpoint, deployment, api_version, 
 re-run of a comparison asks nothing again; a reply the evaluator cannot read gives no score (None),
 counted per evaluator, never a number made up.
 """
+
 from __future__ import annotations
 
 import math
 import urllib.parse
 
 from .judge import Judge, JudgeError, cached
+
 
 # name -> (azure.ai.evaluation class, the inputs it takes of query / response / ground_truth)
 EVALUATORS = {
@@ -50,14 +52,21 @@ def model_config(judge: Judge) -> tuple[dict, object | None]:
     bearer = judge.headers.get("Authorization", "").removeprefix("Bearer ")
     if judge.kind == "azure_open_ai":
         url = urllib.parse.urlsplit(judge.url)
-        config = {"type": "azure_openai", "azure_endpoint": f"{url.scheme}://{url.netloc}",
-                  "azure_deployment": judge.model,
-                  "api_version": urllib.parse.parse_qs(url.query).get("api-version", ["2024-10-21"])[0]}
+        config = {
+            "type": "azure_openai",
+            "azure_endpoint": f"{url.scheme}://{url.netloc}",
+            "azure_deployment": judge.model,
+            "api_version": urllib.parse.parse_qs(url.query).get("api-version", ["2024-10-21"])[0],
+        }
         if "api-key" in judge.headers:
             return config | {"api_key": judge.headers["api-key"]}, None
         return config, _Token(bearer)
-    return {"type": "openai", "base_url": judge.url.removesuffix("/chat/completions"), "api_key": bearer,
-            "model": judge.model}, None
+    return {
+        "type": "openai",
+        "base_url": judge.url.removesuffix("/chat/completions"),
+        "api_key": bearer,
+        "model": judge.model,
+    }, None
 
 
 _evaluators: dict = {}
@@ -85,8 +94,13 @@ def score(judge: Judge, name: str, query: str, response: str, ground_truth: str 
             return None
         return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
-    return cached([judge.url, judge.model, name, inputs], "score", {"evaluator": name, "model": judge.model}, ask,
-                  folder="evaluators")
+    return cached(
+        [judge.url, judge.model, name, inputs],
+        "score",
+        {"evaluator": name, "model": judge.model},
+        ask,
+        folder="evaluators",
+    )
 
 
 def score_pair(judge: Judge, names, question: str, ground_truth: str, base: str, candidate: str) -> dict:
@@ -94,5 +108,7 @@ def score_pair(judge: Judge, names, question: str, ground_truth: str, base: str,
     names = parse_names(names)
     if not names:
         return {}
-    return {side: {n: score(judge, n, question, answer or "", ground_truth or "") for n in names}
-            for side, answer in (("base", base), ("candidate", candidate))}
+    return {
+        side: {n: score(judge, n, question, answer or "", ground_truth or "") for n in names}
+        for side, answer in (("base", base), ("candidate", candidate))
+    }

@@ -10,6 +10,7 @@ second, and then ends the ones still running (SIGTERM, then SIGKILL). A re-run c
     with dies_with_me():
         ...  # every process started in here is ended if this process is killed
 """
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,18 @@ import subprocess
 import sys
 from contextlib import contextmanager
 
+
 POLL = 0.5
 
 
 @contextmanager
 def dies_with_me():
-    watchdog = subprocess.Popen([sys.executable, "-m", "finetune_phi.evaluation.watchdog", str(os.getpid())],
-                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "finetune_phi.evaluation.watchdog", str(os.getpid())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         yield
     finally:  # a normal end: the children are done; the watchdog stops without killing anything

@@ -1,5 +1,6 @@
 """The user's cache of built models (~/.cache/finetune-phi, or FINETUNE_PHI_CACHE): converted GGUF
 files, the tiny model, downloads from the registry, exports. Each entry is built once, atomically."""
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,10 @@ from ..files import follow_umask
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("FINETUNE_PHI_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-phi"
+    root = (
+        os.environ.get("FINETUNE_PHI_CACHE")
+        or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "finetune-phi"
+    )
     return Path(root)
 
 

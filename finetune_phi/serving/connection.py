@@ -3,6 +3,7 @@
 configs: endpoint_url (the scoring URI); secrets: api_key (kept in Prompt flow's encrypted store,
 never in the flow folder or git).
 """
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import os
 from ..errors import UserError
 from .client import scoring_url
 from .keys import KEY_ENV, existing_key, key_file
+
 
 CONNECTION_NAME = "finetune_phi_endpoint"
 
@@ -23,8 +25,10 @@ def resolve_key(api_key_env: str | None) -> tuple[str, str]:
     found = existing_key()
     if found:
         return found
-    raise UserError(f"no API key: set {KEY_ENV}, pass --api-key-env VAR, or start `finetune-phi serve` once "
-                     f"so it generates {key_file()}")
+    raise UserError(
+        f"no API key: set {KEY_ENV}, pass --api-key-env VAR, or start `finetune-phi serve` once "
+        f"so it generates {key_file()}"
+    )
 
 
 def connect(endpoint_url: str, api_key: str, name: str = CONNECTION_NAME):
@@ -32,6 +36,7 @@ def connect(endpoint_url: str, api_key: str, name: str = CONNECTION_NAME):
     from promptflow.client import PFClient
     from promptflow.entities import CustomConnection
 
-    connection = CustomConnection(name=name, configs={"endpoint_url": scoring_url(endpoint_url)},
-                                  secrets={"api_key": api_key})
+    connection = CustomConnection(
+        name=name, configs={"endpoint_url": scoring_url(endpoint_url)}, secrets={"api_key": api_key}
+    )
     return PFClient().connections.create_or_update(connection)

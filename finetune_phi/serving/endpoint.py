@@ -4,6 +4,7 @@ Azure ML's names throughout: a deployment per model, traffic percentages that ad
 `azureml-model-deployment` header to pin one, OnlineRequestSettings for the limits. The HTTP side
 is app.py; this is what it asks: which deployment answers, may this request in, and the completion.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -20,6 +21,7 @@ from .generation import Row
 from .options import Limits
 from .request import RequestError
 
+
 log = logging.getLogger("finetune_phi.serve")
 
 
@@ -33,8 +35,15 @@ class Deployment:
 class Endpoint:
     """Deployments, traffic, key and limits; the FastAPI app is built around one of these."""
 
-    def __init__(self, deployments: dict[str, str], traffic: dict[str, int], api_key: str, limits: Limits | None = None,
-                 engine: str = DEFAULT_ENGINE, engine_options: dict | None = None):
+    def __init__(
+        self,
+        deployments: dict[str, str],
+        traffic: dict[str, int],
+        api_key: str,
+        limits: Limits | None = None,
+        engine: str = DEFAULT_ENGINE,
+        engine_options: dict | None = None,
+    ):
         self.deployments = {name: Deployment(name, spec) for name, spec in deployments.items()}
         self.engine = engine
         self.engine_options = engine_options or {}  # passed to each deployment's engine (kv_cache_tokens)
@@ -50,9 +59,11 @@ class Endpoint:
             for d in self.deployments.values():
                 t = time.time()
                 d.engine = load_engine(self.engine, d.model, **self.engine_options)
-                log.info("deployment %s: loaded %s (%s engine) in %.1fs", d.name, d.model, self.engine, time.time() - t)
+                log.info(
+                    "deployment %s: loaded %s (%s engine) in %.1fs", d.name, d.model, self.engine, time.time() - t
+                )
             self.loaded.set()
-        except Exception as e:  # noqa: BLE001 - reported through /ready, the process stays up
+        except Exception as e:  # reported through /ready, the process stays up
             self.load_error = f"{type(e).__name__}: {e}"
             log.error("loading models failed: %s", self.load_error)
 
@@ -61,12 +72,15 @@ class Endpoint:
             raise RequestError(503, "not_ready", self.load_error or "models are still loading")
         if pinned:
             if pinned not in self.deployments:
-                raise RequestError(404, "deployment_not_found",
-                                   f"no deployment named {pinned!r}; have {sorted(self.deployments)}")
+                raise RequestError(
+                    404, "deployment_not_found", f"no deployment named {pinned!r}; have {sorted(self.deployments)}"
+                )
             return self.deployments[pinned]
         names = [n for n, w in self.traffic.items() if w > 0]
         if not names:
-            raise RequestError(404, "no_traffic", "no deployment takes traffic; pin one with the azureml-model-deployment header")
+            raise RequestError(
+                404, "no_traffic", "no deployment takes traffic; pin one with the azureml-model-deployment header"
+            )
         return self.deployments[random.choices(names, weights=[self.traffic[n] for n in names])[0]]
 
     def enter(self):
@@ -80,7 +94,9 @@ class Endpoint:
         self.in_flight -= 1
 
     def _timeout_error(self):
-        return RequestError(503, "request_timeout", f"no answer within request_timeout_ms={self.limits.request_timeout_ms}")
+        return RequestError(
+            503, "request_timeout", f"no answer within request_timeout_ms={self.limits.request_timeout_ms}"
+        )
 
     async def _completion(self, deployment: Deployment, row: Row):
         """One row's completion from the deployment's engine; 408 once it has waited max_queue_wait_ms unstarted."""
@@ -91,8 +107,11 @@ class Endpoint:
         try:
             done, _ = await asyncio.wait({answer}, timeout=limit_ms / 1000)
             if not done and queued.cancel():  # still queued at the deadline: withdraw it (the engine skips it)
-                raise RequestError(408, "queue_timeout", f"waited {limit_ms} ms in the queue without starting "
-                                                         f"(max_queue_wait_ms={limit_ms})")
+                raise RequestError(
+                    408,
+                    "queue_timeout",
+                    f"waited {limit_ms} ms in the queue without starting (max_queue_wait_ms={limit_ms})",
+                )
             return await answer  # started in time; the request timeout bounds the rest
         finally:  # refused, timed out or abandoned: free its queue place, or its batch slot at the next token
             queued.cancel()

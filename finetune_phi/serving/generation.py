@@ -4,11 +4,12 @@ The engines (engines/) decode; this module is the part of a request every engine
 the parameters a client sent, and turning generated token ids into text that stops where the
 request says (stop tokens, stop strings, max_new_tokens, cancellation) and streams as it settles.
 """
+
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 
 class ParamError(ValueError):
@@ -34,7 +35,7 @@ class GenerationParams:
     response_format: dict | None = None
 
     @classmethod
-    def parse(cls, raw: dict | None, cap: int = MAX_NEW_TOKENS_CAP, **defaults) -> "GenerationParams":
+    def parse(cls, raw: dict | None, cap: int = MAX_NEW_TOKENS_CAP, **defaults) -> GenerationParams:
         """Build from request params, checking types and ranges. Unknown keys are an error, not ignored;
         a null value means the default (the OpenAI API allows null for every optional parameter)."""
         if raw is not None and not isinstance(raw, dict):
@@ -54,7 +55,11 @@ class GenerationParams:
             setattr(p, key, value)
         if type(p.max_new_tokens) is not int or not 1 <= p.max_new_tokens <= cap:
             raise ParamError(f"max_new_tokens must be an integer from 1 to {cap}, got {p.max_new_tokens!r}")
-        if isinstance(p.temperature, bool) or not isinstance(p.temperature, (int, float)) or not 0 <= p.temperature <= 2:
+        if (
+            isinstance(p.temperature, bool)
+            or not isinstance(p.temperature, (int, float))
+            or not 0 <= p.temperature <= 2
+        ):
             raise ParamError(f"temperature must be a number from 0 to 2, got {p.temperature!r}")
         if isinstance(p.top_p, bool) or not isinstance(p.top_p, (int, float)) or not 0 < p.top_p <= 1:
             raise ParamError(f"top_p must be a number in (0, 1], got {p.top_p!r}")
@@ -85,7 +90,7 @@ def _response_format(value) -> dict | None:
         if not isinstance(schema, dict):
             raise ParamError('response_format json_schema needs {"json_schema": {"name": ..., "schema": {...}}}')
         return {"type": "json_schema", "schema": schema}
-    raise ParamError(f"response_format must be {{\"type\": \"text\" | \"json_object\" | \"json_schema\"}}, got {value!r}")
+    raise ParamError(f'response_format must be {{"type": "text" | "json_object" | "json_schema"}}, got {value!r}')
 
 
 @dataclass
@@ -104,6 +109,7 @@ class Row:
     tokens, stop strings and max_new_tokens, and streams what is settled. Every engine shares it,
     so a request ends the same way whichever engine serves it.
     """
+
     prompt_ids: list[int]
     params: GenerationParams
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -170,5 +176,5 @@ class Row:
                 return
             upto -= max((len(s) - 1 for s in self.params.stop), default=0)
         if upto > self.sent:
-            self.on_text(self.text[self.sent:upto])
+            self.on_text(self.text[self.sent : upto])
             self.sent = upto

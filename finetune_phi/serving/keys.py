@@ -4,6 +4,7 @@ A key can never be empty: the file appears only complete (written to a temp file
 hard-linked into place, which fails if another process won the race), a key that is empty or
 malformed is refused wherever it comes from, and an empty bearer token never matches.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -14,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+
 
 KEY_ENV = "FINETUNE_PHI_API_KEY"
 MIN_KEY_LENGTH = 16
@@ -26,7 +28,10 @@ class InvalidKeyError(UserError, ValueError):
 
 
 def key_file() -> Path:
-    root = os.environ.get("FINETUNE_PHI_CONFIG") or Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "finetune-phi"
+    root = (
+        os.environ.get("FINETUNE_PHI_CONFIG")
+        or Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "finetune-phi"
+    )
     return Path(root) / "api_key"
 
 
@@ -35,8 +40,9 @@ def check_key(key: str, source: str) -> str:
     if not key:
         raise InvalidKeyError(f"the API key from {source} is empty")
     if not _KEY_CHARS.fullmatch(key):
-        raise InvalidKeyError(f"the API key from {source} has spaces or characters a header cannot carry "
-                        "(use printable ASCII only)")
+        raise InvalidKeyError(
+            f"the API key from {source} has spaces or characters a header cannot carry (use printable ASCII only)"
+        )
     if len(key) < MIN_KEY_LENGTH:
         raise InvalidKeyError(f"the API key from {source} has {len(key)} characters; use at least {MIN_KEY_LENGTH}")
     return key

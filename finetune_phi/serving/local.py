@@ -2,6 +2,7 @@
 
 Standard library only, so that it loads before (and without) the heavy libraries.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -19,7 +20,7 @@ class NotReady(RuntimeError):
 
 def free_port(preferred: int | None = None) -> int:
     """`preferred` if it is free on 127.0.0.1, else a free port the OS picks."""
-    for port in ((preferred, 0) if preferred else (0,)):
+    for port in (preferred, 0) if preferred else (0,):
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -49,8 +50,15 @@ def get(url: str, headers: dict | None = None, timeout: float = 5) -> tuple[int,
         conn.close()
 
 
-def wait_ready(url: str, *, headers: dict | None = None, proc: subprocess.Popen | None = None, log: Path | None = None,
-               timeout: float = 300, interval: float = 0.2) -> None:
+def wait_ready(
+    url: str,
+    *,
+    headers: dict | None = None,
+    proc: subprocess.Popen | None = None,
+    log: Path | None = None,
+    timeout: float = 300,
+    interval: float = 0.2,
+) -> None:
     """Return once GET url answers 200. NotReady (with the log's tail) as soon as `proc` exits, when the
     endpoint says its models failed to load (503 load_failed: it will never be ready), or at the deadline."""
     deadline = time.monotonic() + timeout

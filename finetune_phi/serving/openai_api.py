@@ -6,6 +6,7 @@ json_schema: grammar-constrained decoding on engines that can), stream (SSE chun
 `data: [DONE]`), usage and finish_reason. Model = the
 deployment name; no model (or "default") lets the traffic split choose.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,18 @@ import uuid
 from .generation import GenerationParams, ParamError
 from .request import RequestError, check_messages
 
+
 # accepted and ignored when left at OpenAI's neutral values (clients send them by default)
-NEUTRAL = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}, "user": None, "seed": None,
-           "logprobs": False, "parallel_tool_calls": None}
+NEUTRAL = {
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logit_bias": {},
+    "user": None,
+    "seed": None,
+    "logprobs": False,
+    "parallel_tool_calls": None,
+}
 
 
 def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict], GenerationParams, bool, bool]:
@@ -36,9 +46,13 @@ def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict
     max_tokens = payload.get("max_completion_tokens")
     if max_tokens is None:
         max_tokens = payload.get("max_tokens")
-    raw = {"temperature": payload.get("temperature"), "top_p": payload.get("top_p"),
-           "stop": payload.get("stop") or None, "max_new_tokens": max_tokens,
-           "response_format": payload.get("response_format")}  # json_object / json_schema: constrained decoding
+    raw = {
+        "temperature": payload.get("temperature"),
+        "top_p": payload.get("top_p"),
+        "stop": payload.get("stop") or None,
+        "max_new_tokens": max_tokens,
+        "response_format": payload.get("response_format"),
+    }  # json_object / json_schema: constrained decoding
     try:
         params = GenerationParams.parse(raw, cap=cap, return_full_text=False, temperature=1.0)
     except ParamError as e:
@@ -57,16 +71,27 @@ def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict
 
 def completion_body(model: str, completion) -> dict:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text.strip()},
-                     "finish_reason": _finish(completion.finish_reason)}],
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text.strip()},
+                "finish_reason": _finish(completion.finish_reason),
+            }
+        ],
         "usage": usage(completion),
     }
 
 
 def usage(completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+    }
 
 
 def _finish(reason: str) -> str:
@@ -79,10 +104,18 @@ class ChunkWriter:
     def __init__(self, model: str):
         self.id, self.created, self.model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), model
 
-    def chunk(self, delta: dict | None = None, finish_reason: str | None = None, usage_body: dict | None = None) -> str:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": [] if usage_body else [{"index": 0, "delta": delta or {},
-                                                   "finish_reason": finish_reason and _finish(finish_reason)}]}
+    def chunk(
+        self, delta: dict | None = None, finish_reason: str | None = None, usage_body: dict | None = None
+    ) -> str:
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": []
+            if usage_body
+            else [{"index": 0, "delta": delta or {}, "finish_reason": finish_reason and _finish(finish_reason)}],
+        }
         if usage_body:
             body["usage"] = usage_body
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -93,5 +126,7 @@ class ChunkWriter:
 
 
 def models_body(deployments: list[str]) -> dict:
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "finetune-phi"}
-                                       for name in deployments]}
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "finetune-phi"} for name in deployments],
+    }

@@ -4,6 +4,7 @@
 the rest: deployments, traffic, address, engine. Each field is a flag, a key of `serve --config FILE`, and
 what the endpoint reads (finetune_phi.options).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from ..errors import UserError
 from ..options import check_bounds, setting
 from .engines.base import DEFAULT_ENGINE, ENGINE_NAME
 from .generation import MAX_NEW_TOKENS_CAP
+
 
 DEFAULT_DEPLOYMENT = "default=tiny"  # without --deployment
 HOST, PORT = "127.0.0.1", 5000  # where the local endpoint listens unless told
@@ -30,13 +32,21 @@ class Limits:
     """
 
     _argument_group_name = "request limits (Azure ML's OnlineRequestSettings)"
-    BOUNDS = {"max_concurrent_requests_per_instance": (1, None), "max_queue_wait_ms": (1, None),
-              "request_timeout_ms": (1, None), "max_body_bytes": (1, None), "max_new_tokens_cap": (1, None)}
+    BOUNDS = {
+        "max_concurrent_requests_per_instance": (1, None),
+        "max_queue_wait_ms": (1, None),
+        "request_timeout_ms": (1, None),
+        "max_body_bytes": (1, None),
+        "max_new_tokens_cap": (1, None),
+    }
 
     max_concurrent_requests_per_instance: int = setting(
-        32, "requests in flight at once; more get 429", aliases=["--max-concurrent-requests"])
+        32, "requests in flight at once; more get 429", aliases=["--max-concurrent-requests"]
+    )
     max_queue_wait_ms: int = setting(5_000, "longest wait before decoding starts; then 408")
-    request_timeout_ms: int = setting(180_000, "longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)")
+    request_timeout_ms: int = setting(
+        180_000, "longest request; then 503 (Azure ML's maximum: CPU answers can take minutes)"
+    )
     max_body_bytes: int = setting(1_000_000, "larger request bodies get 413")
     max_new_tokens_cap: int = setting(MAX_NEW_TOKENS_CAP, "largest max_new_tokens / max_tokens accepted")
 
@@ -51,19 +61,30 @@ class ServeOptions:
     BOUNDS = {"port": (1, 65535), "kv_cache_tokens": (16, None)}
 
     deployment: list[str] = setting(
-        [], f"a deployment NAME=MODEL: MODEL is tiny, smollm2-135m, a folder or models:/NAME/VERSION (repeat; "
-            f"default {DEFAULT_DEPLOYMENT})", action="extend", metavar="NAME=MODEL")
+        [],
+        f"a deployment NAME=MODEL: MODEL is tiny, smollm2-135m, a folder or models:/NAME/VERSION (repeat; "
+        f"default {DEFAULT_DEPLOYMENT})",
+        action="extend",
+        metavar="NAME=MODEL",
+    )
     traffic: list[str] = setting(
-        [], "traffic split in percent, summing to 100 (repeat; default: all to the first deployment)",
-        action="extend", metavar="NAME=PCT")
+        [],
+        "traffic split in percent, summing to 100 (repeat; default: all to the first deployment)",
+        action="extend",
+        metavar="NAME=PCT",
+    )
     host: str = setting(HOST, "address to listen on")
     port: int = setting(PORT, "port to listen on")
     engine: ENGINE_NAME = setting(
-        DEFAULT_ENGINE, "what decodes: transformers (continuous batching, CPU or GPU), vllm (CUDA GPU), openvino "
-                        "(int8 on CPU, exported on first use); see README")
+        DEFAULT_ENGINE,
+        "what decodes: transformers (continuous batching, CPU or GPU), vllm (CUDA GPU), openvino "
+        "(int8 on CPU, exported on first use); see README",
+    )
     kv_cache_tokens: int | None = setting(
-        None, f"the transformers engine's KV cache in tokens (default {KV_CACHE_TOKENS}): a request starts when its "
-              "prompt and max_new_tokens fit beside those decoding, else waits (408 after --max-queue-wait-ms)")
+        None,
+        f"the transformers engine's KV cache in tokens (default {KV_CACHE_TOKENS}): a request starts when its "
+        "prompt and max_new_tokens fit beside those decoding, else waits (408 after --max-queue-wait-ms)",
+    )
 
     def __post_init__(self):
         check_bounds(self)

@@ -3,6 +3,7 @@
 Shared by the local server (app.py), the Azure ML scoring script (deploy/score.py) and both
 protocols (azure_protocol.py, openai_api.py), so a bad body gets the same answer everywhere.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,9 @@ def parse_json(body: bytes | str) -> object:
     except RecursionError:
         raise RequestError(400, "invalid_json", "body is not valid JSON: nested too deeply") from None
     if where := invalid_text_at(payload):
-        raise RequestError(400, "invalid_json",
-                           f"{where} is not valid Unicode text: it holds a lone surrogate such as \\ud800")
+        raise RequestError(
+            400, "invalid_json", f"{where} is not valid Unicode text: it holds a lone surrogate such as \\ud800"
+        )
     return payload
 
 
@@ -37,10 +39,14 @@ def check_messages(messages: object, where: str) -> list[dict]:
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "invalid_request", f"'{where}' must be a non-empty list of messages")
     for i, m in enumerate(messages):
-        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
-                or not isinstance(m.get("content"), str)):
-            raise RequestError(400, "invalid_request",
-                               f"'{where}[{i}]' must be {{'role': system|user|assistant, 'content': str}}")
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise RequestError(
+                400, "invalid_request", f"'{where}[{i}]' must be {{'role': system|user|assistant, 'content': str}}"
+            )
     if messages[-1]["role"] != "user":
         raise RequestError(400, "invalid_request", f"the last message of '{where}' must come from the user")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
@@ -52,6 +58,7 @@ def invalid_text_at(payload) -> str | None:
     JSON may escape a lone surrogate ("\\ud800"); Python decodes it into a str that no tokenizer takes.
     A loop, not recursion: json.loads accepts bodies nested almost as deep as the recursion limit.
     """
+
     def valid(text: str) -> bool:
         try:
             text.encode("utf-8")

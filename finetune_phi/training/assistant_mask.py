@@ -9,6 +9,7 @@ Two ways, in order:
    whose renderings of a conversation's prefixes are prefixes of the whole rendering; one that is
    not gets a clear error naming `--loss-on all`, never a silent fallback.
 """
+
 from __future__ import annotations
 
 from ..errors import UserError
@@ -47,13 +48,17 @@ def assistant_char_spans(tok, messages: list[dict], end_of_turn: str | None) -> 
             continue
         prefix = _render(tok, messages[:k], add_generation_prompt=True)
         if not full.startswith(prefix):
-            raise TemplateError("the chat template renders a conversation's beginning differently from the whole "
-                                "conversation, so assistant turns cannot be located; train with --loss-on all")
+            raise TemplateError(
+                "the chat template renders a conversation's beginning differently from the whole "
+                "conversation, so assistant turns cannot be located; train with --loss-on all"
+            )
         content = message["content"].strip()  # some templates trim the content
         at = full.find(content, len(prefix))
-        if at < 0 or full[len(prefix):at].strip():
-            raise TemplateError("the chat template changes the assistant's text, so its tokens cannot be located; "
-                                "train with --loss-on all")
+        if at < 0 or full[len(prefix) : at].strip():
+            raise TemplateError(
+                "the chat template changes the assistant's text, so its tokens cannot be located; "
+                "train with --loss-on all"
+            )
         end = at + len(content)
         if end_of_turn and full.startswith(end_of_turn, end):
             end += len(end_of_turn)  # the model must learn to end its turn

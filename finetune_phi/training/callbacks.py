@@ -1,4 +1,5 @@
 """Trainer callbacks and what they report: the progress bar and the held-out loss before and after training."""
+
 from __future__ import annotations
 
 
@@ -14,8 +15,13 @@ def loss_progress_bar():
             from tqdm.auto import tqdm
 
             if state.is_world_process_zero:
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="fine-tuning", unit="step",
-                                dynamic_ncols=True)
+                self.bar = tqdm(
+                    total=state.max_steps,
+                    initial=state.global_step,
+                    desc="fine-tuning",
+                    unit="step",
+                    dynamic_ncols=True,
+                )
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:

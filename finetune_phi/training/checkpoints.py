@@ -1,4 +1,5 @@
 """Checkpoints: whether one would load on resume, and which one a `--resume` run continues from."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,11 @@ def checkpoint_problem(path: Path) -> str | None:
         json.loads((path / "trainer_state.json").read_text())  # Trainer writes it last
     except (OSError, ValueError) as e:
         return f"trainer_state.json is missing or unreadable ({reason(e)})"
-    weights = [path / f for f in ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin",
-                                  "adapter_model.bin") if (path / f).exists()]
+    weights = [
+        path / f
+        for f in ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin", "adapter_model.bin")
+        if (path / f).exists()
+    ]
     index = path / "model.safetensors.index.json"
     if index.exists():  # a sharded model: every shard the index names
         try:
@@ -53,7 +57,7 @@ def _unloadable(f: Path) -> str | None:
             import torch
 
             torch.load(f, map_location="cpu", weights_only=True, mmap=True)  # as Trainer loads it, less the data
-    except Exception as e:  # noqa: BLE001 - whatever the reader says is the reason to skip the file
+    except Exception as e:  # whatever the reader says is the reason to skip the file
         return reason(e)
     return None
 
@@ -66,8 +70,11 @@ def reason(e: BaseException) -> str:
 
 def latest_complete_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest checkpoint-N that loads; a half-written or damaged one is skipped, saying why."""
-    found = sorted((p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    found = sorted(
+        (p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
     for path in found:
         problem = checkpoint_problem(path)
         if problem is None:

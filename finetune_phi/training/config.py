@@ -8,6 +8,7 @@ from the object by `TrainConfig.to_args()`, and parse back into an equal object.
 
 Nothing heavy is imported here: the parser itself is built in `cli.py`, only for `train`.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,11 @@ class TrainArguments:
     """The settings of one training run (model, data, hyperparameters, checkpoints, registry)."""
 
     base_model: str | None = setting(
-        None, "smollm2-135m (the real SmolLM2-135M-Instruct, offline), tiny (random weights, for quick checks), a hub "
-              "id such as microsoft/Phi-3-mini-4k-instruct, a folder, a .gguf file, or models:/NAME/VERSION "
-              "(default: tiny locally, microsoft/Phi-3-mini-4k-instruct with --target azure)")
+        None,
+        "smollm2-135m (the real SmolLM2-135M-Instruct, offline), tiny (random weights, for quick checks), a hub "
+        "id such as microsoft/Phi-3-mini-4k-instruct, a folder, a .gguf file, or models:/NAME/VERSION "
+        "(default: tiny locally, microsoft/Phi-3-mini-4k-instruct with --target azure)",
+    )
     tokenizer: str | None = setting(None, "with --base-model tiny: use this real Phi-3 tokenizer folder")
     data: str = setting("data", "folder with train.jsonl and test.jsonl")
     train_file: str | None = setting(None, "overrides DATA/train.jsonl")
@@ -39,8 +42,10 @@ class TrainArguments:
     lora_dropout: float = setting(0.05, "dropout on the LoRA layers' input")
     qlora: bool = setting(False, "LoRA over 4-bit base weights (bitsandbytes; GPU only)")
     loss_on: Literal["assistant", "all"] = setting(
-        "assistant", "assistant: loss on the assistant's tokens only (TRL's training template for the model's chat "
-                     "template, else a mask derived from it); all: on whole conversations")
+        "assistant",
+        "assistant: loss on the assistant's tokens only (TRL's training template for the model's chat "
+        "template, else a mask derived from it); all: on whole conversations",
+    )
     # None = a default that suits the base (resolved()): the tiny model needs far larger steps than a real one
     epochs: float | None = setting(None, "default: 6 for tiny, 1 otherwise")
     lr: float | None = setting(None, "default: 3e-3 tiny (1e-2 LoRA), 5e-6 otherwise (2e-4 LoRA)")
@@ -51,8 +56,11 @@ class TrainArguments:
     weight_decay: float = setting(0.0, "AdamW weight decay")
     packing: bool = setting(False, "pack conversations into full rows (no padding)")
     activation_checkpointing: bool | None = setting(
-        None, "recompute activations to save memory (default: on with a GPU; --no-activation-checkpointing: off)",
-        nargs="?", const=True)
+        None,
+        "recompute activations to save memory (default: on with a GPU; --no-activation-checkpointing: off)",
+        nargs="?",
+        const=True,
+    )
     fsdp: str | None = setting(None, 'FSDP for models too big for one GPU, e.g. "full_shard auto_wrap"')
     deepspeed: str | None = setting(None, "DeepSpeed config JSON (ZeRO), for models too big for one GPU")
     save_steps: int = setting(50, "checkpoint every N steps")
@@ -60,9 +68,11 @@ class TrainArguments:
     logging_steps: int = setting(5, "log the training loss every N steps")
     seed: int = setting(0, "seed of training (data order, LoRA initialisation)")
     resume: bool = setting(
-        False, "continue from the newest checkpoint in OUT/checkpoints that loads (a damaged one is skipped)")
+        False, "continue from the newest checkpoint in OUT/checkpoints that loads (a damaged one is skipped)"
+    )
     overwrite: bool = setting(
-        False, "replace the model and checkpoints already in OUT (without it, training there is refused)")
+        False, "replace the model and checkpoints already in OUT (without it, training there is refused)"
+    )
     register: bool = setting(True, "register the model as a new version in the MLflow registry (--no-register: don't)")
     registered_model: str = setting(REGISTERED_MODEL, "name of the registered model the version goes to")
     skip_memory_check: bool = setting(False, "train even if the memory estimate says it will not fit")
@@ -74,26 +84,35 @@ class TrainConfig(TrainArguments):
 
     extra: dict = field(default_factory=dict)  # passed to SFTConfig over the settings (tests, benchmarks)
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """Fill in the defaults that depend on others: data files, the base, base-dependent hyperparameters."""
         cfg = self.with_data_files()
         cfg = replace(cfg, base_model=cfg.base_model or "tiny", lora=cfg.lora or cfg.qlora)
         tiny = cfg.base_model == "tiny"
         # tiny starts from random weights: 6 epochs of the 600-row sample take the answers' shapes
         # (held-out loss 6.95 -> 0.59, ~30 s on 2 cores; 12 epochs: 0.39 in twice the time)
-        defaults = dict(epochs=6 if tiny else 1,
-                        lr=(1e-2 if cfg.lora else 3e-3) if tiny else (2e-4 if cfg.lora else 5e-6),
-                        batch_size=16 if tiny else 4, max_length=256 if tiny else 2048)
+        defaults = dict(
+            epochs=6 if tiny else 1,
+            lr=(1e-2 if cfg.lora else 3e-3) if tiny else (2e-4 if cfg.lora else 5e-6),
+            batch_size=16 if tiny else 4,
+            max_length=256 if tiny else 2048,
+        )
         cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
         cfg.check()
         return cfg
 
     # the numbers a run cannot start from: (setting, bound, inclusive, what the value is)
-    LIMITS = (("epochs", 0, False, "epochs: 0 steps would register an unchanged copy"), ("lr", 0, False, "a learning rate"),
-              ("batch_size", 1, True, "rows per step"), ("grad_accum", 1, True, "steps per optimizer step"),
-              ("max_length", 16, True, "tokens per conversation: the chat template alone takes several"),
-              ("lora_r", 1, True, "a LoRA rank"), ("save_steps", 1, True, "steps"), ("logging_steps", 1, True, "steps"),
-              ("save_total_limit", 1, True, "checkpoints kept"))
+    LIMITS = (
+        ("epochs", 0, False, "epochs: 0 steps would register an unchanged copy"),
+        ("lr", 0, False, "a learning rate"),
+        ("batch_size", 1, True, "rows per step"),
+        ("grad_accum", 1, True, "steps per optimizer step"),
+        ("max_length", 16, True, "tokens per conversation: the chat template alone takes several"),
+        ("lora_r", 1, True, "a LoRA rank"),
+        ("save_steps", 1, True, "steps"),
+        ("logging_steps", 1, True, "steps"),
+        ("save_total_limit", 1, True, "checkpoints kept"),
+    )
 
     def check(self):
         """One line naming the flag for a number no run can start from (--batch-size 0, --epochs -1, ...)."""
@@ -103,10 +122,14 @@ class TrainConfig(TrainArguments):
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag} {value}: must be {'at least' if inclusive else 'above'} {bound} ({what})")
 
-    def with_data_files(self) -> "TrainConfig":
+    def with_data_files(self) -> TrainConfig:
         """The same run with --data spelled out as its two files (then --data says nothing more)."""
-        return replace(self, data=_DEFAULTS["data"], train_file=self.train_file or os.path.join(self.data, "train.jsonl"),
-                       eval_file=self.eval_file or os.path.join(self.data, "test.jsonl"))
+        return replace(
+            self,
+            data=_DEFAULTS["data"],
+            train_file=self.train_file or os.path.join(self.data, "train.jsonl"),
+            eval_file=self.eval_file or os.path.join(self.data, "test.jsonl"),
+        )
 
     def to_args(self, exclude: tuple[str, ...] = ()) -> list[str]:
         """The `finetune-phi train` flags that parse back into this config (settings at their default left out)."""
@@ -158,5 +181,3 @@ class AzureJobOptions:
 
 
 TRAIN_COMMAND = (TrainArguments, TrainLaunch, AzureJobOptions)  # the dataclasses behind `finetune-phi train`
-
-

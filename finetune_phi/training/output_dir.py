@@ -1,4 +1,5 @@
 """The output folder: its lock, what a run refuses to replace or clears there, and failed writes into it."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ from pathlib import Path
 from ..errors import UserError
 from .checkpoints import reason
 from .config import TrainConfig
+
 
 try:
     import fcntl
@@ -23,6 +25,7 @@ def output_lock(out: Path):
     The kernel drops the lock when the process ends, however it ends: a crash never leaves a stale
     lock. Creating the lock file also proves the folder writable before anything is loaded.
     """
+
     def unwritable(e: OSError):
         return UserError(f"cannot write to --out {out}: {e.strerror or reason(e)}; choose a folder you can write to")
 
@@ -66,8 +69,10 @@ def refuse_to_replace(out: Path, cfg: TrainConfig, last: Path | None):
     else:
         return
     if cfg.resume:
-        raise UserError(f"--resume: nothing in {out / 'checkpoints'} to resume from, and {out} holds {held}; "
-                        "use --overwrite to replace it")
+        raise UserError(
+            f"--resume: nothing in {out / 'checkpoints'} to resume from, and {out} holds {held}; "
+            "use --overwrite to replace it"
+        )
     raise UserError(f"{out} already holds {held}; use --resume to continue its run or --overwrite to replace it")
 
 
@@ -99,13 +104,16 @@ def writing(what: str, path: Path):
         yield
     except (OSError, RuntimeError, SafetensorError) as e:
         free = _free_bytes(path)
-        io_like = isinstance(e, OSError) or any(s in str(e) for s in (
-            "iostream", "unexpected pos", "file write failed", "I/O error", "os error"))
+        io_like = isinstance(e, OSError) or any(
+            s in str(e) for s in ("iostream", "unexpected pos", "file write failed", "I/O error", "os error")
+        )
         if not io_like and (free is None or free > 64 * 2**20):
             raise
         why = e.strerror if isinstance(e, OSError) and e.strerror else reason(e)
         room = f" ({free / 2**20:.1f} MiB free there)" if free is not None else ""
-        raise UserError(f"could not write {what} to {path}: {why}{room}; free disk space or choose another --out") from e
+        raise UserError(
+            f"could not write {what} to {path}: {why}{room}; free disk space or choose another --out"
+        ) from e
 
 
 def _free_bytes(path: Path) -> int | None:

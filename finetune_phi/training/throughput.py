@@ -1,5 +1,7 @@
 """Training throughput figures: padding waste of a collated batch and model FLOPs utilisation."""
+
 from __future__ import annotations
+
 
 # dense bf16 tensor-core peaks (FLOP/s) of common training GPUs, by a substring of the device name
 BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "V100": 125e12}

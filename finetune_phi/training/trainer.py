@@ -10,6 +10,7 @@ Nothing lost, nothing leaked: a run holds a lock on its output folder, never rep
 model or an earlier run's checkpoints unless told (`--overwrite`), never changes the status of a
 finished MLflow run, and a folder it cannot write ends it with one line saying why.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,7 +64,9 @@ def load_conversations(path: str, tok=None, end_of_turn: str | None = None):
 
     datasets.disable_progress_bars()  # TRL's per-step map() bars drown the training progress bar
 
-    rows = read_conversations(path)  # checked against its set: never a train split from one `data` run beside another's test split
+    rows = read_conversations(
+        path
+    )  # checked against its set: never a train split from one `data` run beside another's test split
     if tok is None:
         return datasets.Dataset.from_list([{"messages": r["messages"]} for r in rows])
 
@@ -91,8 +94,15 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     if not cfg.skip_memory_check:
         from transformers import AutoConfig
 
-        estimate = memory.estimate(AutoConfig.from_pretrained(base_path), cfg.batch_size, cfg.max_length,
-                                   cfg.lora_r if cfg.lora else None, 2 if on_gpu else 4, checkpointing, cfg.qlora)
+        estimate = memory.estimate(
+            AutoConfig.from_pretrained(base_path),
+            cfg.batch_size,
+            cfg.max_length,
+            cfg.lora_r if cfg.lora else None,
+            2 if on_gpu else 4,
+            checkpointing,
+            cfg.qlora,
+        )
         memory.check_fits(estimate, "cuda" if on_gpu else "cpu")  # a UserError: the numbers and the ways out
     load_kwargs = {}
     if cfg.qlora:
@@ -100,17 +110,22 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
             raise UserError("--qlora needs a CUDA GPU (bitsandbytes 4-bit); on CPU use --lora")
         from transformers import BitsAndBytesConfig
 
-        load_kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                                bnb_4bit_compute_dtype=torch.bfloat16)
-    model = models.load_causal_lm(base_path, dtype=torch.bfloat16 if on_gpu else torch.float32,
-                                                 **load_kwargs)
+        load_kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    model = models.load_causal_lm(base_path, dtype=torch.bfloat16 if on_gpu else torch.float32, **load_kwargs)
 
     peft_config = None
     if cfg.lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
 
     settings = dict(
         output_dir=str(output_dir),
@@ -144,9 +159,14 @@ def build_trainer(cfg: TrainConfig, output_dir: str | Path, report_to: list[str]
     settings.update({k: v for k, v in (("fsdp", cfg.fsdp), ("deepspeed", cfg.deepspeed)) if v})
     args = SFTConfig(**{**settings, **cfg.extra})
     mask_tok = tok if derive_mask else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=load_conversations(cfg.train_file, mask_tok, end_of_turn),
-                         eval_dataset=load_conversations(cfg.eval_file, mask_tok, end_of_turn),
-                         processing_class=tok, peft_config=peft_config)
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=load_conversations(cfg.train_file, mask_tok, end_of_turn),
+        eval_dataset=load_conversations(cfg.eval_file, mask_tok, end_of_turn),
+        processing_class=tok,
+        peft_config=peft_config,
+    )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     for noisy in (ProgressCallback, PrinterCallback):
@@ -165,8 +185,14 @@ def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batc
 
     # no gradients, activations kept for backward or optimizer state: the training run's memory check
     # (which refused a 135 M model on 40 real rows at "218.6 GiB") does not apply
-    cfg = TrainConfig(base_model=model, train_file=eval_file, eval_file=eval_file, max_length=max_length,
-                      batch_size=batch_size, skip_memory_check=True).resolved()
+    cfg = TrainConfig(
+        base_model=model,
+        train_file=eval_file,
+        eval_file=eval_file,
+        max_length=max_length,
+        batch_size=batch_size,
+        skip_memory_check=True,
+    ).resolved()
     with tempfile.TemporaryDirectory() as tmp:
         trainer, _ = build_trainer(cfg, tmp, report_to=[])
         return trainer.evaluate()["eval_loss"]
@@ -221,13 +247,15 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
     # One MLflow run spans a crash: reopen the interrupted run. Never a FINISHED one: a run reopened
     # is marked FAILED if this attempt crashes, so continuing a finished model is a new run.
     reopen = run_id if previous and previous.info.status != "FINISHED" else None
-    with (mlflow.start_run(run_id=reopen) if main else nullcontext()) as run:
+    with mlflow.start_run(run_id=reopen) if main else nullcontext() as run:
         if main:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             run_file.write_text(run.info.run_id)
         base_eval = None
         if run_id is None:  # not on resume: the model then holds the checkpoint's weights, not the base's
-            base_eval = base_loss_callback(trainer, (lambda loss: mlflow.log_metric("base_eval_loss", loss)) if main else None)
+            base_eval = base_loss_callback(
+                trainer, (lambda loss: mlflow.log_metric("base_eval_loss", loss)) if main else None
+            )
             trainer.add_callback(base_eval)
         base_loss = previous.data.metrics.get("base_eval_loss") if previous else None
         if main and reopen is None:  # a new MLflow run
@@ -258,8 +286,9 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
                 from peft import PeftModel
                 from transformers import AutoModelForCausalLM
 
-                base = AutoModelForCausalLM.from_pretrained(models.resolve(cfg.base_model, cfg.tokenizer),
-                                                            dtype=torch.bfloat16)
+                base = AutoModelForCausalLM.from_pretrained(
+                    models.resolve(cfg.base_model, cfg.tokenizer), dtype=torch.bfloat16
+                )
                 model = PeftModel.from_pretrained(base, out / "adapter")
             model = model.merge_and_unload()  # a plain Phi3ForCausalLM the endpoint serves
         # the base's own stop ids plus the template's end of turn: plain generate() stops where the turn ends
@@ -268,8 +297,13 @@ def _train(cfg: TrainConfig, last: Path | None) -> TrainResult:
             model.save_pretrained(out)
             tok.save_pretrained(out)  # the stock template: TRL keeps its training template to itself
             follow_umask(out)  # safetensors writes 0600 (a temp file renamed): give the user's umask, checkpoints too
-        summary = {"base_model": cfg.base_model, "base_eval_loss": base_loss, "eval_loss": eval_loss,
-                   "steps": steps, "mlflow_run_id": run.info.run_id}
+        summary = {
+            "base_model": cfg.base_model,
+            "base_eval_loss": base_loss,
+            "eval_loss": eval_loss,
+            "steps": steps,
+            "mlflow_run_id": run.info.run_id,
+        }
         version = None
         if cfg.register:
             info = registry.log_model(out, cfg.registered_model)

@@ -16,6 +16,7 @@ defaults), so both flows give the same answer from a greedy endpoint. Run it wit
 `python -m finetune_phi.evaluation.maf_runner test|run|serve --flow flows/chat-maf` (README, "After Prompt flow").
 A workflow instance runs one input at a time: make one per row (create_workflow is cheap).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,15 @@ class InputsExecutor(Executor):
     @handler
     async def receive(self, chat_input: ChatInput, ctx: WorkflowContext[ChatInput]) -> None:
         pinned, _ = flow_inputs(chat_input.deployment, None, None)
-        await ctx.send_message(ChatInput(chat_input.question, list(chat_input.chat_history or []), pinned or "",
-                                         chat_input.temperature, chat_input.max_tokens))
+        await ctx.send_message(
+            ChatInput(
+                chat_input.question,
+                list(chat_input.chat_history or []),
+                pinned or "",
+                chat_input.temperature,
+                chat_input.max_tokens,
+            )
+        )
 
 
 class ChatExecutor(Executor):
@@ -59,8 +67,15 @@ class ChatExecutor(Executor):
     async def chat(self, chat_input: ChatInput, ctx: WorkflowContext[Never, str]) -> None:
         # The client is blocking (urllib): run it in a thread so rows of a batch overlap.
         pinned, parameters = flow_inputs(chat_input.deployment, chat_input.temperature, chat_input.max_tokens)
-        pieces = await asyncio.to_thread(chat_stream, self._endpoint_url, self._api_key, chat_input.question,
-                                         chat_input.chat_history, pinned, parameters)
+        pieces = await asyncio.to_thread(
+            chat_stream,
+            self._endpoint_url,
+            self._api_key,
+            chat_input.question,
+            chat_input.chat_history,
+            pinned,
+            parameters,
+        )
         answer = []
         while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
             if self._stream:

@@ -7,6 +7,7 @@ Errors keep the endpoint's own message. What the endpoint refused in this reques
 model's context, an unknown deployment, a body too large) is a UserErrorException, which `pf flow serve`
 answers with 400; the endpoint down, a wrong key or its 5xx is a SystemErrorException: a 500 there.
 """
+
 from promptflow.connections import CustomConnection
 from promptflow.core import tool
 from promptflow.exceptions import SystemErrorException, UserErrorException
@@ -15,12 +16,24 @@ from finetune_phi.serving.client import EndpointError, chat_stream, flow_inputs
 
 
 @tool
-def chat(connection: CustomConnection, question: str, chat_history: list = None, deployment: str = "",
-         temperature: float = 0.7, max_tokens: int = 0):
+def chat(
+    connection: CustomConnection,
+    question: str,
+    chat_history: list = None,
+    deployment: str = "",
+    temperature: float = 0.7,
+    max_tokens: int = 0,
+):
     pinned, parameters = flow_inputs(deployment, temperature, max_tokens)
     try:  # connection and HTTP errors surface here, before the first piece (transient ones retried first)
-        pieces = chat_stream(connection.configs["endpoint_url"], connection.secrets["api_key"], question,
-                             chat_history or [], deployment=pinned, parameters=parameters)
+        pieces = chat_stream(
+            connection.configs["endpoint_url"],
+            connection.secrets["api_key"],
+            question,
+            chat_history or [],
+            deployment=pinned,
+            parameters=parameters,
+        )
     except EndpointError as e:  # the message names URL, HTTP status and attempts
         raise _flow_error(e) from None
     return _pieces(pieces)

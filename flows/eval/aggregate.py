@@ -1,4 +1,5 @@
 """Aggregation node: means of every metric and counts of scored / failed lines, logged as run metrics."""
+
 from promptflow.core import log_metric, tool
 
 from finetune_phi.evaluation.metrics import aggregate as aggregate_scores

@@ -1,4 +1,5 @@
 """Line node: score one answer against its reference (finetune_phi.evaluation.metrics.score_line)."""
+
 from promptflow.core import tool
 
 from finetune_phi.evaluation.metrics import score_line

@@ -1,4 +1,5 @@
 """Aggregation node: the candidate's win rate and how far to trust it, logged as run metrics."""
+
 from promptflow.core import log_metric, tool
 
 from finetune_phi.evaluation.judge import summarize

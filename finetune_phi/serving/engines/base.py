@@ -1,4 +1,5 @@
 """The engine interface and the registry of engines (`--engine NAME`)."""
+
 from __future__ import annotations
 
 import importlib
@@ -18,6 +19,7 @@ from ..generation import (
     ParamError,
     Row,
 )
+
 
 # name -> "module:class", imported only when chosen (each engine pulls in its own heavy library)
 ENGINES = {
@@ -117,8 +119,10 @@ class Engine(ABC):
         """Token ids of a prompt (text, tokenized as is) or of chat messages (their content kept as text: see
         chat_template); ContextLengthError if it and the answer cannot fit the context."""
         if params.response_format and not self.constrains:  # refused, never accepted and ignored
-            raise ParamError(f"response_format {params.response_format['type']}: the {self.name} engine cannot constrain "
-                             "its answers (the transformers engine can, with xgrammar installed: `make install`)")
+            raise ParamError(
+                f"response_format {params.response_format['type']}: the {self.name} engine cannot constrain "
+                "its answers (the transformers engine can, with xgrammar installed: `make install`)"
+            )
         if isinstance(prompt, str):
             ids = self.tok(prompt, add_special_tokens=False)["input_ids"]
         else:
@@ -127,8 +131,10 @@ class Engine(ABC):
             raise ParamError("the prompt is empty")
         for limit, what, setting in self.token_limits():
             if len(ids) + params.max_new_tokens > limit:
-                raise ContextLengthError(f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
-                                         f"that exceeds {what} of {limit} tokens{setting}")
+                raise ContextLengthError(
+                    f"prompt has {len(ids)} tokens; with max_new_tokens={params.max_new_tokens} "
+                    f"that exceeds {what} of {limit} tokens{setting}"
+                )
         return ids
 
     def token_limits(self) -> list[tuple[int, str, str]]:
@@ -148,7 +154,7 @@ class Engine(ABC):
         futures = [self.submit(r) for r in rows]
         return [f.result() for f in futures]
 
-    def close(self):
+    def close(self):  # noqa: B027 - optional: an engine without background work has nothing to stop
         """Stop background work; pending futures fail."""
 
 

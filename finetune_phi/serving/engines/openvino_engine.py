@@ -11,6 +11,7 @@ cancellation and streaming, as for every engine).
 Needs `pip install 'finetune-phi[openvino]'` (openvino-genai); without it choosing the engine is a clear
 error (EngineUnavailable), never a silent fall back.
 """
+
 from __future__ import annotations
 
 import logging
@@ -23,6 +24,7 @@ from ...modeling import export
 from ..generation import Row
 from .base import Engine, EngineUnavailable
 
+
 log = logging.getLogger("finetune_phi.serving.engines")
 INT8 = export.DEFAULT_PRECISION["openvino"]
 
@@ -31,8 +33,9 @@ def _require_openvino():
     try:
         import openvino_genai  # noqa: F401
     except ImportError:
-        raise EngineUnavailable("--engine openvino needs OpenVINO GenAI: pip install 'finetune-phi[openvino]' "
-                                "(openvino-genai)") from None
+        raise EngineUnavailable(
+            "--engine openvino needs OpenVINO GenAI: pip install 'finetune-phi[openvino]' (openvino-genai)"
+        ) from None
 
 
 def exported_folder(spec: str, precision: str = INT8) -> Path:
@@ -45,9 +48,20 @@ def exported_folder(spec: str, precision: str = INT8) -> Path:
 class OpenVINOEngine(Engine):
     name = "openvino"
 
-    def __init__(self, path: Path, tokenizer, context_length: int, stop_ids: list[int], *,
-                 precision: str = INT8, threads: int | None = None, kv_cache_gb: float = 1.0,
-                 max_num_seqs: int = 64, max_batch_tokens: int = 2048, prefix_caching: bool = True):
+    def __init__(
+        self,
+        path: Path,
+        tokenizer,
+        context_length: int,
+        stop_ids: list[int],
+        *,
+        precision: str = INT8,
+        threads: int | None = None,
+        kv_cache_gb: float = 1.0,
+        max_num_seqs: int = 64,
+        max_batch_tokens: int = 2048,
+        prefix_caching: bool = True,
+    ):
         import openvino_genai as ov_genai
 
         super().__init__(tokenizer, context_length, stop_ids)
@@ -71,7 +85,7 @@ class OpenVINOEngine(Engine):
         self.worker.start()
 
     @classmethod
-    def load(cls, spec: str, **options) -> "OpenVINOEngine":
+    def load(cls, spec: str, **options) -> OpenVINOEngine:
         _require_openvino()
         path = exported_folder(spec, options.get("precision") or INT8)
         options.setdefault("precision", export.read_manifest(path).get("precision", INT8))
@@ -113,8 +127,9 @@ class OpenVINOEngine(Engine):
                         return
                     row, future = item
                     rid = next(self._ids)
-                    handle = self.pipe.add_request(rid, ov.Tensor(np.array([row.prompt_ids], dtype=np.int64)),
-                                                   self._config(row))
+                    handle = self.pipe.add_request(
+                        rid, ov.Tensor(np.array([row.prompt_ids], dtype=np.int64)), self._config(row)
+                    )
                     self._track(row, future, handle, request_id=rid)
                     try:
                         item = self.inbox.get_nowait()
@@ -123,7 +138,7 @@ class OpenVINOEngine(Engine):
                 if self.pipe.has_non_finished_requests():
                     self.pipe.step()
                 self._collect()
-            except Exception as e:  # noqa: BLE001 - a failed step fails its rows; the engine goes on
+            except Exception as e:  # a failed step fails its rows; the engine goes on
                 log.exception("OpenVINO generation step failed")
                 self._cancel(self._fail_all(RuntimeError(f"generation failed: {e}")))
 
@@ -155,7 +170,7 @@ class OpenVINOEngine(Engine):
         for handle in handles:
             try:
                 handle.cancel()
-            except Exception:  # noqa: BLE001 - the pipeline may already have dropped it
+            except Exception:  # the pipeline may already have dropped it
                 pass
 
     def close(self):

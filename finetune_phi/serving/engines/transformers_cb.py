@@ -7,6 +7,7 @@ here, thin: per-request greedy decoding next to sampled rows, JSON grammars for 
 in the same batch, stop strings, cancellation when a client leaves, and text streaming (generation.Row
 does the last three for every engine).
 """
+
 from __future__ import annotations
 
 import collections
@@ -21,6 +22,7 @@ from ..options import KV_CACHE_TOKENS
 from . import rowwise_attention
 from .base import Engine
 
+
 # Sampling is one switch for the whole manager, so greedy rows sample at a temperature so low that
 # the softmax is one-hot on the argmax: the same token as argmax unless two logits are exactly tied.
 GREEDY_TEMPERATURE = 1e-10
@@ -31,8 +33,14 @@ class TransformersEngine(Engine):
     # response_format: rows held to a JSON grammar by xgrammar inside the batch (_mask_by_grammar), when installed
     constrains = importlib.util.find_spec("xgrammar") is not None
 
-    def __init__(self, model, tokenizer, kv_cache_tokens: int = KV_CACHE_TOKENS, page_size: int = 64,
-                 max_batch_tokens: int = 2048):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        kv_cache_tokens: int = KV_CACHE_TOKENS,
+        page_size: int = 64,
+        max_batch_tokens: int = 2048,
+    ):
         from transformers import ContinuousBatchingConfig, GenerationConfig
 
         context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
@@ -45,22 +53,30 @@ class TransformersEngine(Engine):
         self._reserved: dict[str, int] = {}  # request id -> tokens it may hold
         self._waiting: collections.deque = collections.deque()  # (row, future) in arrival order
         self._admit_lock = threading.Lock()
-        self._grammars = _Grammars(tokenizer, model.config.vocab_size, sorted(self.stop_ids)) if self.constrains else None
+        self._grammars = (
+            _Grammars(tokenizer, model.config.vocab_size, sorted(self.stop_ids)) if self.constrains else None
+        )
         # Temperature and top_p must differ from 1.0 here for transformers to create their per-request
         # processors; every request then passes its own values.
-        generation_config = GenerationConfig(do_sample=True, temperature=0.7, top_p=0.99, top_k=0,
-                                             eos_token_id=sorted(self.stop_ids))
+        generation_config = GenerationConfig(
+            do_sample=True, temperature=0.7, top_p=0.99, top_k=0, eos_token_id=sorted(self.stop_ids)
+        )
         # On CPU the manager sizes its cache from free RAM (gigabytes); a token budget keeps it to what
         # the requests need. Pages of 64 tokens let chat turns share most of their history.
         # Attention one request at a time (rowwise_attention) where the model allows: the manager's own SDPA
         # path attends every request to the whole batch's keys through a mask
         rowwise = rowwise_attention.use_for(model)
         config = ContinuousBatchingConfig(
-            page_size=page_size, num_blocks=self.kv_cache_tokens // page_size, max_batch_tokens=max_batch_tokens,
-            per_request_processors=True, allow_block_sharing=True,
-            **(dict(max_blocks_per_request=0, use_async_batching=False) if rowwise else {}))
-        self.manager = model.init_continuous_batching(generation_config=generation_config,
-                                                      continuous_batching_config=config)
+            page_size=page_size,
+            num_blocks=self.kv_cache_tokens // page_size,
+            max_batch_tokens=max_batch_tokens,
+            per_request_processors=True,
+            allow_block_sharing=True,
+            **(dict(max_blocks_per_request=0, use_async_batching=False) if rowwise else {}),
+        )
+        self.manager = model.init_continuous_batching(
+            generation_config=generation_config, continuous_batching_config=config
+        )
         _sort_only_where_needed(self.manager)
         if self.constrains:
             _mask_by_grammar(self.manager, self._row)
@@ -73,7 +89,7 @@ class TransformersEngine(Engine):
         self.dispatcher.start()
 
     @classmethod
-    def load(cls, spec: str, **options) -> "TransformersEngine":
+    def load(cls, spec: str, **options) -> TransformersEngine:
         return cls(*models.load(spec), **options)
 
     def submit(self, row: Row) -> Future:
@@ -117,10 +133,14 @@ class TransformersEngine(Engine):
         self._track(row, future, request_id=request_id)
         p = row.params
         self.manager.add_request(
-            row.prompt_ids, request_id=request_id, max_new_tokens=p.max_new_tokens,
-            streaming=row.needs_each_token, eos_token_id=sorted(self.stop_ids),
+            row.prompt_ids,
+            request_id=request_id,
+            max_new_tokens=p.max_new_tokens,
+            streaming=row.needs_each_token,
+            eos_token_id=sorted(self.stop_ids),
             temperature=float(p.temperature) if p.do_sample else GREEDY_TEMPERATURE,
-            top_p=float(p.top_p) if p.do_sample else 1.0)
+            top_p=float(p.top_p) if p.do_sample else 1.0,
+        )
 
     def _release(self, request_id: str):
         with self._admit_lock:
@@ -155,7 +175,7 @@ class TransformersEngine(Engine):
         if output.error is not None:
             self._fail(output.request_id, RuntimeError(f"generation failed: {output.error}"))
             return
-        new = output.generated_tokens[len(row.ids):]
+        new = output.generated_tokens[len(row.ids) :]
         if row.add(new, self.decode, self.stop_ids):
             if not output.is_finished():
                 self.manager.cancel_request(output.request_id)  # a stop string: no more tokens wanted
@@ -283,7 +303,7 @@ def _mask_by_grammar(manager, row_of):
                     slots.append(-1)
                     continue
                 generated = request.state.generated_tokens
-                for token in generated[row.grammar_seen:]:  # what the batch chose since the last step
+                for token in generated[row.grammar_seen :]:  # what the batch chose since the last step
                     if not matcher.is_terminated():
                         matcher.accept_token(token)
                 row.grammar_seen = len(generated)
@@ -300,8 +320,9 @@ def _mask_by_grammar(manager, row_of):
             if rows.numel() == 0:
                 return scores
             masked = scores[rows]
-            xgrammar.apply_token_bitmask_inplace(masked, self.bitmask[slots[rows].long()].to(masked.device),
-                                                 vocab_size=scores.size(-1))
+            xgrammar.apply_token_bitmask_inplace(
+                masked, self.bitmask[slots[rows].long()].to(masked.device), vocab_size=scores.size(-1)
+            )
             scores = scores.clone()
             scores[rows] = masked
             return scores

@@ -4,6 +4,7 @@ Needs `pip install vllm` and a CUDA GPU; without either, choosing it is an error
 never a silent fall back to another engine. vLLM's AsyncLLM runs on an event loop in a thread of
 its own, so submit() works from any thread like the other engines'.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,9 @@ def _require_vllm():
 class VLLMEngine(Engine):
     name = "vllm"
 
-    def __init__(self, path: str, tokenizer, context_length: int, stop_ids: list[int], gpu_memory_utilization: float = 0.85):
+    def __init__(
+        self, path: str, tokenizer, context_length: int, stop_ids: list[int], gpu_memory_utilization: float = 0.85
+    ):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -37,8 +40,13 @@ class VLLMEngine(Engine):
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="vllm-loop", daemon=True)
         self.thread.start()
-        args = AsyncEngineArgs(model=path, dtype="bfloat16", enable_prefix_caching=True,
-                               gpu_memory_utilization=gpu_memory_utilization, max_model_len=context_length)
+        args = AsyncEngineArgs(
+            model=path,
+            dtype="bfloat16",
+            enable_prefix_caching=True,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_model_len=context_length,
+        )
         self.llm = asyncio.run_coroutine_threadsafe(self._create(AsyncLLM, args), self.loop).result()
 
     @staticmethod
@@ -46,7 +54,7 @@ class VLLMEngine(Engine):
         return AsyncLLM.from_engine_args(args)
 
     @classmethod
-    def load(cls, spec: str, **options) -> "VLLMEngine":
+    def load(cls, spec: str, **options) -> VLLMEngine:
         _require_vllm()
 
         path = models.resolve(spec)
@@ -59,13 +67,17 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         p = row.params
-        sampling = SamplingParams(max_tokens=p.max_new_tokens, temperature=float(p.temperature) if p.do_sample else 0.0,
-                                  top_p=float(p.top_p) if p.do_sample else 1.0, stop_token_ids=sorted(self.stop_ids),
-                                  skip_special_tokens=True)
+        sampling = SamplingParams(
+            max_tokens=p.max_new_tokens,
+            temperature=float(p.temperature) if p.do_sample else 0.0,
+            top_p=float(p.top_p) if p.do_sample else 1.0,
+            stop_token_ids=sorted(self.stop_ids),
+            skip_special_tokens=True,
+        )
         request_id, reason = f"r{next(self._ids)}", "length"
         async for output in self.llm.generate({"prompt_token_ids": row.prompt_ids}, sampling, request_id):
             tokens = list(output.outputs[0].token_ids)
-            if row.add(tokens[len(row.ids):], self.decode, self.stop_ids):
+            if row.add(tokens[len(row.ids) :], self.decode, self.stop_ids):
                 if not output.finished:
                     await self.llm.abort(request_id)  # a stop string or a client gone: no more tokens wanted
                 break
