@@ -148,13 +148,15 @@ def test_the_quantized_engine_serves_an_export_as_an_azure_deployment_would(tiny
     """`finetune-phi deploy --engine openvino`: the deployment's FINETUNE_PHI_ENGINE and an exported folder,
     with deploy/conda.yml's openvino-genai; greedy answers as the openvino engine gives them locally."""
     from finetune_phi.serving.engines import load_engine
-    from finetune_phi.serving.generation import GenerationParams, Row
+    from finetune_phi.serving.generation import DecodeRequest, GenerationParams
 
     engine = load_engine("openvino", str(tiny_export))
     try:
         messages = [{"role": "user", "content": QUESTION}]
         params = GenerationParams(max_new_tokens=NEW_TOKENS, do_sample=False)
-        expected = engine.run([Row(engine.encode(engine.chat_prompt(messages), params), params)])[0].text.strip()
+        expected = engine.run([DecodeRequest(engine.encode(engine.chat_prompt(messages), params), params)])[
+            0
+        ].text.strip()
     finally:
         engine.close()
     with azmlinfsrv(tiny_export, tmp_path, engine="openvino") as (url, log):

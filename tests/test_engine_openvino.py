@@ -14,7 +14,7 @@ import os
 import pytest
 from support import exporter_or_skip
 
-from finetune_phi.serving.generation import GenerationParams, Row
+from finetune_phi.serving.generation import DecodeRequest, GenerationParams
 
 
 pytestmark = pytest.mark.skipif(
@@ -67,7 +67,8 @@ def agreement(engine, model_dir, max_new_tokens=24):
     """(exact-match rate, mean fraction of the reference matched before the first differing token)."""
     params = GenerationParams(max_new_tokens=max_new_tokens, do_sample=False)
     rows = [
-        Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), params), params) for q in QUESTIONS
+        DecodeRequest(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), params), params)
+        for q in QUESTIONS
     ]
     engine.run(rows)
     ref = hf_greedy(model_dir, [r.prompt_ids for r in rows], max_new_tokens)
@@ -141,12 +142,12 @@ def test_greedy_int8_agrees_with_hf_generate(engine, tiny_model):
 def test_max_new_tokens_is_length_and_cancel_stops(engine):
     params = GenerationParams(max_new_tokens=3, do_sample=False)
     prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": QUESTIONS[1]}]), params)
-    done = engine.run([Row(prompt, params)])[0]
+    done = engine.run([DecodeRequest(prompt, params)])[0]
     assert done.completion_tokens <= 3
     if done.completion_tokens == 3:
         assert done.finish_reason == "length"
     long = GenerationParams(max_new_tokens=1000, do_sample=False)
-    row = Row(prompt, long)
+    row = DecodeRequest(prompt, long)
     future = engine.submit(row)
     row.cancel.set()
     result = future.result(timeout=60)
@@ -157,17 +158,17 @@ def test_max_new_tokens_is_length_and_cancel_stops(engine):
 def test_stop_string_and_streaming_and_many_concurrent_rows(engine):
     free = GenerationParams(max_new_tokens=16, do_sample=False)
     prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": QUESTIONS[2]}]), free)
-    full = engine.run([Row(prompt, free)])[0]
+    full = engine.run([DecodeRequest(prompt, free)])[0]
     if len(full.text) < 4:
         pytest.skip("the random tiny model ended at once; nothing to stop inside")
     stop = full.text[len(full.text) // 2 :][:3]
     params = GenerationParams(max_new_tokens=16, do_sample=False, stop=[stop])
     chunks: list[str] = []
-    cut = engine.run([Row(prompt, params, on_text=chunks.append)])[0]
+    cut = engine.run([DecodeRequest(prompt, params, on_text=chunks.append)])[0]
     assert cut.finish_reason == "stop" and stop not in cut.text
     assert full.text.startswith(cut.text) and "".join(chunks) == cut.text
     # 12 rows at once (continuous batching) give each the text it gets alone
-    many = engine.run([Row(prompt, free) for _ in range(12)])
+    many = engine.run([DecodeRequest(prompt, free) for _ in range(12)])
     assert {c.text for c in many} == {full.text}
 
 
@@ -175,7 +176,7 @@ def test_stop_string_and_streaming_and_many_concurrent_rows(engine):
 def test_sampling_rows_run(engine):
     params = GenerationParams(max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9)
     prompt = engine.encode(engine.chat_prompt([{"role": "user", "content": QUESTIONS[3]}]), params)
-    assert engine.run([Row(prompt, params)])[0].completion_tokens <= 8
+    assert engine.run([DecodeRequest(prompt, params)])[0].completion_tokens <= 8
 
 
 @pytest.mark.slow
@@ -193,7 +194,7 @@ def test_smollm2_int8_export_stops_at_end_of_turn_and_agrees(smollm2_model, tmp_
     try:
         params = GenerationParams(max_new_tokens=40, do_sample=False)
         prompt = eng.encode(eng.chat_prompt([{"role": "user", "content": "What is the capital of France?"}]), params)
-        done = eng.run([Row(prompt, params)])[0]
+        done = eng.run([DecodeRequest(prompt, params)])[0]
         assert done.finish_reason == "stop" and "Paris" in done.text  # stopped at <|im_end|>
         exact, prefix = agreement(eng, smollm2_model, max_new_tokens=32)
         print(f"smollm2 int8 vs HF fp32 generate: exact {exact:.0%}, mean matched prefix {prefix:.0%}")

@@ -43,10 +43,12 @@ def engine(trained):
 
 
 def rows_for(engine, questions, **params):
-    from finetune_phi.serving.generation import GenerationParams, Row
+    from finetune_phi.serving.generation import DecodeRequest, GenerationParams
 
     p = GenerationParams.parse({"temperature": 0, **params}, return_full_text=False)
-    return [Row(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), p), p) for q in questions]
+    return [
+        DecodeRequest(engine.encode(engine.chat_prompt([{"role": "user", "content": q}]), p), p) for q in questions
+    ]
 
 
 QUESTIONS = [
@@ -114,19 +116,19 @@ def test_a_row_starts_when_its_tokens_fit_the_kv_cache_and_waits_unstarted_until
     """Admission by the KV cache: with room for one row's prompt + max_new_tokens, the second waits unstarted (so
     the endpoint can withdraw it: 408) and starts when the first ends; a row withdrawn while waiting never runs."""
     from finetune_phi.serving.engines import load_engine
-    from finetune_phi.serving.generation import GenerationParams, Row
+    from finetune_phi.serving.generation import DecodeRequest, GenerationParams
 
     engine = load_engine("transformers", str(trained.out), kv_cache_tokens=128)
     try:
         p = GenerationParams.parse({"temperature": 0, "max_new_tokens": 80})
-        rows = [Row(engine.encode([{"role": "user", "content": q}], p), p) for q in QUESTIONS[:3]]
+        rows = [DecodeRequest(engine.encode([{"role": "user", "content": q}], p), p) for q in QUESTIONS[:3]]
         assert all(len(r.prompt_ids) + 80 > 64 for r in rows)  # two never fit at once
         first, second, withdrawn = (engine.submit(r) for r in rows)
         assert first.running() and not second.running() and not withdrawn.running()
         assert withdrawn.cancel()  # still waiting: withdrawn, as the endpoint does at max_queue_wait_ms
         assert first.result(timeout=120).text and second.result(timeout=120).text
         assert rows[2].ids == [] and engine._reserved == {} and not engine._waiting
-        alone = engine.run([Row(list(rows[1].prompt_ids), p)])[0].text
+        alone = engine.run([DecodeRequest(list(rows[1].prompt_ids), p)])[0].text
         assert second.result().text == alone  # waiting changed nothing in the answer
     finally:
         engine.close()

@@ -14,10 +14,10 @@ import logging
 import threading
 
 from . import keys, openai_api
-from .azure_protocol import encode_all, parse_score_request, prompts_of, response_body
+from .azure_protocol import encode_all, parse_score_request, response_body, score_rows
 from .endpoint import Endpoint
 from .engines.base import DEFAULT_ENGINE
-from .generation import Completion, Row
+from .generation import Completion, DecodeRequest
 from .options import HOST, PORT, Limits
 from .request import RequestError, parse_json
 
@@ -101,8 +101,7 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
     async def score(request: Request):
         shape, inputs, params = parse_score_request(await json_body(request), endpoint.limits.max_new_tokens_cap)
         deployment = endpoint.choose(request.headers.get("azureml-model-deployment"))
-        prompts = prompts_of(shape, inputs)
-        rows = [Row(ids, params) for ids in encode_all(deployment.engine, prompts, params)]
+        prompts, rows = score_rows(deployment.engine, shape, inputs, params)
         endpoint.enter()
         try:
             completions = await _while_connected(request, endpoint.generate(deployment, rows))
@@ -118,14 +117,12 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        model, messages, params, stream, include_usage = openai_api.parse_chat_request(
-            await json_body(request), endpoint.limits.max_new_tokens_cap
-        )
-        deployment = endpoint.choose(model or request.headers.get("azureml-model-deployment"))
-        row = Row(encode_all(deployment.engine, [messages], params)[0], params)
+        chat = openai_api.ChatRequest.parse(await json_body(request), endpoint.limits.max_new_tokens_cap)
+        deployment = endpoint.choose(chat.model or request.headers.get("azureml-model-deployment"))
+        row = DecodeRequest(encode_all(deployment.engine, [chat.messages], chat.params)[0], chat.params)
         headers = {"azureml-model-deployment": deployment.name}
         endpoint.enter()
-        if not stream:
+        if not chat.stream:
             try:
                 (completion,) = await _while_connected(request, endpoint.generate(deployment, [row]))
             finally:
@@ -135,13 +132,13 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
         # leave() exactly once: when the stream ends, or (a client gone before it started) at the timeout
         release = _once(endpoint.leave)
         asyncio.get_running_loop().call_later(endpoint.limits.request_timeout_ms / 1000 + 1, release)
-        events = _sse_events(endpoint, deployment, row, include_usage, release)
+        events = _sse_events(endpoint, deployment, row, chat.include_usage, release)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     return app
 
 
-async def _sse_events(endpoint: Endpoint, deployment, row: Row, include_usage: bool, release):
+async def _sse_events(endpoint: Endpoint, deployment, row: DecodeRequest, include_usage: bool, release):
     """/v1/chat/completions with stream: true, as OpenAI sends it: role, text pieces, finish, [usage], [DONE]."""
     from contextlib import aclosing
 

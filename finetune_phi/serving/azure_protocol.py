@@ -12,9 +12,9 @@ from .engines.base import Engine
 from .generation import (
     MAX_NEW_TOKENS_CAP,
     ContextLengthError,
+    DecodeRequest,
     GenerationParams,
     ParamError,
-    Row,
 )
 from .request import RequestError, check_messages
 
@@ -71,8 +71,14 @@ def response_body(shape: str, prompts: list, completions, params: GenerationPara
     ]
 
 
+def score_rows(engine: Engine, shape: str, inputs, params: GenerationParams) -> tuple[list, list[DecodeRequest]]:
+    """A parsed /score request as the engine decodes it: (the prompts, one DecodeRequest each). The local endpoint and the
+    Azure ML scoring script both call this, then response_body with the completions."""
+    prompts = prompts_of(shape, inputs)
+    return prompts, [DecodeRequest(ids, params) for ids in encode_all(engine, prompts, params)]
+
+
 def run_score(engine: Engine, shape: str, inputs, params: GenerationParams):
     """Answer a parsed request, waiting in this thread (the Azure ML scoring script)."""
-    prompts = prompts_of(shape, inputs)
-    rows = [Row(ids, params) for ids in encode_all(engine, prompts, params)]
+    prompts, rows = score_rows(engine, shape, inputs, params)
     return response_body(shape, prompts, engine.run(rows), params)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from . import keys
 from .engines import load_engine
 from .engines.base import DEFAULT_ENGINE, Engine
-from .generation import Row
+from .generation import DecodeRequest
 from .options import Limits
 from .request import RequestError
 
@@ -98,7 +98,7 @@ class Endpoint:
             503, "request_timeout", f"no answer within request_timeout_ms={self.limits.request_timeout_ms}"
         )
 
-    async def _completion(self, deployment: Deployment, row: Row):
+    async def _completion(self, deployment: Deployment, row: DecodeRequest):
         """One row's completion from the deployment's engine; 408 once it has waited max_queue_wait_ms unstarted."""
         queued = deployment.engine.submit(row)
         answer = asyncio.wrap_future(queued)
@@ -117,7 +117,7 @@ class Endpoint:
             queued.cancel()
             row.cancel.set()
 
-    async def generate(self, deployment: Deployment, rows: list[Row]):
+    async def generate(self, deployment: Deployment, rows: list[DecodeRequest]):
         """Completions for rows from the deployment's engine, within the request limits."""
         tasks = [asyncio.ensure_future(self._completion(deployment, r)) for r in rows]
         try:
@@ -128,7 +128,7 @@ class Endpoint:
             for t in tasks:  # a row refused (408), timed out or abandoned: the request's other rows are not wanted
                 t.cancel()
 
-    async def stream(self, deployment: Deployment, row: Row):
+    async def stream(self, deployment: Deployment, row: DecodeRequest):
         """Text pieces of one completion as they are decoded, then the Completion itself."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()

@@ -75,6 +75,12 @@ class GenerationParams:
             p.do_sample = False  # temperature 0 means greedy, as OpenAI and Azure ML read it
         return p
 
+    @property
+    def sampling(self) -> tuple[float, float] | None:
+        """(temperature, top_p) to sample with, or None to decode greedily: the one reading of do_sample and
+        temperature 0 that every engine uses."""
+        return (float(self.temperature), float(self.top_p)) if self.do_sample and self.temperature > 0 else None
+
 
 def _response_format(value) -> dict | None:
     """OpenAI's response_format, checked: None for free text, else json_object or json_schema with a schema."""
@@ -102,7 +108,7 @@ class Completion:
 
 
 @dataclass
-class Row:
+class DecodeRequest:
     """One request as an engine decodes it: the prompt, its settings, and the text so far.
 
     Engines only produce token ids; add() turns them into text, applies the request's stop

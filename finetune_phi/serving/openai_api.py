@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import dataclass
 
 from .generation import GenerationParams, ParamError
 from .request import RequestError, check_messages
@@ -30,43 +31,53 @@ NEUTRAL = {
 }
 
 
-def parse_chat_request(payload: object, cap: int) -> tuple[str | None, list[dict], GenerationParams, bool, bool]:
-    """(model, messages, params, stream, include_usage) from a /v1/chat/completions body."""
-    if not isinstance(payload, dict):
-        raise RequestError(400, "invalid_request", "body must be a JSON object")
-    messages = check_messages(payload.get("messages"), "messages")
-    for key, neutral in NEUTRAL.items():
-        value = payload.get(key)
-        if value in (None, "", {}, []) or value == neutral:
-            continue
-        raise RequestError(400, "unsupported_parameter", f"{key}={value!r} is not supported by this endpoint")
-    if payload.get("tools") or payload.get("functions"):
-        raise RequestError(400, "unsupported_parameter", "tool/function calling is not supported by this endpoint")
-    # absent or null: the default (OpenAI's temperature is 1.0, not /score's 0.7)
-    max_tokens = payload.get("max_completion_tokens")
-    if max_tokens is None:
-        max_tokens = payload.get("max_tokens")
-    raw = {
-        "temperature": payload.get("temperature"),
-        "top_p": payload.get("top_p"),
-        "stop": payload.get("stop") or None,
-        "max_new_tokens": max_tokens,
-        "response_format": payload.get("response_format"),
-    }  # json_object / json_schema: constrained decoding
-    try:
-        params = GenerationParams.parse(raw, cap=cap, return_full_text=False, temperature=1.0)
-    except ParamError as e:
-        raise RequestError(400, "invalid_parameter", str(e)) from None
-    model = payload.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(400, "invalid_request", "model must be a string (a deployment name)")
-    stream = payload.get("stream")
-    stream = False if stream is None else stream  # null: the default
-    if not isinstance(stream, bool):
-        raise RequestError(400, "invalid_request", "stream must be true or false")
-    options = payload.get("stream_options") or {}
-    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return (None if model in (None, "", "default") else model), messages, params, stream, include_usage
+@dataclass
+class ChatRequest:
+    """A /v1/chat/completions body, checked: what the route needs from it."""
+
+    model: str | None  # a deployment name; None lets the traffic split choose
+    messages: list[dict]
+    params: GenerationParams
+    stream: bool
+    include_usage: bool  # stream_options.include_usage: a last chunk with the usage
+
+    @classmethod
+    def parse(cls, payload: object, cap: int) -> ChatRequest:
+        if not isinstance(payload, dict):
+            raise RequestError(400, "invalid_request", "body must be a JSON object")
+        messages = check_messages(payload.get("messages"), "messages")
+        for key, neutral in NEUTRAL.items():
+            value = payload.get(key)
+            if value in (None, "", {}, []) or value == neutral:
+                continue
+            raise RequestError(400, "unsupported_parameter", f"{key}={value!r} is not supported by this endpoint")
+        if payload.get("tools") or payload.get("functions"):
+            raise RequestError(400, "unsupported_parameter", "tool/function calling is not supported by this endpoint")
+        # absent or null: the default (OpenAI's temperature is 1.0, not /score's 0.7)
+        max_tokens = payload.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = payload.get("max_tokens")
+        raw = {
+            "temperature": payload.get("temperature"),
+            "top_p": payload.get("top_p"),
+            "stop": payload.get("stop") or None,
+            "max_new_tokens": max_tokens,
+            "response_format": payload.get("response_format"),
+        }  # json_object / json_schema: constrained decoding
+        try:
+            params = GenerationParams.parse(raw, cap=cap, return_full_text=False, temperature=1.0)
+        except ParamError as e:
+            raise RequestError(400, "invalid_parameter", str(e)) from None
+        model = payload.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError(400, "invalid_request", "model must be a string (a deployment name)")
+        stream = payload.get("stream")
+        stream = False if stream is None else stream  # null: the default
+        if not isinstance(stream, bool):
+            raise RequestError(400, "invalid_request", "stream must be true or false")
+        options = payload.get("stream_options") or {}
+        include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        return cls(None if model in (None, "", "default") else model, messages, params, stream, include_usage)
 
 
 def completion_body(model: str, completion) -> dict:

@@ -1,5 +1,7 @@
 """Judge node: both games of one paired line (logic in finetune_phi.evaluation.judge)."""
 
+from typing import Union
+
 from promptflow.connections import AzureOpenAIConnection, OpenAIConnection
 from promptflow.core import tool
 
@@ -8,7 +10,7 @@ from finetune_phi.evaluation.judge import Judge, judge_pair
 
 @tool
 def judge(
-    connection: OpenAIConnection | AzureOpenAIConnection,
+    connection: Union[OpenAIConnection, AzureOpenAIConnection],  # noqa: UP007 - pf reads typing.Union only
     question: str,
     answer_base: str,
     answer_candidate: str,

@@ -1,6 +1,8 @@
 """Quality node: Azure AI Evaluation's AI-assisted evaluators on both answers (logic in
 finetune_phi.evaluation.quality); nothing is asked when `evaluators` is empty."""
 
+from typing import Union
+
 from promptflow.connections import AzureOpenAIConnection, OpenAIConnection
 from promptflow.core import tool
 
@@ -10,7 +12,7 @@ from finetune_phi.evaluation.quality import score_pair
 
 @tool
 def quality(
-    connection: OpenAIConnection | AzureOpenAIConnection,
+    connection: Union[OpenAIConnection, AzureOpenAIConnection],  # noqa: UP007 - pf reads typing.Union only
     question: str,
     answer_base: str,
     answer_candidate: str,

@@ -15,15 +15,15 @@ from ..chat_template import chat_token_ids
 from ..generation import (
     Completion,
     ContextLengthError,
+    DecodeRequest,
     GenerationParams,
     ParamError,
-    Row,
 )
 
 
 # name -> "module:class", imported only when chosen (each engine pulls in its own heavy library)
 ENGINES = {
-    "transformers": "finetune_phi.serving.engines.transformers_cb:TransformersEngine",
+    "transformers": "finetune_phi.serving.engines.transformers_engine:TransformersEngine",
     "vllm": "finetune_phi.serving.engines.vllm_engine:VLLMEngine",
     "openvino": "finetune_phi.serving.engines.openvino_engine:OpenVINOEngine",
 }
@@ -52,7 +52,7 @@ class Engine(ABC):
         self.stop_ids = set(stop_ids)
         self.closed = False
         # the rows being decoded: request id -> (row, future, the engine's own handle or None)
-        self._rows: dict[str, tuple[Row, Future, object]] = {}
+        self._rows: dict[str, tuple[DecodeRequest, Future, object]] = {}
         self._rows_lock = threading.Lock()
         self._ids = itertools.count()
 
@@ -72,18 +72,18 @@ class Engine(ABC):
 
     # ---- the table of rows being decoded, for engines that route their library's outputs to rows
 
-    def _track(self, row: Row, future: Future, handle: object = None, request_id=None):
+    def _track(self, row: DecodeRequest, future: Future, handle: object = None, request_id=None):
         """Register a row being decoded under a new request id (or the one given); returns the id."""
         request_id = f"r{next(self._ids)}" if request_id is None else request_id
         with self._rows_lock:
             self._rows[request_id] = (row, future, handle)
         return request_id
 
-    def _tracked(self) -> list[tuple[str, Row, Future, object]]:
+    def _tracked(self) -> list[tuple[str, DecodeRequest, Future, object]]:
         with self._rows_lock:
             return [(rid, *entry) for rid, entry in self._rows.items()]
 
-    def _row(self, request_id: str) -> Row | None:
+    def _row(self, request_id: str) -> DecodeRequest | None:
         with self._rows_lock:
             entry = self._rows.get(request_id)
         return entry[0] if entry else None
@@ -146,10 +146,10 @@ class Engine(ABC):
         return self.tok.decode(ids, skip_special_tokens=True)
 
     @abstractmethod
-    def submit(self, row: Row) -> Future:
+    def submit(self, row: DecodeRequest) -> Future:
         """Start decoding a row; the Future's result is its Completion."""
 
-    def run(self, rows: list[Row]) -> list[Completion]:
+    def run(self, rows: list[DecodeRequest]) -> list[Completion]:
         """Completions for rows, waiting in this thread (the scoring script's synchronous path)."""
         futures = [self.submit(r) for r in rows]
         return [f.result() for f in futures]

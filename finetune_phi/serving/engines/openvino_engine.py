@@ -5,7 +5,7 @@ Face tokenizer files), or any model spec (a fine-tuned folder, models:/..., smol
 use into the user's cache and kept, keyed by the model's content. OpenVINO GenAI's ContinuousBatchingPipeline schedules the requests: each joins
 the running batch at the next step and leaves when it ends, over a paged KV cache (prefix caching on,
 so a chat's resent history is not recomputed). One worker thread owns the pipeline: it adds the
-submitted rows, runs a step, and hands each row its new tokens (generation.Row does stop strings,
+submitted rows, runs a step, and hands each row its new tokens (generation.DecodeRequest does stop strings,
 cancellation and streaming, as for every engine).
 
 Needs `pip install 'finetune-phi[openvino]'` (openvino-genai); without it choosing the engine is a clear
@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from ...modeling import export
-from ..generation import Row
+from ..generation import DecodeRequest
 from .base import Engine, EngineUnavailable
 
 
@@ -91,18 +91,17 @@ class OpenVINOEngine(Engine):
         options.setdefault("precision", export.read_manifest(path).get("precision", INT8))
         return cls(path, *cls.describe(str(path)), **options)
 
-    def _config(self, row: Row):
+    def _config(self, row: DecodeRequest):
         p = row.params
         c = self._ov_genai.GenerationConfig()
         c.max_new_tokens = p.max_new_tokens
         c.stop_token_ids = set(self.stop_ids)
-        c.do_sample = bool(p.do_sample)
-        if p.do_sample:
-            c.temperature = float(p.temperature)
-            c.top_p = float(p.top_p)
+        c.do_sample = p.sampling is not None
+        if c.do_sample:
+            c.temperature, c.top_p = p.sampling
         return c
 
-    def submit(self, row: Row) -> Future:
+    def submit(self, row: DecodeRequest) -> Future:
         future: Future = Future()
         future.set_running_or_notify_cancel()  # it joins the running batch at the next step
         if self.closed:

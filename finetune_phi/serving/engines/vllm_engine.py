@@ -12,7 +12,7 @@ import threading
 from concurrent.futures import Future
 
 from ...modeling import models
-from ..generation import Row
+from ..generation import DecodeRequest
 from .base import Engine, EngineUnavailable
 
 
@@ -60,17 +60,18 @@ class VLLMEngine(Engine):
         path = models.resolve(spec)
         return cls(path, *cls.describe(path), **options)
 
-    def submit(self, row: Row) -> Future:
+    def submit(self, row: DecodeRequest) -> Future:
         return asyncio.run_coroutine_threadsafe(self._generate(row), self.loop)
 
-    async def _generate(self, row: Row):
+    async def _generate(self, row: DecodeRequest):
         from vllm import SamplingParams
 
         p = row.params
+        temperature, top_p = p.sampling or (0.0, 1.0)  # vLLM decodes greedily at temperature 0
         sampling = SamplingParams(
             max_tokens=p.max_new_tokens,
-            temperature=float(p.temperature) if p.do_sample else 0.0,
-            top_p=float(p.top_p) if p.do_sample else 1.0,
+            temperature=temperature,
+            top_p=top_p,
             stop_token_ids=sorted(self.stop_ids),
             skip_special_tokens=True,
         )

@@ -4,7 +4,7 @@ transformers' ContinuousBatchingManager schedules the requests: each joins the r
 next decoding step and leaves when it ends, over a paged KV cache whose full blocks are shared
 between requests with the same prefix (a chat's history, resent every turn). What it lacks is kept
 here, thin: per-request greedy decoding next to sampled rows, JSON grammars for response_format rows
-in the same batch, stop strings, cancellation when a client leaves, and text streaming (generation.Row
+in the same batch, stop strings, cancellation when a client leaves, and text streaming (generation.DecodeRequest
 does the last three for every engine).
 """
 
@@ -17,7 +17,7 @@ from concurrent.futures import Future
 
 from ...modeling import models
 from ...modeling.models import stop_token_ids
-from ..generation import ParamError, Row
+from ..generation import DecodeRequest, ParamError
 from ..options import KV_CACHE_TOKENS
 from . import rowwise_attention
 from .base import Engine
@@ -92,7 +92,7 @@ class TransformersEngine(Engine):
     def load(cls, spec: str, **options) -> TransformersEngine:
         return cls(*models.load(spec), **options)
 
-    def submit(self, row: Row) -> Future:
+    def submit(self, row: DecodeRequest) -> Future:
         if row.params.response_format:  # held to its grammar inside the batch (_mask_by_grammar)
             row.grammar = self._grammars.matcher(row.params.response_format)
         future: Future = Future()
@@ -101,7 +101,7 @@ class TransformersEngine(Engine):
         self._admit()
         return future
 
-    def _tokens(self, row: Row) -> int:
+    def _tokens(self, row: DecodeRequest) -> int:
         """The KV cache a row may take: its prompt and max_new_tokens, in whole pages."""
         return -(-(len(row.prompt_ids) + row.params.max_new_tokens) // self.page_size) * self.page_size
 
@@ -129,17 +129,18 @@ class TransformersEngine(Engine):
                 self._reserved[request_id] = self._tokens(row)
             self._start(row, future, request_id)
 
-    def _start(self, row: Row, future: Future, request_id: str):
+    def _start(self, row: DecodeRequest, future: Future, request_id: str):
         self._track(row, future, request_id=request_id)
         p = row.params
+        temperature, top_p = p.sampling or (GREEDY_TEMPERATURE, 1.0)
         self.manager.add_request(
             row.prompt_ids,
             request_id=request_id,
             max_new_tokens=p.max_new_tokens,
             streaming=row.needs_each_token,
             eos_token_id=sorted(self.stop_ids),
-            temperature=float(p.temperature) if p.do_sample else GREEDY_TEMPERATURE,
-            top_p=float(p.top_p) if p.do_sample else 1.0,
+            temperature=temperature,
+            top_p=top_p,
         )
 
     def _release(self, request_id: str):
