@@ -32,19 +32,10 @@ VARIANTS = {
     "LoRA r=16, padded": {"lora": True},
     "LoRA r=16, packing": {"lora": True, "packing": True},
 }
-PHI3_MINI = dict(
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    vocab_size=32064,
-)
 
 
 def model_for(config: str, work: Path) -> str:
-    from finetune_phi.modeling.models import tiny_path
+    from finetune_phi.modeling.models import PHI3_MINI_SHAPE, tiny_path
 
     if config == "tiny":
         return str(tiny_path())
@@ -55,7 +46,7 @@ def model_for(config: str, work: Path) -> str:
     if not (folder / "config.json").exists():
         tok = AutoTokenizer.from_pretrained(tiny_path())
         with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-            model = Phi3ForCausalLM(Phi3Config(pad_token_id=tok.pad_token_id, **PHI3_MINI)).to(torch.bfloat16)
+            model = Phi3ForCausalLM(Phi3Config(pad_token_id=tok.pad_token_id, **PHI3_MINI_SHAPE)).to(torch.bfloat16)
         model.save_pretrained(folder)
         tok.save_pretrained(folder)
     return str(folder)

@@ -22,7 +22,7 @@ from .demo import run_demo
 from .errors import UserError
 from .evaluation.compare import COMPARE_COMMAND, compare
 from .modeling.export import add_export_parser
-from .modeling.models import DEFAULT_HUB_MODEL, tiny_path
+from .modeling.models import DEFAULT_HUB_MODEL, SMOLLM2, tiny_path
 from .options import (
     add_negations,
     bound_flags,
@@ -32,7 +32,7 @@ from .options import (
 )
 from .serving.app import serve
 from .serving.client import EndpointError
-from .serving.connection import connect, resolve_key
+from .serving.connection import CONNECTION_NAME, connect, resolve_key
 from .serving.options import PORT, SCORING_URI, SERVE_COMMAND
 from .training.config import TRAIN_COMMAND, TrainConfig
 from .training.trainer import train
@@ -311,7 +311,7 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
         default=None,
         help="env var holding the key (default: FINETUNE_PHI_API_KEY or the local endpoint's key file)",
     )
-    c.add_argument("--name", default="finetune_phi_endpoint", help="connection name")
+    c.add_argument("--name", default=CONNECTION_NAME, help="connection name")
     c.add_argument(
         "--target",
         choices=["local", "azure"],
@@ -355,7 +355,7 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
     m.add_argument("--workdir", default="demo", help="folder for the demo's data, models, MLflow store and logs")
     m.add_argument(
         "--base-model",
-        default="smollm2-135m",
+        default=SMOLLM2,
         help="base to fine-tune: smollm2-135m (real weights, several minutes on 2 cores) or tiny (random weights, ~1 min)",
     )
     m.add_argument("--port", type=whole_number(1, 65535), default=PORT, help="endpoint port (a free one if taken)")

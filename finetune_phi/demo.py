@@ -97,7 +97,7 @@ def pf_chat(question: str, deployment: str) -> str:
 def run_demo(
     workdir: str = "demo",
     port: int = PORT,
-    base_model: str = "smollm2-135m",
+    base_model: str = models.SMOLLM2,
     tokenizer: str | None = None,
     epochs: float | None = None,
 ):

@@ -42,7 +42,7 @@ def readme_serve_command() -> list[str]:
 
 def demo_serve_command() -> list[str]:
     """The `pf flow serve` command the demo prints at the end, with its flow path as the README writes it."""
-    lines = re.findall(r'print\(f?"\s*(pf flow serve [^"]*)"\)', DEMO.read_text())
+    lines = re.findall(r'print\(\s*f?"\s*(pf flow serve [^"]*)"\s*\)', DEMO.read_text())
     assert len(lines) == 1, f"demo.py should print one `pf flow serve` command, has {lines}"
     return shlex.split(lines[0].replace("{chat_flow}", "flows/chat"), comments=True)
 

@@ -8,20 +8,10 @@ import torch
 from support import BIN, run_cli, wait_for
 
 from finetune_phi.modeling import memory
+from finetune_phi.modeling.models import PHI3_MINI_SHAPE
 from finetune_phi.training import throughput
 from finetune_phi.training.checkpoints import latest_complete_checkpoint
 from finetune_phi.training.trainer import TrainConfig, train
-
-
-PHI3_MINI = dict(
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    max_position_embeddings=4096,
-    vocab_size=32064,
-)
 
 
 def cli_train(*args, timeout=600):
@@ -138,7 +128,7 @@ def test_memory_estimate_on_known_shapes(tiny_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM, Phi3Config
 
-    mini = Phi3Config(**PHI3_MINI)
+    mini = Phi3Config(**PHI3_MINI_SHAPE)
     assert memory.count_params(mini) == 3_821_079_552  # Phi-3-mini-4k-instruct's published size
     full = memory.estimate(mini, batch_size=4, seq_len=2048, dtype_bytes=2, activation_checkpointing=True)
     assert 60 < full.total / memory.GiB < 90  # bf16 weights + fp32 master + AdamW: ~16 bytes a parameter

@@ -30,7 +30,8 @@ from pathlib import Path
 from .. import project
 from ..errors import UserError
 from ..serving.client import EndpointError
-from ..serving.maf_serve import serve
+from ..serving.maf_serve import FLOW_PORT, serve
+from ..serving.options import HOST
 from ..twins import (
     ENDPOINT_URL_ENV,
     MafError,
@@ -65,13 +66,15 @@ class ChatTarget:
         endpoint_url: str,
         api_key: str,
         deployment: str,
-        temperature: float,
-        max_tokens: int,
+        temperature: float | None,
+        max_tokens: int | None,
         answers: Path,
         resume: bool,
     ):
         self.flow, self.url, self.key = load(project.flow("chat-maf")), endpoint_url, api_key
-        self.settings = (deployment, temperature, max_tokens)
+        # the flow's inputs as given; one left as None takes ChatInput's default (flows/chat's)
+        given = dict(deployment=deployment, temperature=temperature, max_tokens=max_tokens)
+        self.settings = {k: v for k, v in given.items() if v is not None}
         self.known = _answered(answers) if resume else {}
         self.file, self.lock = answers.open("a" if resume else "w", encoding="utf-8"), threading.Lock()
 
@@ -81,7 +84,7 @@ class ChatTarget:
         if key in self.known:
             return {"answer": self.known[key], "error": None}
         try:
-            chat_input = self.flow.ChatInput(question, chat_history or [], *self.settings)
+            chat_input = self.flow.ChatInput(question, chat_history or [], **self.settings)
             result = asyncio.run(self.flow.create_workflow(self.url, self.key).run(chat_input))
             outcome = {"answer": result.get_outputs()[0], "error": None}
         except Exception as e:  # the line fails, the run goes on (as in a pf batch run)
@@ -92,8 +95,8 @@ class ChatTarget:
         return outcome
 
 
-def _line_key(question: str, chat_history: list, settings: tuple) -> str:
-    return hashlib.sha256(json.dumps([question, chat_history, *settings], sort_keys=True).encode()).hexdigest()
+def _line_key(question: str, chat_history: list, settings: dict) -> str:
+    return hashlib.sha256(json.dumps([question, chat_history, settings], sort_keys=True).encode()).hexdigest()
 
 
 def _answered(path: Path) -> dict[str, str]:
@@ -147,8 +150,8 @@ def run_chat(
     api_key: str | None = None,
     connection: str | None = None,
     workers: int = WORKERS,
-    temperature: float = 0.7,
-    max_tokens: int = 0,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
     resume: bool = False,
 ) -> dict:
     """flows/chat-maf over every row of data (question, chat_history), each answer scored against its ground_truth
@@ -352,6 +355,25 @@ def _in_maf_venv(args: list[str], env: dict, config):
         raise MafError(f"the Agent Framework runner failed: {done.stderr.strip()[-2000:]}")
 
 
+def devui(host: str = HOST, port: int = 8090, connection: str | None = None):
+    """flows/chat-maf as a chat agent (the workflow's `as_agent()`: the conversation so far in, the answer out)
+    behind Agent Framework's DevUI, whose page keeps the conversation and sends it every turn."""
+    from agent_framework_devui import serve as serve_devui
+
+    if host not in (HOST, "localhost"):
+        raise MafError("devui serves the chat page without a key: bind it to 127.0.0.1")
+    url, key = endpoint(connection)
+    agent = (
+        load(project.flow("chat-maf"))
+        .create_workflow(url, key)
+        .as_agent(
+            name="finetune-phi chat",
+            description="the fine-tuned model behind the finetune-phi endpoint (flows/chat-maf)",
+        )
+    )
+    serve_devui(entities=[agent], host=host, port=port, auth_enabled=False)
+
+
 # ---- command line: python -m finetune_phi.evaluation.maf_runner ---------------------------------------------------
 
 
@@ -383,18 +405,25 @@ def main(argv: list[str] | None = None):
     m.add_argument("--runs-dir", default=str(RUNS))
     s = sub.add_parser("serve", help="the chat twin over HTTP (pf flow serve)")
     s.add_argument("--flow", default=None, help="default: the project's flows/chat-maf")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8080)
+    s.add_argument("--host", default=HOST)
+    s.add_argument("--port", type=int, default=FLOW_PORT)
     for q in (t, r, s):
         q.add_argument("--connection", default=None, help="Prompt flow connection (default finetune_phi_endpoint)")
     for q in (t, r):
         q.add_argument("--deployment", default="", help="chat twin: a deployment to pin; empty or * = traffic split")
         q.add_argument(
-            "--temperature", type=float, default=0.7, help="chat twin: 0 = greedy (flows/chat-maf's default 0.7)"
+            "--temperature", type=float, default=None, help="chat twin: 0 = greedy (default: the flow's, 0.7)"
         )
         q.add_argument(
-            "--max-tokens", type=int, default=0, help="chat twin: longest answer in tokens; 0 = the endpoint's"
+            "--max-tokens",
+            type=int,
+            default=None,
+            help="chat twin: longest answer in tokens (default: the endpoint's)",
         )
+    d = sub.add_parser("devui", help="a chat page for the chat twin: Agent Framework's DevUI (pf flow serve's page)")
+    d.add_argument("--host", default=HOST, help="loopback only: the page has no key of its own")
+    d.add_argument("--port", type=int, default=8090)
+    d.add_argument("--connection", default=None, help="Prompt flow connection (default finetune_phi_endpoint)")
     j = sub.add_parser("judge", help=argparse.SUPPRESS)  # compare --runner maf --judge: the judge env var's judge
     j.add_argument("--data", required=True)
     j.add_argument("--name", required=True)
@@ -425,8 +454,9 @@ def _dispatch(args):
             )
             return
         module, (url, key) = load(flow), endpoint(args.connection)
+        given = dict(deployment=args.deployment, temperature=args.temperature, max_tokens=args.max_tokens)
         chat_input = module.ChatInput(
-            args.question, json.loads(args.chat_history), args.deployment, args.temperature, args.max_tokens
+            args.question, json.loads(args.chat_history), **{k: v for k, v in given.items() if v is not None}
         )
         try:
             if args.stream:
@@ -467,6 +497,8 @@ def _dispatch(args):
         print(json.dumps(show_metrics(args.name, args.runs_dir), indent=4))
     elif args.command == "serve":
         serve(args.flow, args.host, args.port, args.connection)
+    elif args.command == "devui":
+        devui(args.host, args.port, args.connection)
     elif args.command == "judge":
         run_judge(args.data, args.name, Judge(**json.loads(os.environ[JUDGE_ENV])), args.runs_dir, args.workers)
 

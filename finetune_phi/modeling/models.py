@@ -43,6 +43,16 @@ TINY_SHAPE = dict(
     max_position_embeddings=4096,
 )
 TINY_VERSION = "1"  # bump when the build recipe changes
+# microsoft/Phi-3-mini-4k-instruct's shape (its config.json), for measuring what a real-size run needs offline
+PHI3_MINI_SHAPE = dict(
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+    vocab_size=32064,
+)
 
 
 def build_tokenizer(tokenizer_path: str | None = None):

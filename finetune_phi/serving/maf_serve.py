@@ -12,7 +12,10 @@ from pathlib import Path
 from .. import project
 from ..twins import MafError, endpoint, is_chat, load
 from .client import EndpointError, check_question
-from .options import Limits
+from .options import HOST, Limits
+
+
+FLOW_PORT = 8080  # `pf flow serve`'s port, and its twin's
 
 
 def _endpoint_error(error: BaseException):
@@ -22,7 +25,7 @@ def _endpoint_error(error: BaseException):
     return error
 
 
-def serve(flow: str | Path | None = None, host: str = "127.0.0.1", port: int = 8080, connection: str | None = None):
+def serve(flow: str | Path | None = None, host: str = HOST, port: int = FLOW_PORT, connection: str | None = None):
     """POST /score {"question", "chat_history", "deployment"} -> {"answer"}; with `Accept: text/event-stream`
     the answer streams as `data: {"answer": "<piece>"}` events, as `pf flow serve` does. GET /health."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

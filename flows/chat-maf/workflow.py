@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from agent_framework import Executor, WorkflowBuilder, WorkflowContext, handler
+from agent_framework import Executor, Message, WorkflowBuilder, WorkflowContext, handler
 from typing_extensions import Never
 
 from finetune_phi.serving.client import EndpointError, chat_stream, flow_inputs
@@ -54,6 +54,19 @@ class InputsExecutor(Executor):
                 chat_input.max_tokens,
             )
         )
+
+    @handler
+    async def converse(self, messages: list[Message], ctx: WorkflowContext[ChatInput]) -> None:
+        """A conversation as an agent is given one (`create_workflow(...).as_agent()`, Agent Framework's DevUI chat
+        page): the last user turn is the question, the user/assistant pairs before it the chat history."""
+        turns = [(m.role, m.text) for m in messages if m.role in ("user", "assistant") and m.text]
+        question = turns.pop()[1] if turns and turns[-1][0] == "user" else ""
+        history = [
+            {"inputs": {"question": q}, "outputs": {"answer": a}}
+            for (qr, q), (ar, a) in zip(turns[::2], turns[1::2], strict=False)
+            if (qr, ar) == ("user", "assistant")
+        ]
+        await ctx.send_message(ChatInput(question, history))
 
 
 class ChatExecutor(Executor):
