@@ -294,3 +294,41 @@ def eval_flow_run(pf_home, test_root):
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return name, data
+
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path):
+    """Headless Chromium driven by Selenium (Debian's chromium + chromium-driver; .ci/run installs them)."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver in /usr/bin (apt-get install -y chromium chromium-driver)"
+        )
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the project's dev extra) is not installed")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = str(CHROMIUM)
+    for flag in [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        "--window-size=1280,1400",
+    ]:
+        opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # DevTools network events
+    driver = webdriver.Chrome(
+        service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")), options=opts
+    )
+    try:
+        yield driver
+    finally:
+        driver.quit()

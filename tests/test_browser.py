@@ -71,36 +71,6 @@ def chat_page(connected, test_root):
         server.stop()
 
 
-@pytest.fixture
-def browser(tmp_path):
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (the project's dev extra) is not installed")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for flag in [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1280,1400",
-    ]:
-        opts.add_argument(flag)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # DevTools network events
-    driver = webdriver.Chrome(
-        service=Service(str(CHROMEDRIVER), log_output=str(tmp_path / "chromedriver.log")), options=opts
-    )
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
 class Wire:
     """POST /score exchanges between the page and `pf flow serve`, from Chromium's DevTools network events."""
 

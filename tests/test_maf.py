@@ -10,6 +10,7 @@ request at a time and records the bodies, to compare their answers with the clie
 
 import json
 import os
+import re
 import subprocess
 import threading
 import time
@@ -19,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from support import BIN, REPO, Process, free_port, http
+from support import BIN, REPO, Process, free_port, http, wait_for
 
 from finetune_phi.data.read import read_jsonl
 from finetune_phi.evaluation.maf_runner import read_rows, scores_of
@@ -383,3 +384,52 @@ def test_both_served_chat_flows_pass_on_the_endpoints_message_4xx_for_the_reques
     finally:
         pf.stop()
         twin.stop()
+
+
+@pytest.mark.slow
+def test_devui_chat_page_answers_and_sends_the_history(greedy, greedy_env, connected, browser, tmp_path):
+    """The twin of pf flow serve's chat page: Agent Framework's DevUI serving flows/chat-maf (`maf_runner devui`),
+    in a real browser, two turns against the real endpoint (greedy, through the recording pass-through): each
+    answer shown is the endpoint's, and the second turn reaches the endpoint with the first turn as its history."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    first, follow_up = "What is the capital of France?", "And which language do people speak there?"
+    port = free_port()
+    page = Process(
+        [MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "devui", "--port", port],
+        tmp_path / "devui.log",
+        cwd=REPO,
+        env={**os.environ, **greedy_env},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        page.wait_for_url(url + "/v1/entities", timeout=120)
+        browser.get(url + "/")
+        wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "textarea"), "DevUI's message box", 60, interval=0.3)
+        answers = []
+        letters = lambda text: re.sub(r"\W+", "", text)  # noqa: E731 - the page renders answers as markdown
+        for turn, question in enumerate((first, follow_up), start=1):
+            asked = len(greedy.bodies)
+            box = browser.find_element(By.CSS_SELECTOR, "textarea")
+            box.send_keys(question)
+            box.send_keys(Keys.ENTER)
+            wait_for(lambda n=asked: len(greedy.bodies) > n, f"turn {turn} at the endpoint", 180, interval=0.3)
+            history = [{"inputs": {"question": first}, "outputs": {"answer": answers[0]}}] if answers else []
+            assert greedy.bodies[asked]["messages"] == history_to_messages(
+                history, question
+            )  # the conversation so far
+            # what the endpoint answers that conversation, greedy (straight to it, not through the pass-through)
+            answer = "".join(
+                chat_stream(connected.url + "/score", connected.key, question, history, None, {"temperature": 0})
+            )
+            wait_for(
+                lambda a=answer: letters(a)[:40] in letters(browser.find_element(By.TAG_NAME, "body").text),
+                f"turn {turn}'s answer on the page",
+                180,
+                interval=0.3,
+            )
+            answers.append(answer)
+        browser.save_screenshot(str(tmp_path / "devui.png"))
+    finally:
+        page.stop()
