@@ -397,7 +397,7 @@ def test_devui_chat_page_answers_and_sends_the_history(greedy, greedy_env, conne
     first, follow_up = "What is the capital of France?", "And which language do people speak there?"
     port = free_port()
     page = Process(
-        [MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "devui", "--port", port],
+        [MAF_PYTHON, "-m", "finetune_phi.evaluation.maf_runner", "devui", "--port", port, "--deployment", "ft"],
         tmp_path / "devui.log",
         cwd=REPO,
         env={**os.environ, **greedy_env},
@@ -408,7 +408,7 @@ def test_devui_chat_page_answers_and_sends_the_history(greedy, greedy_env, conne
         browser.get(url + "/")
         wait_for(lambda: browser.find_elements(By.CSS_SELECTOR, "textarea"), "DevUI's message box", 60, interval=0.3)
         answers = []
-        letters = lambda text: re.sub(r"\W+", "", text)  # noqa: E731 - the page renders answers as markdown
+        letters = lambda text: re.sub(r"[\W_]+", "", text)  # noqa: E731 - the page renders answers as markdown
         for turn, question in enumerate((first, follow_up), start=1):
             asked = len(greedy.bodies)
             box = browser.find_element(By.CSS_SELECTOR, "textarea")
@@ -416,12 +416,11 @@ def test_devui_chat_page_answers_and_sends_the_history(greedy, greedy_env, conne
             box.send_keys(Keys.ENTER)
             wait_for(lambda n=asked: len(greedy.bodies) > n, f"turn {turn} at the endpoint", 180, interval=0.3)
             history = [{"inputs": {"question": first}, "outputs": {"answer": answers[0]}}] if answers else []
-            assert greedy.bodies[asked]["messages"] == history_to_messages(
-                history, question
-            )  # the conversation so far
+            sent = greedy.bodies[asked]
+            assert sent["messages"] == history_to_messages(history, question) and sent["model"] == "ft"  # all of it
             # what the endpoint answers that conversation, greedy (straight to it, not through the pass-through)
             answer = "".join(
-                chat_stream(connected.url + "/score", connected.key, question, history, None, {"temperature": 0})
+                chat_stream(connected.url + "/score", connected.key, question, history, "ft", {"temperature": 0})
             )
             wait_for(
                 lambda a=answer: letters(a)[:40] in letters(browser.find_element(By.TAG_NAME, "body").text),
@@ -430,6 +429,6 @@ def test_devui_chat_page_answers_and_sends_the_history(greedy, greedy_env, conne
                 interval=0.3,
             )
             answers.append(answer)
-        browser.save_screenshot(str(tmp_path / "devui.png"))
     finally:
+        browser.save_screenshot(str(tmp_path / "devui.png"))  # what the page showed, pass or fail
         page.stop()

@@ -355,7 +355,7 @@ def _in_maf_venv(args: list[str], env: dict, config):
         raise MafError(f"the Agent Framework runner failed: {done.stderr.strip()[-2000:]}")
 
 
-def devui(host: str = HOST, port: int = 8090, connection: str | None = None):
+def devui(host: str = HOST, port: int = 8090, connection: str | None = None, deployment: str = ""):
     """flows/chat-maf as a chat agent (the workflow's `as_agent()`: the conversation so far in, the answer out)
     behind Agent Framework's DevUI, whose page keeps the conversation and sends it every turn."""
     from agent_framework_devui import serve as serve_devui
@@ -365,7 +365,7 @@ def devui(host: str = HOST, port: int = 8090, connection: str | None = None):
     url, key = endpoint(connection)
     agent = (
         load(project.flow("chat-maf"))
-        .create_workflow(url, key)
+        .create_workflow(url, key, deployment=deployment)
         .as_agent(
             name="finetune-phi chat",
             description="the fine-tuned model behind the finetune-phi endpoint (flows/chat-maf)",
@@ -424,6 +424,7 @@ def main(argv: list[str] | None = None):
     d.add_argument("--host", default=HOST, help="loopback only: the page has no key of its own")
     d.add_argument("--port", type=int, default=8090)
     d.add_argument("--connection", default=None, help="Prompt flow connection (default finetune_phi_endpoint)")
+    d.add_argument("--deployment", default="", help="the deployment that answers (default: the traffic split)")
     j = sub.add_parser("judge", help=argparse.SUPPRESS)  # compare --runner maf --judge: the judge env var's judge
     j.add_argument("--data", required=True)
     j.add_argument("--name", required=True)
@@ -498,7 +499,7 @@ def _dispatch(args):
     elif args.command == "serve":
         serve(args.flow, args.host, args.port, args.connection)
     elif args.command == "devui":
-        devui(args.host, args.port, args.connection)
+        devui(args.host, args.port, args.connection, args.deployment)
     elif args.command == "judge":
         run_judge(args.data, args.name, Judge(**json.loads(os.environ[JUDGE_ENV])), args.runs_dir, args.workers)
 

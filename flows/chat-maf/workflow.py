@@ -42,6 +42,10 @@ class ChatInput:
 class InputsExecutor(Executor):
     """The flow's inputs: the same defaults and rules (finetune_phi.serving.client.flow_inputs) as flows/chat."""
 
+    def __init__(self, deployment: str = "", **kwargs):
+        super().__init__(**kwargs)
+        self._deployment = deployment  # what a conversation (converse) is answered by; a ChatInput names its own
+
     @handler
     async def receive(self, chat_input: ChatInput, ctx: WorkflowContext[ChatInput]) -> None:
         pinned, _ = flow_inputs(chat_input.deployment, None, None)
@@ -66,7 +70,7 @@ class InputsExecutor(Executor):
             for (qr, q), (ar, a) in zip(turns[::2], turns[1::2], strict=False)
             if (qr, ar) == ("user", "assistant")
         ]
-        await ctx.send_message(ChatInput(question, history))
+        await ctx.send_message(ChatInput(question, history, self._deployment))
 
 
 class ChatExecutor(Executor):
@@ -98,9 +102,10 @@ class ChatExecutor(Executor):
             await ctx.yield_output("".join(answer))
 
 
-def create_workflow(endpoint_url: str, api_key: str, stream: bool = False):
-    """A fresh workflow. Not streaming: one output, the answer. Streaming: one output per piece."""
-    inputs = InputsExecutor(id="inputs")
+def create_workflow(endpoint_url: str, api_key: str, stream: bool = False, deployment: str = ""):
+    """A fresh workflow. Not streaming: one output, the answer. Streaming: one output per piece. `deployment`: the
+    one a conversation given as messages (as_agent()) is answered by; empty = the traffic split."""
+    inputs = InputsExecutor(deployment, id="inputs")
     chat = ChatExecutor(endpoint_url, api_key, stream=stream, id="chat")
     return WorkflowBuilder(name="finetune_phi_chat", start_executor=inputs).add_edge(inputs, chat).build()
 
