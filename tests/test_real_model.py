@@ -237,7 +237,7 @@ def test_azure_ai_evaluations_coherence_evaluator_runs_on_our_endpoint(real_endp
     """azure-ai-evaluation's AI-assisted evaluators send response_format json_object (their prompty asks for
     {reason, score, status}; before, our endpoint refused it with 400): the answer is held to a JSON object.
     A protocol check only: SmolLM2-135M (the model under test) writes an object without a score, so the
-    evaluator's score is NaN — a credible judge is a strong model (README: Azure OpenAI as the judge)."""
+    evaluator's score is NaN — a credible judge is a strong model (docs/evaluation.md: a judge)."""
     from azure.ai.evaluation import CoherenceEvaluator, OpenAIModelConfiguration
 
     config = OpenAIModelConfiguration(

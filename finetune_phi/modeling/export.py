@@ -6,7 +6,7 @@ inference engine's own model folder.
 
 Format `openvino` (the only one so far): OpenVINO IR with weight-only int8 (default), int4, fp16 or
 fp32 weights, served by `--engine openvino` (OpenVINO GenAI's continuous batching on CPU). The
-conversion is optimum-intel's, which needs transformers < 5.6 while the project runs 5.24: it runs in
+conversion is optimum-intel's, which needs transformers < 5.6 while the project runs a newer one: it runs in
 an export venv of its own (`.venv-openvino-export`, see OPENVINO_EXPORT_REQUIREMENTS), found as
 described in `openvino_exporter()`. Serving needs only `openvino-genai` (the `openvino` extra), which
 shares the main venv.
@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 from .. import project
@@ -105,7 +106,7 @@ def openvino_exporter() -> Path:
     where = env or " or ".join(str(c) for c in candidates)
     raise ExportError(
         f"--format openvino needs optimum-intel's exporter in a venv of its own (it needs "
-        f"transformers < 5.6; the project runs 5.24), and none was found at {where}. "
+        f"transformers < 5.6; the project runs {metadata.version('transformers')}), and none was found at {where}. "
         f"Create it with: {setup_hint()}  (or `make openvino-export`), or point "
         f"FINETUNE_PHI_OPENVINO_EXPORTER at one."
     )

@@ -1,6 +1,6 @@
 """The /score request protocol, shared by the local server and the Azure ML scoring script.
 
-Two request shapes (the README's "Endpoint" section):
+Two request shapes (docs/serving.md, "Endpoint"):
   text generation (MLflow):  {"input_data": ["<prompt>", ...], "params": {...}}  -> ["<text>", ...]
   chat completion:           {"input_data": {"input_string": [messages], "parameters": {...}}}
                              -> {"output": "<assistant text>"}

@@ -78,7 +78,7 @@ class ServeOptions:
     engine: ENGINE_NAME = setting(
         DEFAULT_ENGINE,
         "what decodes: transformers (continuous batching, CPU or GPU), vllm (CUDA GPU), openvino "
-        "(int8 on CPU, exported on first use); see README",
+        "(int8 on CPU, exported on first use); see docs/serving.md",
     )
     kv_cache_tokens: int | None = setting(
         None,

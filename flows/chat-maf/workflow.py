@@ -7,13 +7,13 @@
     python node `chat` (chat.py)      ->     ChatExecutor    (@handler: finetune_phi.serving.client.chat_stream)
     outputs: answer (is_chat_output)  ->     ctx.yield_output(answer), or one output per piece when streaming
     connection finetune_phi_endpoint  ->     endpoint_url / api_key given to create_workflow()
-                                             (finetune_phi.evaluation.maf_runner.endpoint() reads them from the
+                                             (finetune_phi.twins.endpoint() reads them from the
                                              Prompt flow connection or FINETUNE_PHI_ENDPOINT_URL /
                                              FINETUNE_PHI_API_KEY; never from a file in the repo)
 
 The call is the one the Prompt flow tool makes (same client, same /v1 streaming request, same
 defaults), so both flows give the same answer from a greedy endpoint. Run it with
-`python -m finetune_phi.evaluation.maf_runner test|run|serve --flow flows/chat-maf` (README, "After Prompt flow").
+`python -m finetune_phi.evaluation.maf_runner test|run|serve --flow flows/chat-maf` (docs/agent-framework.md).
 A workflow instance runs one input at a time: make one per row (create_workflow is cheap).
 """
 
