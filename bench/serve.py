@@ -579,6 +579,21 @@ def pf_overhead(model: str, engine: str, question: str, requests: int, max_token
 # ---------------------------------------------------------------- report
 
 
+def busy_warning() -> str | None:
+    """A line when other work shares the CPUs as the bench starts (1-minute load average over half the usable
+    CPUs): the servers and clients then get less than the machine, and figures come out low and noisy."""
+    if not hasattr(os, "getloadavg"):
+        return None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0]
+    if load <= usable / 2:
+        return None
+    return (
+        f"WARNING: the machine was busy when the bench started (load {load:.1f} on {usable} usable CPUs): "
+        "these figures say little; run it again on a quiet machine"
+    )
+
+
 def machine_line() -> str:
     import torch
 
@@ -698,6 +713,9 @@ def main():
         ("APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL", "true"),
     ):
         os.environ.setdefault(var, value)  # offline: no hub, no telemetry retries in pf's processes
+    busy = busy_warning()
+    if busy:
+        log(busy)
     import torch
     from transformers import AutoTokenizer
 
@@ -786,6 +804,8 @@ def main():
 
     # ---- tables
     print()
+    if busy:
+        print(busy)
     print(machine_line())
     print(model_line(args.model, model_dir))
     print(
