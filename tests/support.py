@@ -234,3 +234,24 @@ def exporter_or_skip():
         return openvino_exporter()
     except ExportError as e:
         pytest.skip(f"no OpenVINO export venv (`make openvino-export`): {str(e)[:200]}")
+
+
+def compare_command(tmp_path: Path, *args: str) -> list[str]:
+    """`finetune-phi compare` with its reports under tmp_path/reports and both sides on the `standin` connection
+    (a stand-in endpoint the test connected under that name); args add the rest."""
+    return [
+        str(BIN / "finetune-phi"),
+        "compare",
+        "--reports",
+        str(tmp_path / "reports"),
+        "--base-connection",
+        "standin",
+        "--candidate-connection",
+        "standin",
+        *args,
+    ]
+
+
+def compare_summary(tmp_path: Path, name: str) -> dict:
+    """The summary.json of the comparison `name` that compare_command wrote."""
+    return json.loads((tmp_path / "reports" / name / "summary.json").read_text())

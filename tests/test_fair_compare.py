@@ -18,7 +18,7 @@ import subprocess
 import psutil
 import pytest
 from standin import StandInEndpoint
-from support import BIN, REPO, wait_for
+from support import REPO, compare_command, compare_summary, wait_for
 
 
 pytestmark = pytest.mark.slow
@@ -56,27 +56,7 @@ def standin(pf_home, request):
 
 
 def compare(tmp_path, *args, timeout=600, **popen) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            str(BIN / "finetune-phi"),
-            "compare",
-            "--reports",
-            str(tmp_path / "reports"),
-            "--base-connection",
-            "standin",
-            "--candidate-connection",
-            "standin",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **popen,
-    )
-
-
-def summary(tmp_path, name: str) -> dict:
-    return json.loads((tmp_path / "reports" / name / "summary.json").read_text())
+    return subprocess.run(compare_command(tmp_path, *args), capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def write_rows(tmp_path, n: int = 20):
@@ -107,7 +87,7 @@ def test_transient_failures_cost_no_line_and_a_one_sided_failure_is_left_out_on_
         tmp_path, "--runner", runner, "--base", "base", "--candidate", "ft", "--data", str(data), "--name", "fair"
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    got = summary(tmp_path, "fair")
+    got = compare_summary(tmp_path, "fair")
     assert got["lines"] == {"total": 20, "paired": 19, "failed": {"base": 0, "ft": 1}}
     for row in got["rows"]:  # the true difference is 0, and so is every paired statistic
         assert row["base"] == row["candidate"] and row["delta"] == 0 and row["ci_low"] == row["ci_high"] == 0, row
@@ -148,7 +128,7 @@ def test_more_failures_than_max_failed_write_the_report_and_exit_non_zero(standi
     )
     assert done.returncode == 2 and "too many lines failed (ft 2 of 10; --max-failed 5%)" in done.stderr
     assert "Traceback" not in done.stderr
-    got = summary(tmp_path, "lossy")
+    got = compare_summary(tmp_path, "lossy")
     assert got["lines"] == {"total": 10, "paired": 8, "failed": {"base": 0, "ft": 2}} and got["temperature"] == 0.3
     assert all(b["temperature"] == 0.3 and b["max_tokens"] == 40 for b in standin.bodies)
     import pandas as pd
@@ -170,7 +150,7 @@ def test_more_failures_than_max_failed_write_the_report_and_exit_non_zero(standi
         "100%",
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert summary(tmp_path, "same_name")["lines"]["failed"] == {"ft_base": 2, "ft_candidate": 2}
+    assert compare_summary(tmp_path, "same_name")["lines"]["failed"] == {"ft_base": 2, "ft_candidate": 2}
     again = compare(tmp_path, "--base", "ft", "--candidate", "ft", "--data", str(data), "--name", "same_name")
     assert again.returncode == 2 and "--resume same_name" in again.stderr and "Traceback" not in again.stderr
 
@@ -182,7 +162,7 @@ def test_a_side_that_fails_every_line_still_gets_a_report(standin, tmp_path):
     assert done.returncode == 2 and "too many lines failed (ft 6 of 6" in done.stderr, (
         done.stdout[-2000:] + done.stderr[-2000:]
     )
-    got = summary(tmp_path, "all_failed")
+    got = compare_summary(tmp_path, "all_failed")
     assert got["lines"] == {"total": 6, "paired": 0, "failed": {"base": 0, "ft": 6}}
     assert all(row["delta"] is None for row in got["rows"]) and "0 of 6 paired" in done.stdout
 
@@ -199,19 +179,7 @@ def test_a_comparison_killed_half_way_resumes_to_the_uninterrupted_table(pf_home
     try:
         args = ["--runner", runner, "--base", "base", "--candidate", "ft", "--data", str(data), "--workers", "2"]
         proc = subprocess.Popen(
-            [
-                str(BIN / "finetune-phi"),
-                "compare",
-                "--reports",
-                str(tmp_path / "reports"),
-                "--base-connection",
-                "standin",
-                "--candidate-connection",
-                "standin",
-                *args,
-                "--name",
-                "killed",
-            ],
+            compare_command(tmp_path, *args, "--name", "killed"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -233,7 +201,7 @@ def test_a_comparison_killed_half_way_resumes_to_the_uninterrupted_table(pf_home
         assert whole.returncode == 0, whole.stdout[-3000:] + whole.stderr[-3000:]
     finally:
         slow.close()
-    a, b = summary(tmp_path, "killed"), summary(tmp_path, "whole")
+    a, b = compare_summary(tmp_path, "killed"), compare_summary(tmp_path, "whole")
     assert a["rows"] == b["rows"] and a["lines"] == b["lines"] == {
         "total": 16,
         "paired": 16,

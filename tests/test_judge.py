@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 from standin import StandInEndpoint, StandInJudge
-from support import BIN, REPO
+from support import REPO, compare_command, compare_summary
 
 from finetune_phi.evaluation import judge as J
 
@@ -124,32 +124,8 @@ def setting(pf_home, tmp_path):
 
 
 def compare(tmp_path, data, *args) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            str(BIN / "finetune-phi"),
-            "compare",
-            "--reports",
-            str(tmp_path / "reports"),
-            "--base",
-            "base",
-            "--candidate",
-            "ft",
-            "--data",
-            str(data),
-            "--base-connection",
-            "standin",
-            "--candidate-connection",
-            "standin",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-
-
-def summary(tmp_path, name: str) -> dict:
-    return json.loads((tmp_path / "reports" / name / "summary.json").read_text())
+    command = compare_command(tmp_path, "--base", "base", "--candidate", "ft", "--data", str(data), *args)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
 def judge_and_evaluators(messages: list[dict]) -> str:
@@ -195,7 +171,7 @@ def test_judged_by_content_both_runners_give_the_known_win_rate_evaluator_means_
             names,
         )
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        got[runner] = summary(tmp_path, f"judged_{runner}")
+        got[runner] = compare_summary(tmp_path, f"judged_{runner}")
         if runner == "promptflow":
             asked = judge.asked
             # both orders of 16 lines, the two planted faults retried; 4 evaluators x 2 answers x 16 lines
@@ -242,7 +218,7 @@ def test_a_judge_that_always_picks_slot_a_gives_ties_and_replies_without_a_verdi
     make_judge("first_slot_judge", lambda messages: "The first one. [[A]]")
     done = compare(tmp_path, data, "--name", "slot_a", "--judge", "first_slot_judge", "--judge-model", "always-a")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    j = summary(tmp_path, "slot_a")["judge"]
+    j = compare_summary(tmp_path, "slot_a")["judge"]
     assert (j["n"], j["ties"], j["win_rate"], j["position_consistency"], j["first_slot_rate"]) == (8, 8, 0.5, 0.0, 1.0)
 
     def sometimes_no_verdict(messages):
@@ -251,7 +227,7 @@ def test_a_judge_that_always_picks_slot_a_gives_ties_and_replies_without_a_verdi
     make_judge("vague_judge", sometimes_no_verdict)
     done = compare(tmp_path, data, "--name", "vague", "--judge", "vague_judge", "--judge-model", "vague-v1")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    j = summary(tmp_path, "vague")["judge"]
+    j = compare_summary(tmp_path, "vague")["judge"]
     assert j["parse_failures"] == 2 and j["n"] == 7 and j["wins"] == 7  # line 3 is not judged, not a tie
     wrong = compare(tmp_path, data, "--name", "wrong_type", "--judge", "standin")
     assert wrong.returncode == 2 and "a judge connection is of type open_ai or azure_open_ai" in wrong.stderr

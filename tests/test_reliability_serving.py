@@ -373,31 +373,15 @@ def test_dropped_streams_leave_no_unretrieved_futures_and_the_server_ready(stric
     for conn, _ in streams:  # every client hangs up: the running row, and the queued ones
         conn.sock.close()
         conn.close()
+
     # the server frees everything and serves again; queued rows of gone clients are not decoded
-    wait_for(
-        lambda: (
-            http(
-                "POST",
-                strict.url + "/score",
-                {"input_data": ["x"], "params": {"max_new_tokens": 2}},
-                strict.auth(**{"azureml-model-deployment": "only"}),
-            )[0]
-            == 200
-        ),
-        "a 200 after every stream's client hung up",
-        20,
-        log=strict.log,
-    )
+    def answers_200() -> bool:
+        body = {"input_data": ["x"], "params": {"max_new_tokens": 2}}
+        return http("POST", strict.url + "/score", body, strict.auth(**{"azureml-model-deployment": "only"}))[0] == 200
+
+    wait_for(answers_200, "a 200 after every stream's client hung up", 20, log=strict.log)
     for _ in range(3):  # asyncio reports an unretrieved exception when the future is collected: give it time
-        assert (
-            http(
-                "POST",
-                strict.url + "/score",
-                {"input_data": ["x"], "params": {"max_new_tokens": 2}},
-                strict.auth(**{"azureml-model-deployment": "only"}),
-            )[0]
-            == 200
-        )
+        assert answers_200()
     log = settled_log(strict, since)
     assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
 
