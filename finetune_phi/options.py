@@ -9,6 +9,7 @@ Nothing heavy is imported here.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import types
 from dataclasses import field, fields
@@ -62,8 +63,6 @@ def from_namespace(cls, namespace):
 
 def load_yaml_defaults(parser, path: str, classes: tuple):
     """Make the settings in a YAML file the parser's defaults, so flags on the command line override them."""
-    import argparse
-
     known = {
         a.dest
         for a in parser._actions  # argparse has no public list of its settings
@@ -143,23 +142,28 @@ def _checked(value, hint, where: str):
 
 def whole_number(low: int, high: int | None = None):
     """An argparse type: a whole number from `low` (to `high`); anything else is argparse's one-line usage error."""
-    import argparse
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(
-                f"{value} is out of range: give {low} to {high}"
-                if high is not None
-                else f"{value} is too small: give at least {low}"
-            )
+        problem = out_of_range(value, low, high)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
         return value
 
     parse.__name__ = "number"  # what argparse calls it in its message
     return parse
+
+
+def out_of_range(value: int, low: int, high: int | None) -> str | None:
+    """What is wrong with value for the range low..high (no high: no upper end), or None."""
+    if high is not None and not low <= value <= high:
+        return f"{value} is out of range: give {low} to {high}"
+    if value < low:
+        return f"{value} is too small: give at least {low}"
+    return None
 
 
 def bound_flags(parser, *classes):
@@ -177,10 +181,6 @@ def check_bounds(obj):
     """The same ranges for an object built in code (the demo, the Python API): a UserError naming the flag."""
     for name, (low, high) in getattr(type(obj), "BOUNDS", {}).items():
         value = getattr(obj, name)
-        if value is not None and (value < low or (high is not None and value > high)):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(
-                f"{flag} {value} is out of range: give {low} to {high}"
-                if high is not None
-                else f"{flag} {value} is too small: give at least {low}"
-            )
+        problem = None if value is None else out_of_range(value, low, high)
+        if problem:
+            raise UserError(f"--{name.replace('_', '-')} {problem}")

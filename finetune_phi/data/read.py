@@ -1,5 +1,5 @@
 """The one door for reading chat data files: raw records with their location (iter_file), the rows of a file the
-project wrote (read_rows), and validated UltraChat conversations (read_conversations). Files of a set that
+project wrote (read_jsonl), and validated UltraChat conversations (read_conversations). Files of a set that
 `finetune-phi data` wrote are checked against the set's manifest first (dataset.check_set_member).
 Plain Python: pandas is imported only for a parquet file.
 """

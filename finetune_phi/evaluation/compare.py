@@ -34,6 +34,7 @@ from .judge import Judge, JudgeError, summarize
 from .metrics import METRICS
 from .quality import parse_names
 from .report import (
+    UNSCORED,
     Side,
     format_table,
     line_counts,
@@ -395,22 +396,13 @@ def pf_side(
             if row.get("outputs.failed") in (False, 0):  # pf writes "(Failed)" for a line that raised
                 lines[i] = {m: float(row[f"outputs.{m}"]) for m in METRICS}
             elif answers[i] is not None:
-                errors[i] = "the eval flow could not score it (no reference answer)"
+                errors[i] = UNSCORED
         metrics = pf.get_metrics(eval_run)
     else:
         eval_run = ""
         print(f"  {label}: every line failed; no eval run", flush=True)
     seconds = state.add_seconds(role, seconds)
-    return Side(
-        label,
-        chat_run,
-        eval_run,
-        lines,
-        [a if lines[i] else None for i, a in enumerate(answers)],
-        seconds,
-        metrics,
-        [None if lines[i] else errors[i] for i in range(n_rows)],
-    )
+    return Side.paired(label, chat_run, eval_run, lines, answers, errors, seconds, metrics)
 
 
 class State:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..modeling.cache import cache_dir
-from ..serving.client import EndpointError, RetryPolicy, _post
+from ..serving.client import EndpointError, RetryPolicy, post_json
 from .report import paired_bootstrap
 
 
@@ -101,7 +101,7 @@ class Judge:
             [self.url, self.model, self.max_tokens, messages],
             "reply",
             {"model": self.model},
-            lambda: _post(self.url, "", body, None, timeout, read, retry, headers=self.headers),
+            lambda: post_json(self.url, "", body, None, timeout, read, retry, headers=self.headers),
         )
 
 

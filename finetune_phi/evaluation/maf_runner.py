@@ -45,7 +45,7 @@ from ..twins import (
 from .console import console_to
 from .judge import Judge
 from .metrics import METRICS, aggregate
-from .report import Side
+from .report import UNSCORED, Side
 
 
 RUNS = Path(".runs") / "maf"
@@ -280,20 +280,12 @@ def compare_side(pf, data: Path, config, role: str, label: str, runs_dir: Path, 
         if answers[i] is None:
             continue
         if scores.get("failed"):
-            errors[i] = "the eval flow could not score it (no reference answer)"
+            errors[i] = UNSCORED
         else:
             lines[i] = {m: float(scores[m]) for m in METRICS}
     seconds = state.add_seconds(role, time.time() - t)
-    return Side(
-        label,
-        str(runs_dir / name),
-        str(runs_dir / name),
-        lines,
-        [a if lines[i] else None for i, a in enumerate(answers)],
-        seconds,
-        aggregate([s for s in map(scores_of, rows) if s]),
-        [None if lines[i] else errors[i] for i in range(len(rows))],
-    )
+    metrics = aggregate([s for s in map(scores_of, rows) if s])
+    return Side.paired(label, str(runs_dir / name), str(runs_dir / name), lines, answers, errors, seconds, metrics)
 
 
 def run_judge(

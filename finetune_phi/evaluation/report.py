@@ -28,6 +28,24 @@ class Side:
     def failed(self) -> int:
         return self.lines.count(None)
 
+    @classmethod
+    def paired(cls, label, chat_run, eval_run, lines, answers, errors, seconds, metrics) -> Side:
+        """A side from a run's lines: a line counts with its scores only; one without scores keeps no answer, and
+        keeps its error (why it failed or was not scored), which a scored line does not."""
+        return cls(
+            label,
+            chat_run,
+            eval_run,
+            lines,
+            [a if lines[i] else None for i, a in enumerate(answers)],
+            seconds,
+            metrics,
+            [None if lines[i] else errors[i] for i in range(len(lines))],
+        )
+
+
+UNSCORED = "the eval flow could not score it (no reference answer)"  # an answered line the eval flow failed
+
 
 def quality_table(results: dict[int, dict | None], names: tuple) -> list[dict]:
     """One row per Azure AI Evaluation evaluator (1-5 scale), like table()'s: over the judged lines where it

@@ -171,7 +171,7 @@ def flow_inputs(deployment: str | None, temperature: float | None, max_tokens: i
     return (None if pinned in ("", "*") else pinned), parameters
 
 
-def _post(
+def post_json(
     url: str,
     api_key: str,
     payload: dict,
@@ -253,7 +253,7 @@ def score(
                     f"the answer from {url} was cut off: {type(e).__name__}: {e}", transient=True
                 ) from None
 
-    return _post(url, api_key, payload, deployment, timeout, read, retry)
+    return post_json(url, api_key, payload, deployment, timeout, read, retry)
 
 
 def chat(
@@ -317,7 +317,7 @@ def chat_stream(
             return iter(())
 
     try:
-        return _post(url, api_key, body, deployment, timeout, first_piece, retry)
+        return post_json(url, api_key, body, deployment, timeout, first_piece, retry)
     except EndpointError as e:
         if e.status in (404, 405):
             return iter([chat(endpoint_url, api_key, question, chat_history, deployment, parameters, timeout, retry)])

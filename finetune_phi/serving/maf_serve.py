@@ -46,56 +46,38 @@ def serve(flow: str | Path | None = None, host: str = HOST, port: int = FLOW_POR
             self.end_headers()
             self.wfile.write(raw)
 
+        def _error(self, status: int, code: str, message: str):
+            self._json(status, {"error": {"code": code, "message": message}})
+
         def do_GET(self):
             if self.path == "/health":
                 return self._json(200, {"status": "Healthy"})
-            self._json(404, {"error": {"code": "not_found", "message": f"no route {self.path}"}})
+            self._error(404, "not_found", f"no route {self.path}")
 
         def do_POST(self):
             if self.path != "/score":
-                return self._json(404, {"error": {"code": "not_found", "message": f"no route {self.path}"}})
+                return self._error(404, "not_found", f"no route {self.path}")
             length = self.headers.get("Content-Length", "")
             if not length.isdigit():  # no length (chunked), "-1", junk: never read to an end that may not come
                 self.close_connection = True
-                return self._json(
-                    411,
-                    {
-                        "error": {
-                            "code": "length_required",
-                            "message": "a request needs a Content-Length of 0 or more bytes",
-                        }
-                    },
-                )
+                return self._error(411, "length_required", "a request needs a Content-Length of 0 or more bytes")
             if int(length) > max_body:  # refused unread, as the endpoint does
                 self.close_connection = True
-                return self._json(
-                    413,
-                    {
-                        "error": {
-                            "code": "body_too_large",
-                            "message": f"body has {length} bytes; the limit is {max_body}",
-                        }
-                    },
-                )
+                return self._error(413, "body_too_large", f"body has {length} bytes; the limit is {max_body}")
             try:
                 body = json.loads(self.rfile.read(int(length)) or b"{}")
+                given = {}  # what the request sets; the rest takes ChatInput's defaults (flows/chat's)
+                if body.get("deployment"):
+                    given["deployment"] = body["deployment"]
+                if "temperature" in body:
+                    given["temperature"] = float(body["temperature"])
+                if body.get("max_tokens"):
+                    given["max_tokens"] = int(body["max_tokens"])
                 chat_input = module.ChatInput(
-                    check_question(body.get("question")),
-                    body.get("chat_history") or [],
-                    body.get("deployment") or "",
-                    float(body.get("temperature", 0.7)),
-                    int(body.get("max_tokens") or 0),
+                    check_question(body.get("question")), body.get("chat_history") or [], **given
                 )
             except (ValueError, KeyError, TypeError, AttributeError, EndpointError) as e:
-                return self._json(
-                    400,
-                    {
-                        "error": {
-                            "code": "invalid_input",
-                            "message": f'expected {{"question": ..., "chat_history": [...]}}: {e}',
-                        }
-                    },
-                )
+                return self._error(400, "invalid_input", f'expected {{"question": ..., "chat_history": [...]}}: {e}')
             streaming = "text/event-stream" in (self.headers.get("Accept") or "")
             started = False
             try:
@@ -124,7 +106,7 @@ def serve(flow: str | Path | None = None, host: str = HOST, port: int = FLOW_POR
             except Exception as e:  # the endpoint failed: its message names URL and status
                 if not started:  # what it refused in this request is the caller's 400; else a bad gateway
                     callers_fault = getattr(_endpoint_error(e), "callers_fault", False)
-                    self._json(400 if callers_fault else 502, {"error": {"code": "endpoint_error", "message": str(e)}})
+                    self._error(400 if callers_fault else 502, "endpoint_error", str(e))
 
     server = ThreadingHTTPServer((host, port), Handler)
     print(f"serving {flow} at http://{host}:{port}/score (GET /health)", flush=True)
