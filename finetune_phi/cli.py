@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import warnings
 from dataclasses import replace
 
 from . import project
@@ -60,7 +62,6 @@ def _quiet_libraries():
     transformers' per-file bars (loading weights, writing shards, converting GGUF) and a deprecation
     warning raised inside peft/TRL on every run would only bury it. MLflow's INFO lines (creating its
     tables) and its warnings about a local model having no hub model card or license say nothing to act on."""
-    import warnings
 
     from transformers.utils import logging as hf_logging
 
@@ -100,7 +101,6 @@ def _relaunch_with_torchrun(cfg, nproc: int, debug: bool) -> int:
     """`train --nproc N`: the same run under torchrun, N data-parallel processes (gloo on CPU, NCCL on GPU).
 
     The command line is written from the parsed config, so a --config file's settings travel too."""
-    import subprocess
 
     cmd = [
         sys.executable,
@@ -364,9 +364,8 @@ def build_parser(options_of: str | None = None) -> argparse.ArgumentParser:
     )
     m.add_argument("--epochs", type=float, default=None, help="fine-tuning epochs (default: train's default)")
     m.set_defaults(func=cmd_demo)
-    for (
-        command
-    ) in sub.choices.values():  # `finetune-phi train ... --debug` works as well as `finetune-phi --debug train`
+    # `finetune-phi train ... --debug` works as well as `finetune-phi --debug train`
+    for command in sub.choices.values():
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="as finetune-phi --debug")
         command.add_argument("--project", default=argparse.SUPPRESS, metavar="PATH", help="as finetune-phi --project")
     return p

@@ -8,6 +8,8 @@ endpoint's /score protocol through the same code (finetune_phi.serving.azure_pro
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import shlex
 from pathlib import Path
@@ -226,8 +228,6 @@ def deployment(options: DeployOptions, model, environment, env_vars: dict | None
 
 def dump_all(entities: dict[str, object], folder: Path) -> dict[str, Path]:
     """Write each entity as the YAML azure-ai-ml's own schema produces (and its load_* functions read)."""
-    import copy
-    import json
 
     import yaml
 

@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlparse
 
 from .. import project
 from ..data.read import read_jsonl
@@ -59,8 +62,6 @@ class CompareError(UserError):
 def endpoint_deployments(endpoint_url: str, api_key: str, timeout: float = 30) -> list[str] | None:
     """The deployment names an endpoint lists at GET /v1/models; None if it has no such route (Azure
     ML's scoring script answers 404 there), so the names cannot be checked up front."""
-    import urllib.error
-    import urllib.request
 
     url = openai_url(endpoint_url, "/models")
     request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"})
@@ -175,7 +176,6 @@ class CompareConfig:
 
     def ai_project(self) -> str | dict | None:
         """--azure-ai-project as evaluate() takes it: a project endpoint URL, or an AzureAIProject dict."""
-        from urllib.parse import urlparse
 
         text = (self.azure_ai_project or "").strip()
         if not text:

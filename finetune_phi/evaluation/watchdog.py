@@ -14,6 +14,7 @@ second, and then ends the ones still running (SIGTERM, then SIGKILL). A re-run c
 from __future__ import annotations
 
 import os
+import selectors
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -39,8 +40,6 @@ def dies_with_me():
 
 
 def _watch(parent: int):
-    import selectors
-
     import psutil
 
     me = os.getpid()

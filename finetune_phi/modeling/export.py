@@ -19,6 +19,7 @@ no half folder, and an existing `out` is refused unless overwrite is asked for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -219,7 +220,6 @@ def read_manifest(folder: Path) -> dict:
 
 def content_key(folder: Path) -> str:
     """What a model folder is, for the export cache: sha256 over its weights, config and tokenizer files."""
-    import hashlib
 
     names = sorted(
         f.name

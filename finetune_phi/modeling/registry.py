@@ -8,7 +8,12 @@ MLFLOW_EXPERIMENT_NAME the experiment.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
+import sqlite3
+import tempfile
+from importlib import metadata
 from pathlib import Path
 
 from .. import __version__
@@ -27,7 +32,6 @@ def tracking_uri() -> str:
 
 def setup(experiment: str | None = None):
     """Point MLflow at the store and the experiment (created with an explicit artifact folder)."""
-    import sqlite3
 
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -81,9 +85,7 @@ def log_model(model_dir: str | Path, registered_name: str = REGISTERED_MODEL):
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package).split("+")[0]
+    return metadata.version(package).split("+")[0]
 
 
 def download_model(uri: str) -> Path:
@@ -94,9 +96,6 @@ def download_model(uri: str) -> Path:
     again, and its new version 1 must never be served from the old one's cache entry. An alias is
     resolved first, so moving it (e.g. @champion) is seen at the next load.
     """
-    import hashlib
-    import shutil
-    import tempfile
 
     mlflow = setup()
 

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import threading
+from contextlib import aclosing, asynccontextmanager
 
 from . import keys, openai_api
 from .azure_protocol import encode_all, parse_score_request, response_body, score_rows
@@ -26,8 +27,6 @@ log = logging.getLogger("finetune_phi.serve")
 
 
 def create_app(endpoint: Endpoint, load_in_background: bool = True):
-    from contextlib import asynccontextmanager
-
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.requests import ClientDisconnect
@@ -140,7 +139,6 @@ def create_app(endpoint: Endpoint, load_in_background: bool = True):
 
 async def _sse_events(endpoint: Endpoint, deployment, row: DecodeRequest, include_usage: bool, release):
     """/v1/chat/completions with stream: true, as OpenAI sends it: role, text pieces, finish, [usage], [DONE]."""
-    from contextlib import aclosing
 
     writer = openai_api.ChunkWriter(deployment.name)
     try:

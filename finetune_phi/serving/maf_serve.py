@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from .. import project
@@ -28,7 +29,6 @@ def _endpoint_error(error: BaseException):
 def serve(flow: str | Path | None = None, host: str = HOST, port: int = FLOW_PORT, connection: str | None = None):
     """POST /score {"question", "chat_history", "deployment"} -> {"answer"}; with `Accept: text/event-stream`
     the answer streams as `data: {"answer": "<piece>"}` events, as `pf flow serve` does. GET /health."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     flow = flow or project.flow("chat-maf")
     if not is_chat(flow):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 
@@ -37,8 +38,6 @@ def checkpoint_problem(path: Path) -> str | None:
         if problem := _unloadable(f):
             return f"{f.name} does not load ({problem})"
     for f in path.glob("rng_state*.pth"):  # numpy state inside: weights_only refuses it, so check the zip only
-        import zipfile
-
         try:
             zipfile.ZipFile(f).close()
         except (OSError, zipfile.BadZipFile) as e:

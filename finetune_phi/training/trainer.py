@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -181,7 +182,6 @@ def heldout_loss(model: str, eval_file: str, max_length: int | None = None, batc
     The Trainer averages per-batch means, so the figure depends a little on batch size: compare
     models at the same one (16, the tiny model's training batch, by default).
     """
-    import tempfile
 
     # no gradients, activations kept for backward or optimizer state: the training run's memory check
     # (which refused a 135 M model on 40 real rows at "218.6 GiB") does not apply

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import threading
 from concurrent.futures import Future
 
@@ -258,8 +259,6 @@ class _Grammars:
         self.lock = threading.Lock()
 
     def matcher(self, response_format: dict):
-        import json
-
         key = json.dumps(response_format, sort_keys=True)
         with self.lock:
             if key not in self.compiled:
